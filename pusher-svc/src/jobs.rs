@@ -1,0 +1,310 @@
+//! The job registry: at most one job per conversation, a concurrency limit, a bounded
+//! admission queue, and a bounded result cache.
+//!
+//! - A request for a conversation whose job is running **attaches** to it: every requester
+//!   gets the Ack, each with its own attempt number.
+//! - A request for a conversation processed recently is answered from the **result cache**
+//!   (at most `cache_size` entries, each kept for `cache_ttl`; oldest evicted first). Only
+//!   successes are cached: a failure is worth trying again.
+//! - At most `max_concurrency` jobs process at once; up to `max_queued` more wait for a slot.
+//!   Beyond that a new request gets [`Admission::Busy`] and is not taken.
+//! - Jobs do not belong to a stream: a dropped stream does not cancel them, and their result
+//!   lands in the cache for the replay.
+//! - While a job runs (or waits for a slot), every requester on a stream receives `Progress`
+//!   each `progress_interval`.
+
+use crate::processor::{ProcessError, Processor};
+use shared::proto::pusher::v1::{
+    Ack, Failed, LinkResponse, ProcessConversation, Processed, Progress, Structured, ack,
+    link_response,
+};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{Instrument, debug, info_span, warn};
+
+/// The outbound half of one Connect stream.
+pub(crate) type StreamTx = mpsc::Sender<Result<LinkResponse, tonic::Status>>;
+
+/// How long a finished job waits on a slow stream to take its Ack before giving up on it
+/// (listen's ack deadline then re-sends, and the cache answers).
+const ACK_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub(crate) struct JobsConfig {
+    pub max_concurrency: usize,
+    pub max_queued: usize,
+    pub cache_size: usize,
+    pub cache_ttl: Duration,
+    pub progress_interval: Duration,
+    pub busy_retry_after: Duration,
+}
+
+/// Who is waiting for a job's outcome.
+pub(crate) enum Requester {
+    Stream { tx: StreamTx, attempt: u32 },
+    Unary { tx: oneshot::Sender<Ack>, attempt: u32 },
+}
+
+impl Requester {
+    fn attempt(&self) -> u32 {
+        match self {
+            Requester::Stream { attempt, .. } | Requester::Unary { attempt, .. } => *attempt,
+        }
+    }
+}
+
+/// What happened to a request.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// A new job started for it.
+    Started,
+    /// It joined the job already running for the same conversation.
+    Attached,
+    /// Answered at once from the result cache.
+    Cached,
+    /// Not taken: too many jobs. Ask again after `retry_after`.
+    Busy { retry_after: Duration },
+}
+
+/// Counters for tests and status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct JobStats {
+    pub started: u64,
+    pub attached: u64,
+    pub cached: u64,
+    pub busy: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+}
+
+pub(crate) struct Jobs {
+    config: JobsConfig,
+    processor: Arc<dyn Processor>,
+    slots: Arc<Semaphore>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    running: HashMap<String, Vec<Requester>>,
+    cache: ResultCache,
+    stats: JobStats,
+}
+
+impl Jobs {
+    pub(crate) fn new(config: JobsConfig, processor: Arc<dyn Processor>) -> Arc<Self> {
+        Arc::new(Jobs {
+            slots: Arc::new(Semaphore::new(config.max_concurrency)),
+            state: Mutex::new(State {
+                cache: ResultCache::new(config.cache_size, config.cache_ttl),
+                ..State::default()
+            }),
+            config,
+            processor,
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> JobStats {
+        self.lock().stats
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock is a bug elsewhere; the state itself stays valid.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Admits a request. Never waits: the caller is a stream's read loop.
+    pub(crate) fn submit(self: &Arc<Self>, request: ProcessConversation, requester: Requester) -> Admission {
+        let id = request.conversation_id.clone();
+        let mut state = self.lock();
+        if let Some(structured) = state.cache.get(&id, Instant::now()) {
+            state.stats.cached += 1;
+            drop(state);
+            deliver(requester, &id, Outcome::Processed(structured));
+            return Admission::Cached;
+        }
+        if let Some(requesters) = state.running.get_mut(&id) {
+            requesters.push(requester);
+            state.stats.attached += 1;
+            return Admission::Attached;
+        }
+        if state.running.len() >= self.config.max_concurrency + self.config.max_queued {
+            state.stats.busy += 1;
+            return Admission::Busy { retry_after: self.config.busy_retry_after };
+        }
+        state.running.insert(id.clone(), vec![requester]);
+        state.stats.started += 1;
+        drop(state);
+
+        let span = info_span!("job", conversation_id = %id, attempt = request.attempt);
+        tokio::spawn(Arc::clone(self).run(request).instrument(span));
+        Admission::Started
+    }
+
+    async fn run(self: Arc<Self>, request: ProcessConversation) {
+        let id = request.conversation_id.clone();
+        let started = Instant::now();
+        let work = async {
+            // The semaphore is never closed, so acquire only fails if it were; treat as retryable.
+            let Ok(_slot) = self.slots.acquire().await else {
+                return Err(ProcessError::retryable("pusher is shutting down"));
+            };
+            self.processor.process(&request).await
+        };
+        tokio::pin!(work);
+        let mut progress = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.config.progress_interval,
+            self.config.progress_interval,
+        );
+        let result = loop {
+            tokio::select! {
+                result = &mut work => break result,
+                _ = progress.tick() => self.send_progress(&id),
+            }
+        };
+
+        let outcome = match result {
+            Ok(structured) => Outcome::Processed(structured),
+            Err(error) => Outcome::Failed(error),
+        };
+        let requesters = {
+            let mut state = self.lock();
+            match &outcome {
+                Outcome::Processed(structured) => {
+                    state.stats.succeeded += 1;
+                    state.cache.insert(id.clone(), structured.clone(), Instant::now());
+                }
+                Outcome::Failed(_) => state.stats.failed += 1,
+            }
+            state.running.remove(&id).unwrap_or_default()
+        };
+        match &outcome {
+            Outcome::Processed(_) => debug!(elapsed_ms = started.elapsed().as_millis() as u64, requesters = requesters.len(), "processed"),
+            Outcome::Failed(error) => warn!(reason = %error.reason, retryable = error.retryable, "processing failed"),
+        }
+        for requester in requesters {
+            deliver_async(requester, &id, outcome.clone()).await;
+        }
+    }
+
+    fn send_progress(&self, id: &str) {
+        let state = self.lock();
+        for requester in state.running.get(id).into_iter().flatten() {
+            if let Requester::Stream { tx, attempt } = requester {
+                let progress = Progress { conversation_id: id.to_string(), attempt: *attempt };
+                // Progress is advisory: a full or closed stream simply misses one.
+                let _ = tx.try_send(Ok(LinkResponse { msg: Some(link_response::Msg::Progress(progress)) }));
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Outcome {
+    Processed(Structured),
+    Failed(ProcessError),
+}
+
+fn ack_for(id: &str, attempt: u32, outcome: Outcome) -> Ack {
+    Ack {
+        conversation_id: id.to_string(),
+        attempt,
+        outcome: Some(match outcome {
+            Outcome::Processed(structured) => ack::Outcome::Processed(Processed { structured: Some(structured) }),
+            Outcome::Failed(error) => ack::Outcome::Failed(Failed { reason: error.reason, retryable: error.retryable }),
+        }),
+    }
+}
+
+/// Delivers at once without waiting (cache hits, from the read loop).
+fn deliver(requester: Requester, id: &str, outcome: Outcome) {
+    let ack = ack_for(id, requester.attempt(), outcome);
+    match requester {
+        Requester::Stream { tx, .. } => {
+            if tx.try_send(Ok(LinkResponse { msg: Some(link_response::Msg::Ack(ack)) })).is_err() {
+                // Listen re-sends when its ack deadline passes; the cache answers again.
+                debug!(conversation_id = %id, "stream full or closed; cached ack not delivered");
+            }
+        }
+        Requester::Unary { tx, .. } => {
+            let _ = tx.send(ack);
+        }
+    }
+}
+
+/// Delivers from a job task, waiting a bounded time for a slow stream.
+async fn deliver_async(requester: Requester, id: &str, outcome: Outcome) {
+    let ack = ack_for(id, requester.attempt(), outcome);
+    match requester {
+        Requester::Stream { tx, .. } => {
+            let message = Ok(LinkResponse { msg: Some(link_response::Msg::Ack(ack)) });
+            match tokio::time::timeout(ACK_SEND_TIMEOUT, tx.send(message)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => debug!("stream closed before the ack; the result stays cached"),
+                Err(_) => warn!("stream did not take the ack in time; the result stays cached"),
+            }
+        }
+        Requester::Unary { tx, .. } => {
+            let _ = tx.send(ack);
+        }
+    }
+}
+
+/// Recent successful results, bounded by count and age. Oldest first out.
+#[derive(Default)]
+struct ResultCache {
+    capacity: usize,
+    ttl: Duration,
+    entries: HashMap<String, (Structured, Instant)>,
+    order: VecDeque<(String, Instant)>,
+}
+
+impl ResultCache {
+    fn new(capacity: usize, ttl: Duration) -> Self {
+        ResultCache { capacity, ttl, ..Default::default() }
+    }
+
+    fn get(&mut self, id: &str, now: Instant) -> Option<Structured> {
+        self.expire(now);
+        self.entries.get(id).map(|(structured, _)| structured.clone())
+    }
+
+    fn insert(&mut self, id: String, structured: Structured, now: Instant) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.expire(now);
+        // A replaced entry leaves a stale order record behind; `pop_oldest` skips it.
+        self.entries.insert(id.clone(), (structured, now));
+        self.order.push_back((id, now));
+        while self.entries.len() > self.capacity {
+            self.pop_oldest();
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self.order.front().is_some_and(|(_, at)| now.duration_since(*at) >= self.ttl) {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((id, at)) = self.order.pop_front() {
+            // Remove only if the entry is the one this order record belongs to.
+            if self.entries.get(&id).is_some_and(|(_, inserted)| *inserted == at) {
+                self.entries.remove(&id);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

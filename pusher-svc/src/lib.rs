@@ -1,0 +1,105 @@
+//! pusher-svc: processes conversations for listen-svc.
+//!
+//! Data flow: listen opens a Connect stream ([`service`]) and sends `ProcessConversation`
+//! requests; each is admitted into the job registry ([`jobs`]), which runs it through the
+//! [`processor`] (the built-in [`structurer`]) under a concurrency limit and answers with an
+//! `Ack` on every stream that asked for it. Results are cached so re-sends are cheap.
+#![forbid(unsafe_code)]
+
+mod config;
+mod jobs;
+mod processor;
+mod service;
+mod structurer;
+
+pub use config::Config;
+
+use jobs::{Jobs, JobsConfig};
+use shared::proto::pusher::v1::{SERVICE_NAME, pusher_server::PusherServer};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+/// Serves pusher on `listener` until `shutdown` resolves, then drains: health turns
+/// NOT_SERVING, every stream is told `Draining`, and running jobs get `shutdown_grace` to
+/// finish and deliver their acks.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let pusher_id = config
+        .pusher_id
+        .clone()
+        .unwrap_or_else(|| gethostname_or("pusher"));
+    let jobs = Jobs::new(
+        JobsConfig {
+            max_concurrency: config.max_concurrency as usize,
+            max_queued: config.max_queued as usize,
+            cache_size: config.result_cache_size as usize,
+            cache_ttl: config.result_cache_ttl,
+            progress_interval: config.progress_interval,
+            busy_retry_after: config.busy_retry_after,
+        },
+        Arc::new(processor::Builtin { simulated_latency: config.simulated_latency }),
+    );
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let service = service::PusherService {
+        jobs,
+        pusher_id: pusher_id.clone(),
+        max_concurrency: config.max_concurrency,
+        stream_buffer: 1024,
+        max_segments: config.max_segments as usize,
+        draining: drain_rx,
+    };
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<PusherServer<service::PusherService>>().await;
+    let (reflection_v1, reflection_v1alpha) = shared::grpc::reflection(&[SERVICE_NAME])?;
+    let pusher = PusherServer::new(service)
+        .max_decoding_message_size(config.max_message_bytes as usize)
+        .max_encoding_message_size(config.max_message_bytes as usize);
+
+    let addr = listener.local_addr()?;
+    info!(%addr, %pusher_id, max_concurrency = config.max_concurrency, "pusher-svc serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = shared::grpc::server_builder(Default::default())
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pusher)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = tokio::spawn(server);
+
+    tokio::select! {
+        result = &mut server => return Ok(result??),
+        () = shutdown => {}
+    }
+    info!(grace = ?config.shutdown_grace, "draining");
+    health_reporter.set_not_serving::<PusherServer<service::PusherService>>().await;
+    let _ = drain_tx.send(true);
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+        Ok(result) => result??,
+        Err(_) => {
+            warn!("shutdown grace elapsed with streams still open; exiting");
+            server.abort();
+        }
+    }
+    info!("pusher-svc stopped");
+    Ok(())
+}
+
+fn gethostname_or(fallback: &str) -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| fallback.to_string())
+}

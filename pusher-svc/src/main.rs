@@ -1,0 +1,18 @@
+//! pusher-svc binary: parse config, bind, run until SIGTERM/SIGINT.
+
+use pusher_svc::Config;
+use shared::cli;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config: Config = cli::parse();
+    shared::telemetry::init(config.log_format, "info");
+    let listener = match tokio::net::TcpListener::bind(config.listen_addr).await {
+        Ok(listener) => listener,
+        Err(error) => cli::exit_config_error(format!(
+            "cannot listen on --listen-addr {}: {error}",
+            config.listen_addr
+        )),
+    };
+    pusher_svc::run(config, listener, shared::shutdown::signal()).await
+}

@@ -1,0 +1,59 @@
+//! Health and reflection, as every server of ours exposes them.
+
+use tonic_reflection::server::{v1, v1alpha};
+
+/// Reflection services (v1, and v1alpha for grpcurl 1.8 and grpcio) that list only
+/// `services` plus health and reflection themselves.
+pub fn reflection(
+    services: &[&str],
+) -> Result<
+    (
+        v1::ServerReflectionServer<impl v1::ServerReflection>,
+        v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let mut names: Vec<String> = services.iter().map(|s| s.to_string()).collect();
+    names.push("grpc.health.v1.Health".to_string());
+    names.push("grpc.reflection.v1.ServerReflection".to_string());
+    names.push("grpc.reflection.v1alpha.ServerReflection".to_string());
+
+    let mut v1_builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    let mut v1alpha_builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for name in &names {
+        v1_builder = v1_builder.with_service_name(name.clone());
+        v1alpha_builder = v1alpha_builder.with_service_name(name.clone());
+    }
+    Ok((v1_builder.build_v1()?, v1alpha_builder.build_v1alpha()?))
+}
+
+/// Limits applied to every server of ours. tonic leaves several of them unlimited by default.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 streams a peer may make us reset for its errors before the connection is closed
+    /// (tonic otherwise passes no limit).
+    pub max_local_error_reset_streams: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits { max_concurrent_streams: 1024, max_local_error_reset_streams: 1024 }
+    }
+}
+
+/// A tonic server builder with our limits and keepalive applied.
+pub fn server_builder(limits: ServerLimits) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
+        // Detects dead peers on long-lived streams from the server side too.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+}

@@ -1,0 +1,16 @@
+//! Shared by listen-svc and pusher-svc.
+//!
+//! - [`proto`]: the generated wire contract (`listen.v1`, `pusher.v1`) and its descriptor set.
+//! - [`grpc`]: health and reflection services scoped to one server's own services.
+//! - [`backoff`]: the jittered exponential backoff policy used for reconnects and retries.
+//! - [`telemetry`]: `tracing` set-up (text or JSON).
+//! - [`shutdown`]: the SIGTERM/SIGINT future handed to each service's `run()`.
+//! - [`cli`]: parsing helpers for flags and the exit code for bad configuration.
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod cli;
+pub mod grpc;
+pub mod proto;
+pub mod shutdown;
+pub mod telemetry;
