@@ -1,1 +1,3 @@
-pub fn _x(){}
+#![forbid(unsafe_code)]
+#![allow(dead_code)]
+mod store;

@@ -1,0 +1,217 @@
+//! Durable conversation state: the [`ConversationStore`] trait and its types.
+//!
+//! The store is the source of truth. A conversation is committed as PROCESSING before it is
+//! ever sent to pusher; the link [`claim`](ConversationStore::claim)s rows to send (taking a
+//! lease and bumping the fencing generation) and writes outcomes only with the generation it
+//! claimed with, so late writes from a fenced-off owner change nothing.
+
+mod sqlite;
+
+pub(crate) use sqlite::SqliteStore;
+
+use shared::proto::listen::v1 as api;
+
+/// Where a conversation is in its lifecycle. Stored as text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Status {
+    InProgress,
+    Processing,
+    Completed,
+    Failed,
+    Discarded,
+}
+
+impl Status {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Status::InProgress => "in_progress",
+            Status::Processing => "processing",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Discarded => "discarded",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Option<Status> {
+        Some(match text {
+            "in_progress" => Status::InProgress,
+            "processing" => Status::Processing,
+            "completed" => Status::Completed,
+            "failed" => Status::Failed,
+            "discarded" => Status::Discarded,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn to_proto(self) -> api::ConversationStatus {
+        match self {
+            Status::InProgress => api::ConversationStatus::InProgress,
+            Status::Processing => api::ConversationStatus::Processing,
+            Status::Completed => api::ConversationStatus::Completed,
+            Status::Failed => api::ConversationStatus::Failed,
+            Status::Discarded => api::ConversationStatus::Discarded,
+        }
+    }
+
+    pub(crate) fn from_proto(status: api::ConversationStatus) -> Option<Status> {
+        Some(match status {
+            api::ConversationStatus::Unspecified => return None,
+            api::ConversationStatus::InProgress => Status::InProgress,
+            api::ConversationStatus::Processing => Status::Processing,
+            api::ConversationStatus::Completed => Status::Completed,
+            api::ConversationStatus::Failed => Status::Failed,
+            api::ConversationStatus::Discarded => Status::Discarded,
+        })
+    }
+}
+
+/// A conversation to store, already validated.
+#[derive(Clone, Debug)]
+pub(crate) struct NewConversation {
+    pub id: String,
+    pub uid: String,
+    pub idempotency_key: Option<String>,
+    pub language: String,
+    pub segments: Vec<api::Segment>,
+    /// PROCESSING, or DISCARDED when there is nothing to process.
+    pub status: Status,
+    pub now_ms: i64,
+}
+
+/// A stored conversation as read back.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Conversation {
+    pub id: String,
+    pub uid: String,
+    pub language: String,
+    pub status: Status,
+    pub segments: Vec<api::Segment>,
+    pub structured: Option<api::Structured>,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    pub completed_at_ms: Option<i64>,
+}
+
+/// What a submit did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Submitted {
+    pub id: String,
+    pub status: Status,
+    /// false when (uid, idempotency_key) already existed and nothing was written.
+    pub created: bool,
+}
+
+/// A PROCESSING row claimed by this instance for sending.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Claimed {
+    pub id: String,
+    pub uid: String,
+    pub language: String,
+    pub segments: Vec<api::Segment>,
+    pub finished_at_ms: Option<i64>,
+    /// Fencing token: outcome writes must carry it.
+    pub generation: i64,
+}
+
+/// A page request for listing.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ListFilter {
+    pub uid: Option<String>,
+    pub status: Option<Status>,
+    /// Only ids strictly before this one (the previous page's last id).
+    pub before_id: Option<String>,
+    pub limit: usize,
+}
+
+/// How a retry went.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum RetryOutcome {
+    Retried(Conversation),
+    NotFailed(Status),
+    NotFound,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// The database cannot be reached or written right now; callers may try again.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored value cannot be decoded: a bug or tampering, never the caller's fault.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The durable state behind listen. Implementations must pass the conformance tests in
+/// `store/tests.rs`.
+#[async_trait::async_trait]
+pub(crate) trait ConversationStore: Send + Sync + 'static {
+    /// Stores a new conversation, or returns the existing one for the same
+    /// (uid, idempotency_key). Committed durably before returning.
+    async fn submit(&self, new: NewConversation) -> Result<Submitted, StoreError>;
+
+    async fn get(&self, id: &str) -> Result<Option<Conversation>, StoreError>;
+
+    /// Newest first.
+    async fn list(&self, filter: ListFilter) -> Result<Vec<Conversation>, StoreError>;
+
+    /// FAILED -> PROCESSING, at the back of the queue, with no owner and attempts reset.
+    async fn retry(&self, id: &str) -> Result<RetryOutcome, StoreError>;
+
+    /// Claims up to `limit` PROCESSING rows, oldest queued first, that nobody holds (no owner
+    /// or an expired lease; with `include_own`, also rows `owner` holds, for a restart under
+    /// the same identity). Sets owner and lease and bumps the generation.
+    async fn claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        include_own: bool,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Extends the lease of every PROCESSING row `owner` holds. Returns how many.
+    async fn renew(&self, owner: &str, lease_until_ms: i64) -> Result<u64, StoreError>;
+
+    /// PROCESSING -> COMPLETED if `generation` still matches. false: late, duplicate or fenced.
+    async fn complete(
+        &self,
+        id: &str,
+        generation: i64,
+        structured: api::Structured,
+        attempts: u32,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// PROCESSING -> FAILED if `generation` still matches. false: late, duplicate or fenced.
+    async fn fail(
+        &self,
+        id: &str,
+        generation: i64,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<bool, StoreError>;
+
+    /// Rows in PROCESSING (pending and queued).
+    async fn count_processing(&self) -> Result<u64, StoreError>;
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The segment list as stored: protobuf field 1, repeated. Appending encoded segments to the
+/// blob appends to the list.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct SegmentList {
+    #[prost(message, repeated, tag = "1")]
+    pub segments: Vec<api::Segment>,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,507 @@
+//! SQLite store: one file, WAL mode, `synchronous=FULL` (a returned submit survives a crash
+//! or power loss).
+//!
+//! - **Writes** go to one writer thread over a bounded channel (`WRITE_QUEUE` operations; a
+//!   caller waits for room when full). The thread takes whatever has queued, up to
+//!   `MAX_BATCH`, and runs it in one transaction: group commit with no artificial wait. Each
+//!   operation runs in its own savepoint, so one failing operation does not undo the others,
+//!   and no caller hears "done" before the commit.
+//! - **Reads** run on `spawn_blocking` with a pool of read connections (WAL readers do not
+//!   block the writer).
+//! - **Checkpoints** run on their own thread (PASSIVE, every `CHECKPOINT_INTERVAL`);
+//!   automatic checkpoints are off on the writer so its commits never pay for them.
+
+use super::{
+    Claimed, Conversation, ConversationStore, ListFilter, NewConversation, RetryOutcome,
+    SegmentList, Status, StoreError, Submitted,
+};
+use prost::Message;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use shared::proto::listen::v1 as api;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
+
+const WRITE_QUEUE: usize = 4096;
+const MAX_BATCH: usize = 512;
+const READ_POOL: usize = 8;
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_conversations.sql")];
+
+const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
+                       created_at_ms, finished_at_ms, completed_at_ms";
+
+/// Runs inside the write transaction; returns what to tell the caller once the commit's
+/// outcome is known.
+type WriteOp = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+pub(crate) struct SqliteStore {
+    writes: mpsc::Sender<WriteOp>,
+    readers: Arc<ReadPool>,
+    /// Dropping this stops the checkpoint thread.
+    _checkpointer: std::sync::mpsc::Sender<()>,
+}
+
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create directory {}: {e}", dir.display()))
+            })?;
+        }
+        let mut writer = open_connection(path, true)?;
+        migrate(&mut writer)?;
+        // The writer never checkpoints; the checkpoint thread does.
+        writer.pragma_update(None, "wal_autocheckpoint", 0).map_err(unavailable)?;
+
+        let (writes, rx) = mpsc::channel(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || write_loop(writer, rx))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start writer thread: {e}")))?;
+
+        let checkpoint_conn = open_connection(path, true)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoint_conn, stopped))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start checkpoint thread: {e}")))?;
+
+        Ok(SqliteStore {
+            writes,
+            readers: Arc::new(ReadPool { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) }),
+            _checkpointer: stop,
+        })
+    }
+
+    /// Runs `op` in the next group-commit transaction and returns its result once committed.
+    async fn write<R: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let op: WriteOp = Box::new(move |conn| {
+            let result = in_savepoint(conn, op);
+            Box::new(move |commit_error: Option<&StoreError>| {
+                let outcome = match commit_error {
+                    None => result,
+                    Some(error) => Err(StoreError::Unavailable(error.to_string())),
+                };
+                let _ = tx.send(outcome);
+            })
+        });
+        self.writes
+            .send(op)
+            .await
+            .map_err(|_| StoreError::Unavailable("the store writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store writer stopped mid-write".into()))?
+    }
+
+    /// Runs `op` on a pooled read connection off the runtime.
+    async fn read<R: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let pool = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let conn = match pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+                Some(conn) => conn,
+                None => open_connection(&pool.path, false)?,
+            };
+            let result = op(&conn);
+            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < READ_POOL {
+                idle.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+fn open_connection(path: &Path, write: bool) -> Result<Connection, StoreError> {
+    let flags = if write {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+    } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
+    if write {
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(unavailable)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Unavailable(format!("cannot enable WAL mode (got {mode})")));
+        }
+        conn.pragma_update(None, "synchronous", "FULL").map_err(unavailable)?;
+    }
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(unavailable)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::Unavailable(format!(
+            "database schema version {version} is newer than this listen-svc understands ({known}); \
+             run a newer listen-svc"
+        )));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(unavailable)?;
+        tx.execute_batch(sql).map_err(unavailable)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1).map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+        debug!(version = index + 1, "applied migration");
+    }
+    Ok(())
+}
+
+fn write_loop(conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
+    let mut batch: Vec<WriteOp> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let replies: Vec<Reply>;
+        let commit = match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => {
+                replies = batch.drain(..).map(|op| op(&conn)).collect();
+                conn.execute_batch("COMMIT").map_err(unavailable)
+            }
+            Err(error) => {
+                replies = batch.drain(..).map(|_| -> Reply { Box::new(|_| {}) }).collect();
+                Err(unavailable(error))
+            }
+        };
+        if let Err(error) = &commit {
+            error!(%error, batch = replies.len(), "store commit failed");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for reply in replies {
+            reply(commit.as_ref().err());
+        }
+    }
+    debug!("store writer stopped");
+}
+
+/// Runs `op` in a savepoint: on error its writes are undone and the rest of the batch stands.
+fn in_savepoint<R>(
+    conn: &Connection,
+    op: impl FnOnce(&Connection) -> Result<R, StoreError>,
+) -> Result<R, StoreError> {
+    conn.execute_batch("SAVEPOINT op").map_err(unavailable)?;
+    let result = op(conn);
+    let end = if result.is_ok() { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
+    conn.execute_batch(end).map_err(unavailable)?;
+    result
+}
+
+fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            warn!(%error, "WAL checkpoint failed");
+        }
+    }
+    // Last one on the way out, so a clean stop leaves a small WAL.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+}
+
+fn unavailable(error: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn encode_segments(segments: &[api::Segment]) -> Vec<u8> {
+    SegmentList { segments: segments.to_vec() }.encode_to_vec()
+}
+
+fn decode_segments(id: &str, blob: &[u8]) -> Result<Vec<api::Segment>, StoreError> {
+    SegmentList::decode(blob)
+        .map(|list| list.segments)
+        .map_err(|e| StoreError::Corrupt(format!("segments of {id}: {e}")))
+}
+
+fn conversation_from_row(row: &Row<'_>) -> Result<Conversation, StoreError> {
+    let get = |e: rusqlite::Error| StoreError::Corrupt(e.to_string());
+    let id: String = row.get(0).map_err(get)?;
+    let status: String = row.get(3).map_err(get)?;
+    let segments: Vec<u8> = row.get(4).map_err(get)?;
+    let structured: Option<Vec<u8>> = row.get(5).map_err(get)?;
+    Ok(Conversation {
+        uid: row.get(1).map_err(get)?,
+        language: row.get(2).map_err(get)?,
+        status: Status::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))?,
+        segments: decode_segments(&id, &segments)?,
+        structured: structured
+            .map(|b| api::Structured::decode(b.as_slice()))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("result of {id}: {e}")))?,
+        attempts: row.get::<_, i64>(6).map_err(get)?.clamp(0, u32::MAX as i64) as u32,
+        last_error: row.get(7).map_err(get)?,
+        created_at_ms: row.get(8).map_err(get)?,
+        finished_at_ms: row.get(9).map_err(get)?,
+        completed_at_ms: row.get(10).map_err(get)?,
+        id,
+    })
+}
+
+fn get_conversation(conn: &Connection, id: &str) -> Result<Option<Conversation>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM conversations WHERE id = ?1"))
+        .map_err(unavailable)?;
+    let mut rows = stmt.query(params![id]).map_err(unavailable)?;
+    match rows.next().map_err(unavailable)? {
+        Some(row) => conversation_from_row(row).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn next_queue_seq(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row("UPDATE queue_counter SET next = next + 1 RETURNING next", [], |r| r.get(0))
+        .map_err(unavailable)
+}
+
+#[async_trait::async_trait]
+impl ConversationStore for SqliteStore {
+    async fn submit(&self, new: NewConversation) -> Result<Submitted, StoreError> {
+        self.write(move |conn| {
+            if let Some(key) = &new.idempotency_key {
+                let existing = conn
+                    .prepare_cached(
+                        "SELECT id, status FROM conversations WHERE uid = ?1 AND idempotency_key = ?2",
+                    )
+                    .map_err(unavailable)?
+                    .query_row(params![new.uid, key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                    .optional()
+                    .map_err(unavailable)?;
+                if let Some((id, status)) = existing {
+                    let status = Status::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))?;
+                    return Ok(Submitted { id, status, created: false });
+                }
+            }
+            let queue_seq = match new.status {
+                Status::Processing => Some(next_queue_seq(conn)?),
+                _ => None,
+            };
+            conn.prepare_cached(
+                "INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
+                 segment_count, created_at_ms, finished_at_ms, queue_seq) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+            )
+            .map_err(unavailable)?
+            .execute(params![
+                new.id,
+                new.uid,
+                new.idempotency_key,
+                new.language,
+                new.status.as_str(),
+                encode_segments(&new.segments),
+                new.segments.len() as i64,
+                new.now_ms,
+                queue_seq,
+            ])
+            .map_err(unavailable)?;
+            Ok(Submitted { id: new.id, status: new.status, created: true })
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn| get_conversation(conn, &id)).await
+    }
+
+    async fn list(&self, filter: ListFilter) -> Result<Vec<Conversation>, StoreError> {
+        self.read(move |conn| {
+            let mut sql = format!("SELECT {COLUMNS} FROM conversations WHERE 1 = 1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            if let Some(uid) = filter.uid {
+                args.push(uid.into());
+                sql.push_str(&format!(" AND uid = ?{}", args.len()));
+            }
+            if let Some(status) = filter.status {
+                args.push(status.as_str().to_string().into());
+                sql.push_str(&format!(" AND status = ?{}", args.len()));
+            }
+            if let Some(before) = filter.before_id {
+                args.push(before.into());
+                sql.push_str(&format!(" AND id < ?{}", args.len()));
+            }
+            args.push((filter.limit as i64).into());
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+            let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(unavailable)?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                out.push(conversation_from_row(row)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn retry(&self, id: &str) -> Result<RetryOutcome, StoreError> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            let Some(current) = get_conversation(conn, &id)? else {
+                return Ok(RetryOutcome::NotFound);
+            };
+            if current.status != Status::Failed {
+                return Ok(RetryOutcome::NotFailed(current.status));
+            }
+            let queue_seq = next_queue_seq(conn)?;
+            conn.prepare_cached(
+                "UPDATE conversations SET status = 'processing', queue_seq = ?2, owner = NULL, \
+                 lease_expires_at_ms = NULL, last_error = NULL, attempts = 0 \
+                 WHERE id = ?1 AND status = 'failed'",
+            )
+            .map_err(unavailable)?
+            .execute(params![id, queue_seq])
+            .map_err(unavailable)?;
+            let updated = get_conversation(conn, &id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("{id} vanished during retry")))?;
+            Ok(RetryOutcome::Retried(updated))
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        include_own: bool,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let owner = owner.to_string();
+        self.write(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE conversations SET owner = ?1, lease_expires_at_ms = ?3, \
+                     generation = generation + 1 \
+                     WHERE id IN (SELECT id FROM conversations \
+                       WHERE status = 'processing' \
+                         AND (owner IS NULL OR lease_expires_at_ms < ?2 OR (?4 AND owner = ?1)) \
+                       ORDER BY queue_seq LIMIT ?5) \
+                     RETURNING id, uid, language, segments, finished_at_ms, generation, queue_seq",
+                )
+                .map_err(unavailable)?;
+            let mut rows = stmt
+                .query(params![owner, now_ms, lease_until_ms, include_own, limit as i64])
+                .map_err(unavailable)?;
+            let mut claimed = Vec::new();
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                let id: String = row.get(0).map_err(unavailable)?;
+                let segments: Vec<u8> = row.get(3).map_err(unavailable)?;
+                let queue_seq: i64 = row.get(6).map_err(unavailable)?;
+                claimed.push((
+                    queue_seq,
+                    Claimed {
+                        uid: row.get(1).map_err(unavailable)?,
+                        language: row.get(2).map_err(unavailable)?,
+                        segments: decode_segments(&id, &segments)?,
+                        finished_at_ms: row.get(4).map_err(unavailable)?,
+                        generation: row.get(5).map_err(unavailable)?,
+                        id,
+                    },
+                ));
+            }
+            // RETURNING gives no order; hand them out oldest first.
+            claimed.sort_by_key(|(seq, _)| *seq);
+            Ok(claimed.into_iter().map(|(_, c)| c).collect())
+        })
+        .await
+    }
+
+    async fn renew(&self, owner: &str, lease_until_ms: i64) -> Result<u64, StoreError> {
+        let owner = owner.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE conversations SET lease_expires_at_ms = ?2 \
+                 WHERE owner = ?1 AND status = 'processing'",
+            )
+            .map_err(unavailable)?
+            .execute(params![owner, lease_until_ms])
+            .map(|n| n as u64)
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn complete(
+        &self,
+        id: &str,
+        generation: i64,
+        structured: api::Structured,
+        attempts: u32,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE conversations SET status = 'completed', structured = ?3, attempts = ?4, \
+                 completed_at_ms = ?5, last_error = NULL, owner = NULL, lease_expires_at_ms = NULL \
+                 WHERE id = ?1 AND generation = ?2 AND status = 'processing'",
+            )
+            .map_err(unavailable)?
+            .execute(params![id, generation, structured.encode_to_vec(), attempts, now_ms])
+            .map(|n| n == 1)
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn fail(
+        &self,
+        id: &str,
+        generation: i64,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<bool, StoreError> {
+        let (id, reason) = (id.to_string(), reason.to_string());
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE conversations SET status = 'failed', last_error = ?3, attempts = ?4, \
+                 owner = NULL, lease_expires_at_ms = NULL \
+                 WHERE id = ?1 AND generation = ?2 AND status = 'processing'",
+            )
+            .map_err(unavailable)?
+            .execute(params![id, generation, reason, attempts])
+            .map(|n| n == 1)
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn count_processing(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT COUNT(*) FROM conversations WHERE status = 'processing'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(unavailable)
+        })
+        .await
+    }
+}
