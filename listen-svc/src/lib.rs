@@ -1,3 +1,123 @@
+//! listen-svc: durable conversation ingest, linked to pusher-svc by one bidi gRPC stream.
+//!
+//! Data flow: a client calls [`api`] (`listen.v1.Listen`); a submitted conversation is
+//! committed to the [`store`] as PROCESSING, then the [`link`] is woken. The link task claims
+//! queued rows (as many as its pending map has room for), sends them to pusher over the
+//! Connect stream, and writes each Ack's outcome back to the store. Pusher being slow,
+//! saturated or gone never reaches the request path: work waits in the store.
+//!
+//! Modules: [`config`] (flags), `api` (the service), `link` (stream, state machine, pending
+//! map), `store` (the `ConversationStore` trait, SQLite), `error` (error -> gRPC status).
 #![forbid(unsafe_code)]
-#![allow(dead_code)]
+
+mod api;
+mod config;
+mod error;
+mod link;
 mod store;
+
+pub use config::{Config, StoreLocation};
+
+use link::{Attempts, LinkConfig, Policy};
+use shared::backoff::Backoff;
+use shared::proto::listen::v1::{LINK_HEALTH_NAME, SERVICE_NAME, listen_server::ListenServer};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{ConversationStore, SqliteStore};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+/// Serves listen on `listener` until `shutdown` resolves: opens the store, starts the link,
+/// and on shutdown stops accepting, stops the link (releasing its leases) and returns.
+/// `config` must have passed [`Config::validate`].
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store: Arc<dyn ConversationStore> = match config.store_location().map_err(anyhow::Error::msg)? {
+        StoreLocation::Sqlite(path) => {
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??;
+            Arc::new(store)
+        }
+    };
+    let instance_id = config.instance_id.clone().unwrap_or_else(default_instance_id);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<ListenServer<api::ListenService>>().await;
+    health_reporter.set_service_status(LINK_HEALTH_NAME, ServingStatus::NotServing).await;
+
+    let (stop_link, link_shutdown) = watch::channel(false);
+    let reconnect = Backoff { initial: config.reconnect_initial, max: config.reconnect_max, ..Backoff::RECONNECT };
+    let link_config = LinkConfig {
+        pusher_url: config.pusher_url.clone(),
+        instance_id: instance_id.clone(),
+        max_in_flight: config.max_in_flight as usize,
+        attempts: Attempts {
+            max_attempts: config.max_attempts,
+            ack_timeout: config.ack_timeout,
+            retry_backoff: Backoff { initial: config.retry_initial, ..reconnect },
+        },
+        policy: Policy {
+            backoff: reconnect,
+            degrade_after: config.degrade_after,
+            probe_every: config.probe_interval,
+            stable_after: Duration::from_secs(10),
+        },
+        connect_timeout: config.connect_timeout,
+        keepalive_interval: config.keepalive_interval,
+        keepalive_timeout: config.keepalive_timeout,
+        heartbeat_interval: config.keepalive_interval,
+        lease_ttl: config.lease_ttl,
+        max_message_bytes: config.max_message_bytes as usize,
+    };
+    let (link, link_task) = link::spawn(link_config, Arc::clone(&store), health_reporter.clone(), link_shutdown);
+
+    let service = api::ListenService {
+        store,
+        link,
+        limits: api::Limits {
+            max_segments: config.max_segments as usize,
+            max_segment_bytes: config.max_segment_bytes as usize,
+        },
+        pusher_url: config.pusher_url.clone(),
+        max_in_flight: config.max_in_flight as usize,
+    };
+    let (reflection_v1, reflection_v1alpha) = shared::grpc::reflection(&[SERVICE_NAME])?;
+    let listen = ListenServer::new(service)
+        .max_decoding_message_size(config.max_message_bytes as usize)
+        .max_encoding_message_size(config.max_message_bytes as usize);
+
+    let addr = listener.local_addr()?;
+    info!(%addr, %instance_id, pusher_url = %config.pusher_url, store = %config.store, "listen-svc serving");
+    let reporter = health_reporter.clone();
+    shared::grpc::server_builder(Default::default())
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(listen)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            reporter.set_not_serving::<ListenServer<api::ListenService>>().await;
+        })
+        .await?;
+
+    let _ = stop_link.send(true);
+    if tokio::time::timeout(Duration::from_secs(10), link_task).await.is_err() {
+        warn!("link did not stop within 10s");
+    }
+    info!("listen-svc stopped");
+    Ok(())
+}
+
+fn default_instance_id() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("listen-{}", uuid::Uuid::now_v7()))
+}

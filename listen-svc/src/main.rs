@@ -1,1 +1,21 @@
-fn main(){}
+//! listen-svc binary: parse and check config, bind, run until SIGTERM/SIGINT.
+
+use listen_svc::Config;
+use shared::cli;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config: Config = cli::parse();
+    if let Err(reason) = config.validate() {
+        cli::exit_config_error(reason);
+    }
+    shared::telemetry::init(config.log_format, "info");
+    let listener = match tokio::net::TcpListener::bind(config.listen_addr).await {
+        Ok(listener) => listener,
+        Err(error) => cli::exit_config_error(format!(
+            "cannot listen on --listen-addr {}: {error}",
+            config.listen_addr
+        )),
+    };
+    listen_svc::run(config, listener, shared::shutdown::signal()).await
+}

@@ -160,16 +160,18 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
     async fn retry(&self, id: &str) -> Result<RetryOutcome, StoreError>;
 
     /// Claims up to `limit` PROCESSING rows, oldest queued first, that nobody holds (no owner
-    /// or an expired lease; with `include_own`, also rows `owner` holds, for a restart under
-    /// the same identity). Sets owner and lease and bumps the generation.
+    /// or an expired lease). Sets owner and lease and bumps the generation.
     async fn claim(
         &self,
         owner: &str,
         now_ms: i64,
         lease_until_ms: i64,
-        include_own: bool,
         limit: usize,
     ) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Gives up every lease `owner` holds, so any instance can claim those rows at once. Used
+    /// at start-up (a restart under the same identity) and on clean shutdown.
+    async fn release(&self, owner: &str) -> Result<u64, StoreError>;
 
     /// Extends the lease of every PROCESSING row `owner` holds. Returns how many.
     async fn renew(&self, owner: &str, lease_until_ms: i64) -> Result<u64, StoreError>;

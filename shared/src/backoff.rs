@@ -43,12 +43,12 @@ impl Backoff {
 
     /// The delay before attempt `attempt`, with a fresh random spread.
     pub fn delay(&self, attempt: u32) -> Duration {
-        self.delay_with(attempt, fastrand_unit())
+        self.delay_with(attempt, random_unit())
     }
 }
 
-/// A random number in `[0, 1)` from the thread's RNG (no crate needed for this one use).
-fn fastrand_unit() -> f64 {
+/// A random number in `[0, 1)` from a per-thread xorshift generator: enough for jitter.
+pub fn random_unit() -> f64 {
     use std::cell::Cell;
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
@@ -124,7 +124,7 @@ mod tests {
 
     #[test]
     fn random_unit_is_in_range_and_varies() {
-        let samples: Vec<f64> = (0..1000).map(|_| fastrand_unit()).collect();
+        let samples: Vec<f64> = (0..1000).map(|_| random_unit()).collect();
         assert!(samples.iter().all(|u| (0.0..1.0).contains(u)));
         let mean = samples.iter().sum::<f64>() / samples.len() as f64;
         assert!((0.4..0.6).contains(&mean), "mean {mean}");

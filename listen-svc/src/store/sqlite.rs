@@ -391,7 +391,6 @@ impl ConversationStore for SqliteStore {
         owner: &str,
         now_ms: i64,
         lease_until_ms: i64,
-        include_own: bool,
         limit: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
         let owner = owner.to_string();
@@ -402,13 +401,13 @@ impl ConversationStore for SqliteStore {
                      generation = generation + 1 \
                      WHERE id IN (SELECT id FROM conversations \
                        WHERE status = 'processing' \
-                         AND (owner IS NULL OR lease_expires_at_ms < ?2 OR (?4 AND owner = ?1)) \
-                       ORDER BY queue_seq LIMIT ?5) \
+                         AND (owner IS NULL OR lease_expires_at_ms < ?2) \
+                       ORDER BY queue_seq LIMIT ?4) \
                      RETURNING id, uid, language, segments, finished_at_ms, generation, queue_seq",
                 )
                 .map_err(unavailable)?;
             let mut rows = stmt
-                .query(params![owner, now_ms, lease_until_ms, include_own, limit as i64])
+                .query(params![owner, now_ms, lease_until_ms, limit as i64])
                 .map_err(unavailable)?;
             let mut claimed = Vec::new();
             while let Some(row) = rows.next().map_err(unavailable)? {
@@ -430,6 +429,21 @@ impl ConversationStore for SqliteStore {
             // RETURNING gives no order; hand them out oldest first.
             claimed.sort_by_key(|(seq, _)| *seq);
             Ok(claimed.into_iter().map(|(_, c)| c).collect())
+        })
+        .await
+    }
+
+    async fn release(&self, owner: &str) -> Result<u64, StoreError> {
+        let owner = owner.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE conversations SET owner = NULL, lease_expires_at_ms = NULL \
+                 WHERE owner = ?1 AND status = 'processing'",
+            )
+            .map_err(unavailable)?
+            .execute(params![owner])
+            .map(|n| n as u64)
+            .map_err(unavailable)
         })
         .await
     }

@@ -73,17 +73,18 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once() {
     }
     f.store.submit(new("u", None, Status::Discarded, 9)).await.unwrap();
 
-    let first = f.store.claim("a", 100, 100 + LEASE, false, 3).await.unwrap();
+    let first = f.store.claim("a", 100, 100 + LEASE, 3).await.unwrap();
     assert_eq!(first.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), ids[..3]);
     assert!(first.iter().all(|c| c.generation == 1));
     assert_eq!(first[0].segments, vec![segment("hello there"), segment("second")]);
 
-    let rest = f.store.claim("b", 100, 100 + LEASE, false, 10).await.unwrap();
+    let rest = f.store.claim("b", 100, 100 + LEASE, 10).await.unwrap();
     assert_eq!(rest.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), ids[3..], "never the discarded one");
-    assert!(f.store.claim("c", 100, 100 + LEASE, false, 10).await.unwrap().is_empty());
+    assert!(f.store.claim("c", 100, 100 + LEASE, 10).await.unwrap().is_empty());
 
-    // A restart under the same identity takes back its own rows at once.
-    let own = f.store.claim("a", 200, 200 + LEASE, true, 10).await.unwrap();
+    // Released rows (restart under the same identity, clean shutdown) are claimable at once.
+    assert_eq!(f.store.release("a").await.unwrap(), 3);
+    let own = f.store.claim("a", 200, 200 + LEASE, 10).await.unwrap();
     assert_eq!(own.len(), 3);
     assert!(own.iter().all(|c| c.generation == 2), "a re-claim bumps the generation");
 }
@@ -93,11 +94,11 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it() {
     let f = sqlite();
     let id = f.store.submit(new("u", None, Status::Processing, 0)).await.unwrap().id;
     let other = f.store.submit(new("u", None, Status::Processing, 0)).await.unwrap().id;
-    f.store.claim("a", 0, LEASE, false, 10).await.unwrap();
+    f.store.claim("a", 0, LEASE, 10).await.unwrap();
     assert_eq!(f.store.renew("a", 2 * LEASE).await.unwrap(), 2);
-    assert!(f.store.claim("b", LEASE + 1, 2 * LEASE, false, 10).await.unwrap().is_empty(), "renewed");
+    assert!(f.store.claim("b", LEASE + 1, 2 * LEASE, 10).await.unwrap().is_empty(), "renewed");
 
-    let taken = f.store.claim("b", 2 * LEASE + 1, 3 * LEASE, false, 10).await.unwrap();
+    let taken = f.store.claim("b", 2 * LEASE + 1, 3 * LEASE, 10).await.unwrap();
     assert_eq!(taken.len(), 2);
     // The old owner is fenced off: its outcome does not land, the new owner's does.
     assert!(!f.store.complete(&id, 1, api::Structured::default(), 1, 5).await.unwrap());
@@ -111,7 +112,7 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it() {
 async fn completion_is_idempotent() {
     let f = sqlite();
     let id = f.store.submit(new("u", None, Status::Processing, 0)).await.unwrap().id;
-    let claimed = f.store.claim("a", 0, LEASE, false, 1).await.unwrap();
+    let claimed = f.store.claim("a", 0, LEASE, 1).await.unwrap();
     let structured = api::Structured {
         title: "T".into(),
         overview: "O".into(),
@@ -123,7 +124,7 @@ async fn completion_is_idempotent() {
     assert!(!f.store.fail(&id, claimed[0].generation, "late", 4).await.unwrap(), "late failure");
     let got = f.store.get(&id).await.unwrap().unwrap();
     assert_eq!((got.status, got.structured, got.attempts, got.completed_at_ms), (Status::Completed, Some(structured), 2, Some(77)));
-    assert!(f.store.claim("b", i64::MAX - 1, i64::MAX, false, 10).await.unwrap().is_empty());
+    assert!(f.store.claim("b", i64::MAX - 1, i64::MAX, 10).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -134,7 +135,7 @@ async fn failed_conversations_can_be_retried_once_failed() {
     assert_eq!(f.store.retry(&id).await.unwrap(), RetryOutcome::NotFailed(Status::Processing));
     assert_eq!(f.store.retry("nope").await.unwrap(), RetryOutcome::NotFound);
 
-    let generation = f.store.claim("a", 0, LEASE, false, 1).await.unwrap()[0].generation;
+    let generation = f.store.claim("a", 0, LEASE, 1).await.unwrap()[0].generation;
     assert!(f.store.fail(&id, generation, "poison", 5).await.unwrap());
     let failed = f.store.get(&id).await.unwrap().unwrap();
     assert_eq!((failed.status, failed.last_error.as_deref(), failed.attempts), (Status::Failed, Some("poison"), 5));
@@ -142,7 +143,7 @@ async fn failed_conversations_can_be_retried_once_failed() {
     let RetryOutcome::Retried(retried) = f.store.retry(&id).await.unwrap() else { panic!() };
     assert_eq!((retried.status, retried.last_error, retried.attempts), (Status::Processing, None, 0));
     // A retried conversation goes to the back of the queue.
-    let order: Vec<String> = f.store.claim("a", 1, LEASE, false, 10).await.unwrap().into_iter().map(|c| c.id).collect();
+    let order: Vec<String> = f.store.claim("a", 1, LEASE, 10).await.unwrap().into_iter().map(|c| c.id).collect();
     assert_eq!(order, vec![later, id]);
 }
 

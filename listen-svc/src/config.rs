@@ -1,0 +1,192 @@
+//! Command line and environment for listen-svc.
+
+use shared::cli::parse_positive_duration;
+use shared::telemetry::LogFormat;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// listen-svc stores conversations durably and hands them to pusher-svc for processing over
+/// one long-lived gRPC stream. It never waits on pusher: work queues in the store while
+/// pusher is away and flows when it returns.
+///
+/// Every flag can also be set through the environment variable shown.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "listen-svc", version)]
+pub struct Config {
+    /// Address for the public gRPC server (listen.v1.Listen, health, reflection).
+    #[arg(long, env = "LISTEN_LISTEN_ADDR", default_value = "0.0.0.0:50051")]
+    pub listen_addr: SocketAddr,
+
+    /// pusher-svc's address, http://host:port.
+    #[arg(long, env = "LISTEN_PUSHER_URL", default_value = "http://127.0.0.1:50052")]
+    pub pusher_url: String,
+
+    /// Conversation store: sqlite://PATH (the file and its directory are created if missing).
+    #[arg(long, env = "LISTEN_STORE", default_value = "sqlite://./data/listen.db")]
+    pub store: String,
+
+    /// Conversations sent to pusher and not yet acknowledged, at most. Further work waits,
+    /// durably, in the store.
+    #[arg(long, env = "LISTEN_MAX_IN_FLIGHT", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_in_flight: u32,
+
+    /// Time pusher has to acknowledge a request (each Progress from pusher restarts it)
+    /// before it is sent again.
+    #[arg(long, env = "LISTEN_ACK_TIMEOUT", default_value = "120s", value_parser = parse_positive_duration)]
+    pub ack_timeout: Duration,
+
+    /// Sends per conversation per stream before it is marked FAILED (Busy answers do not
+    /// count; a re-established stream grants a fresh budget).
+    #[arg(long, env = "LISTEN_MAX_ATTEMPTS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub max_attempts: u32,
+
+    /// First delay between re-sends of one conversation (x1.6 per attempt, ±20 %, at most
+    /// --reconnect-max).
+    #[arg(long, env = "LISTEN_RETRY_INITIAL", default_value = "1s", value_parser = parse_positive_duration)]
+    pub retry_initial: Duration,
+
+    /// First reconnect delay after the link fails (x1.6 per failure, ±20 %).
+    #[arg(long, env = "LISTEN_RECONNECT_INITIAL", default_value = "1s", value_parser = parse_positive_duration)]
+    pub reconnect_initial: Duration,
+
+    /// Longest reconnect or re-send delay.
+    #[arg(long, env = "LISTEN_RECONNECT_MAX", default_value = "30s", value_parser = parse_positive_duration)]
+    pub reconnect_max: Duration,
+
+    /// Consecutive failed connection attempts before the link is DEGRADED.
+    #[arg(long, env = "LISTEN_DEGRADE_AFTER", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub degrade_after: u32,
+
+    /// While DEGRADED, time between probe attempts (HALF_OPEN).
+    #[arg(long, env = "LISTEN_PROBE_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
+    pub probe_interval: Duration,
+
+    /// Time allowed to open a connection and complete the Hello/Welcome handshake.
+    #[arg(long, env = "LISTEN_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
+    pub connect_timeout: Duration,
+
+    /// HTTP/2 keepalive ping interval on the link. A half-open connection is detected within
+    /// --keepalive-interval + --keepalive-timeout.
+    #[arg(long, env = "LISTEN_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
+    pub keepalive_interval: Duration,
+
+    /// Time to wait for a keepalive ping's answer before the connection is declared dead.
+    #[arg(long, env = "LISTEN_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Lease on each conversation this instance is sending; renewed every third of it. If
+    /// this instance dies, others take its work over once the lease expires.
+    #[arg(long, env = "LISTEN_LEASE_TTL", default_value = "30s", value_parser = parse_positive_duration)]
+    pub lease_ttl: Duration,
+
+    /// This instance's name as a lease owner; must be unique among replicas sharing a store
+    /// and stable across restarts (default: the host name, which is the pod name in Kubernetes).
+    #[arg(long, env = "LISTEN_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Most segments accepted in one conversation.
+    #[arg(long, env = "LISTEN_MAX_SEGMENTS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_segments: u32,
+
+    /// Longest segment text accepted, in bytes.
+    #[arg(long, env = "LISTEN_MAX_SEGMENT_BYTES", default_value_t = 16 * 1024,
+          value_parser = clap::value_parser!(u32).range(1..=16 * 1024 * 1024))]
+    pub max_segment_bytes: u32,
+
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "LISTEN_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
+    pub max_message_bytes: u32,
+
+    /// Log line format (RUST_LOG sets the filter, default "info").
+    #[arg(long, env = "LISTEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Where conversations are stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    Sqlite(PathBuf),
+}
+
+impl Config {
+    /// Checks what clap cannot; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        self.store_location()?;
+        let url = self.pusher_url.parse::<tonic::transport::Uri>().map_err(|e| {
+            format!("--pusher-url {:?} is not a URL: {e} (expected http://host:port)", self.pusher_url)
+        })?;
+        match (url.scheme_str(), url.authority()) {
+            (Some("http"), Some(_)) => {}
+            (Some("https"), _) => {
+                return Err("--pusher-url: https (TLS) is not supported yet; use http://".into());
+            }
+            _ => return Err(format!("--pusher-url {:?}: expected http://host:port", self.pusher_url)),
+        }
+        if self.reconnect_initial > self.reconnect_max || self.retry_initial > self.reconnect_max {
+            return Err("--reconnect-initial and --retry-initial must not exceed --reconnect-max".into());
+        }
+        if self.lease_ttl < Duration::from_secs(3) {
+            return Err("--lease-ttl must be at least 3s".into());
+        }
+        if let Some(id) = &self.instance_id
+            && (id.trim().is_empty() || id.len() > 128)
+        {
+            return Err("--instance-id must be 1 to 128 bytes".into());
+        }
+        Ok(())
+    }
+
+    pub fn store_location(&self) -> Result<StoreLocation, String> {
+        if let Some(path) = self.store.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err("--store sqlite:// needs a file path, e.g. sqlite://./data/listen.db".into());
+            }
+            return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
+        }
+        if self.store.starts_with("postgres://") || self.store.starts_with("postgresql://") {
+            return Err("--store: PostgreSQL is not supported yet; use sqlite://PATH".into());
+        }
+        Err(format!("--store {:?}: expected sqlite://PATH", self.store))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("listen-svc").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]);
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.store_location(), Ok(StoreLocation::Sqlite("./data/listen.db".into())));
+        assert_eq!(config.ack_timeout, Duration::from_secs(120));
+        assert_eq!(config.max_attempts, 5);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        for (args, flag) in [
+            (&["--store", "mysql://x"][..], "--store"),
+            (&["--store", "sqlite://"][..], "--store"),
+            (&["--pusher-url", "not a url"][..], "--pusher-url"),
+            (&["--pusher-url", "ftp://host:1"][..], "--pusher-url"),
+            (&["--reconnect-initial", "1m"][..], "--reconnect-initial"),
+        ] {
+            let error = parse(args).validate().unwrap_err();
+            assert!(error.contains(flag), "{args:?}: {error}");
+        }
+        assert!(Config::try_parse_from(["listen-svc", "--ack-timeout", "0s"]).is_err());
+        assert!(Config::try_parse_from(["listen-svc", "--max-in-flight", "0"]).is_err());
+    }
+}
