@@ -36,7 +36,10 @@ type Reply<T> = Result<Response<T>, tonic::Status>;
 
 #[tonic::async_trait]
 impl Listen for ListenService {
-    async fn submit_conversation(&self, request: Request<api::SubmitConversationRequest>) -> Reply<api::SubmitConversationResponse> {
+    async fn submit_conversation(
+        &self,
+        request: Request<api::SubmitConversationRequest>,
+    ) -> Reply<api::SubmitConversationResponse> {
         let request = request.into_inner();
         let new = validate_submit(request, self.limits)?;
         let submitted = self.store.submit(new).await.map_err(ApiError::from)?;
@@ -49,13 +52,24 @@ impl Listen for ListenService {
         }))
     }
 
-    async fn get_conversation(&self, request: Request<api::GetConversationRequest>) -> Reply<api::Conversation> {
+    async fn get_conversation(
+        &self,
+        request: Request<api::GetConversationRequest>,
+    ) -> Reply<api::Conversation> {
         let id = validate_id("conversation_id", &request.into_inner().conversation_id)?;
-        let conversation = self.store.get(&id).await.map_err(ApiError::from)?.ok_or(ApiError::NotFound(id))?;
+        let conversation = self
+            .store
+            .get(&id)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or(ApiError::NotFound(id))?;
         Ok(Response::new(to_proto(conversation)))
     }
 
-    async fn list_conversations(&self, request: Request<api::ListConversationsRequest>) -> Reply<api::ListConversationsResponse> {
+    async fn list_conversations(
+        &self,
+        request: Request<api::ListConversationsRequest>,
+    ) -> Reply<api::ListConversationsResponse> {
         let request = request.into_inner();
         let uid = match request.uid.as_str() {
             "" => None,
@@ -63,7 +77,13 @@ impl Listen for ListenService {
         };
         let status = match api::ConversationStatus::try_from(request.status) {
             Ok(status) => Status::from_proto(status),
-            Err(_) => return Err(ApiError::invalid("status", format!("unknown value {}", request.status)).into()),
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    "status",
+                    format!("unknown value {}", request.status),
+                )
+                .into());
+            }
         };
         let before_id = match request.page_token.as_str() {
             "" => None,
@@ -75,12 +95,20 @@ impl Listen for ListenService {
         } as usize;
         let mut conversations = self
             .store
-            .list(ListFilter { uid, status, before_id, limit: page_size + 1 })
+            .list(ListFilter {
+                uid,
+                status,
+                before_id,
+                limit: page_size + 1,
+            })
             .await
             .map_err(ApiError::from)?;
         let next_page_token = if conversations.len() > page_size {
             conversations.truncate(page_size);
-            conversations.last().map(|c| c.id.clone()).unwrap_or_default()
+            conversations
+                .last()
+                .map(|c| c.id.clone())
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -90,25 +118,36 @@ impl Listen for ListenService {
         }))
     }
 
-    async fn retry_conversation(&self, request: Request<api::RetryConversationRequest>) -> Reply<api::Conversation> {
+    async fn retry_conversation(
+        &self,
+        request: Request<api::RetryConversationRequest>,
+    ) -> Reply<api::Conversation> {
         let id = validate_id("conversation_id", &request.into_inner().conversation_id)?;
         match self.store.retry(&id).await.map_err(ApiError::from)? {
             RetryOutcome::Retried(conversation) => {
                 self.link.wake();
-                Ok(Response::new(to_proto(conversation)))
+                Ok(Response::new(to_proto(*conversation)))
             }
-            RetryOutcome::NotFailed(status) => {
-                Err(ApiError::NotRetryable { id, status: status_name(status) }.into())
+            RetryOutcome::NotFailed(status) => Err(ApiError::NotRetryable {
+                id,
+                status: status_name(status),
             }
+            .into()),
             RetryOutcome::NotFound => Err(ApiError::NotFound(id).into()),
         }
     }
 
-    async fn get_link_status(&self, _request: Request<api::GetLinkStatusRequest>) -> Reply<api::LinkStatus> {
+    async fn get_link_status(
+        &self,
+        _request: Request<api::GetLinkStatusRequest>,
+    ) -> Reply<api::LinkStatus> {
         let snapshot = self.link.snapshot();
         // The link's own state is reported even when the store cannot be counted.
         let (queued, last_error) = match self.store.count_processing().await {
-            Ok(processing) => (processing.saturating_sub(snapshot.pending as u64), snapshot.last_error),
+            Ok(processing) => (
+                processing.saturating_sub(snapshot.pending as u64),
+                snapshot.last_error,
+            ),
             Err(error) => (0, format!("cannot count queued work: {error}")),
         };
         Ok(Response::new(api::LinkStatus {
@@ -125,36 +164,59 @@ impl Listen for ListenService {
     }
 }
 
-fn validate_submit(request: api::SubmitConversationRequest, limits: Limits) -> Result<NewConversation, ApiError> {
+fn validate_submit(
+    request: api::SubmitConversationRequest,
+    limits: Limits,
+) -> Result<NewConversation, ApiError> {
     let uid = validate_text("uid", &request.uid, MAX_ID_BYTES)?.to_string();
     let idempotency_key = match request.idempotency_key.as_str() {
         "" => None,
         key => Some(validate_text("idempotency_key", key, MAX_ID_BYTES)?.to_string()),
     };
     if request.language.len() > MAX_LANGUAGE_BYTES {
-        return Err(ApiError::invalid("language", format!("longer than {MAX_LANGUAGE_BYTES} bytes")));
+        return Err(ApiError::invalid(
+            "language",
+            format!("longer than {MAX_LANGUAGE_BYTES} bytes"),
+        ));
     }
     if request.segments.len() > limits.max_segments {
         return Err(ApiError::invalid(
             "segments",
-            format!("{} segments exceeds the limit of {}", request.segments.len(), limits.max_segments),
+            format!(
+                "{} segments exceeds the limit of {}",
+                request.segments.len(),
+                limits.max_segments
+            ),
         ));
     }
     for (i, segment) in request.segments.iter().enumerate() {
         if segment.text.len() > limits.max_segment_bytes {
             return Err(ApiError::invalid(
                 format!("segments[{i}].text"),
-                format!("{} bytes exceeds the limit of {}", segment.text.len(), limits.max_segment_bytes),
+                format!(
+                    "{} bytes exceeds the limit of {}",
+                    segment.text.len(),
+                    limits.max_segment_bytes
+                ),
             ));
         }
         if segment.speaker.len() > MAX_ID_BYTES {
-            return Err(ApiError::invalid(format!("segments[{i}].speaker"), format!("longer than {MAX_ID_BYTES} bytes")));
+            return Err(ApiError::invalid(
+                format!("segments[{i}].speaker"),
+                format!("longer than {MAX_ID_BYTES} bytes"),
+            ));
         }
         if !segment.start.is_finite() || segment.start < 0.0 {
-            return Err(ApiError::invalid(format!("segments[{i}].start"), "must be a finite number of seconds >= 0"));
+            return Err(ApiError::invalid(
+                format!("segments[{i}].start"),
+                "must be a finite number of seconds >= 0",
+            ));
         }
         if !segment.end.is_finite() || segment.end < segment.start {
-            return Err(ApiError::invalid(format!("segments[{i}].end"), "must be a finite number of seconds >= start"));
+            return Err(ApiError::invalid(
+                format!("segments[{i}].end"),
+                "must be a finite number of seconds >= start",
+            ));
         }
     }
     let has_text = request.segments.iter().any(|s| !s.text.trim().is_empty());
@@ -164,7 +226,11 @@ fn validate_submit(request: api::SubmitConversationRequest, limits: Limits) -> R
         idempotency_key,
         language: request.language,
         segments: request.segments,
-        status: if has_text { Status::Processing } else { Status::Discarded },
+        status: if has_text {
+            Status::Processing
+        } else {
+            Status::Discarded
+        },
         now_ms: now_ms(),
     })
 }
@@ -178,7 +244,10 @@ fn validate_text<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str,
         return Err(ApiError::invalid(field, format!("longer than {max} bytes")));
     }
     if value.chars().any(char::is_control) {
-        return Err(ApiError::invalid(field, "must not contain control characters"));
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(value)
 }
@@ -204,7 +273,10 @@ fn status_name(status: Status) -> &'static str {
 }
 
 pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
 }
 
 fn to_proto(c: Conversation) -> api::Conversation {
@@ -227,12 +299,22 @@ fn to_proto(c: Conversation) -> api::Conversation {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_segments: 3, max_segment_bytes: 10 };
+    const LIMITS: Limits = Limits {
+        max_segments: 3,
+        max_segment_bytes: 10,
+    };
 
     fn submit(uid: &str, texts: &[&str]) -> api::SubmitConversationRequest {
         api::SubmitConversationRequest {
             uid: uid.into(),
-            segments: texts.iter().map(|t| api::Segment { text: t.to_string(), end: 1.0, ..Default::default() }).collect(),
+            segments: texts
+                .iter()
+                .map(|t| api::Segment {
+                    text: t.to_string(),
+                    end: 1.0,
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         }
     }
@@ -246,26 +328,63 @@ mod tests {
 
     #[test]
     fn names_the_offending_field() {
-        assert_eq!(invalid_field(validate_submit(submit("", &["a"]), LIMITS)), "uid");
-        assert_eq!(invalid_field(validate_submit(submit("u\u{7}", &["a"]), LIMITS)), "uid");
-        assert_eq!(invalid_field(validate_submit(submit("u", &["a", "b", "c", "d"]), LIMITS)), "segments");
-        assert_eq!(invalid_field(validate_submit(submit("u", &["ok", "this is too long"]), LIMITS)), "segments[1].text");
+        assert_eq!(
+            invalid_field(validate_submit(submit("", &["a"]), LIMITS)),
+            "uid"
+        );
+        assert_eq!(
+            invalid_field(validate_submit(submit("u\u{7}", &["a"]), LIMITS)),
+            "uid"
+        );
+        assert_eq!(
+            invalid_field(validate_submit(submit("u", &["a", "b", "c", "d"]), LIMITS)),
+            "segments"
+        );
+        assert_eq!(
+            invalid_field(validate_submit(
+                submit("u", &["ok", "this is too long"]),
+                LIMITS
+            )),
+            "segments[1].text"
+        );
         let mut backwards = submit("u", &["a"]);
         backwards.segments[0].start = 5.0;
-        assert_eq!(invalid_field(validate_submit(backwards, LIMITS)), "segments[0].end");
+        assert_eq!(
+            invalid_field(validate_submit(backwards, LIMITS)),
+            "segments[0].end"
+        );
         let mut nan = submit("u", &["a"]);
         nan.segments[0].start = f64::NAN;
-        assert_eq!(invalid_field(validate_submit(nan, LIMITS)), "segments[0].start");
+        assert_eq!(
+            invalid_field(validate_submit(nan, LIMITS)),
+            "segments[0].start"
+        );
         let mut key = submit("u", &["a"]);
         key.idempotency_key = "k".repeat(129);
-        assert_eq!(invalid_field(validate_submit(key, LIMITS)), "idempotency_key");
+        assert_eq!(
+            invalid_field(validate_submit(key, LIMITS)),
+            "idempotency_key"
+        );
     }
 
     #[test]
     fn text_decides_between_processing_and_discarded() {
-        assert_eq!(validate_submit(submit("u", &["hi"]), LIMITS).unwrap().status, Status::Processing);
-        assert_eq!(validate_submit(submit("u", &[" ", ""]), LIMITS).unwrap().status, Status::Discarded);
-        assert_eq!(validate_submit(submit("u", &[]), LIMITS).unwrap().status, Status::Discarded);
+        assert_eq!(
+            validate_submit(submit("u", &["hi"]), LIMITS)
+                .unwrap()
+                .status,
+            Status::Processing
+        );
+        assert_eq!(
+            validate_submit(submit("u", &[" ", ""]), LIMITS)
+                .unwrap()
+                .status,
+            Status::Discarded
+        );
+        assert_eq!(
+            validate_submit(submit("u", &[]), LIMITS).unwrap().status,
+            Status::Discarded
+        );
     }
 
     #[test]
@@ -278,7 +397,19 @@ mod tests {
 
     #[test]
     fn timestamps_split_milliseconds() {
-        assert_eq!(timestamp(1_500), prost_types::Timestamp { seconds: 1, nanos: 500_000_000 });
-        assert_eq!(timestamp(-1), prost_types::Timestamp { seconds: -1, nanos: 999_000_000 });
+        assert_eq!(
+            timestamp(1_500),
+            prost_types::Timestamp {
+                seconds: 1,
+                nanos: 500_000_000
+            }
+        );
+        assert_eq!(
+            timestamp(-1),
+            prost_types::Timestamp {
+                seconds: -1,
+                nanos: 999_000_000
+            }
+        );
     }
 }

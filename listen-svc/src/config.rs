@@ -19,11 +19,19 @@ pub struct Config {
     pub listen_addr: SocketAddr,
 
     /// pusher-svc's address, http://host:port.
-    #[arg(long, env = "LISTEN_PUSHER_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "LISTEN_PUSHER_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
     pub pusher_url: String,
 
     /// Conversation store: sqlite://PATH (the file and its directory are created if missing).
-    #[arg(long, env = "LISTEN_STORE", default_value = "sqlite://./data/listen.db")]
+    #[arg(
+        long,
+        env = "LISTEN_STORE",
+        default_value = "sqlite://./data/listen.db"
+    )]
     pub store: String,
 
     /// Conversations sent to pusher and not yet acknowledged, at most. Further work waits,
@@ -103,6 +111,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
     pub max_message_bytes: u32,
 
+    /// On SIGTERM, time allowed for in-flight requests to finish before connections are
+    /// closed. Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "LISTEN_SHUTDOWN_GRACE", default_value = "5s", value_parser = shared::cli::parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Log line format (RUST_LOG sets the filter, default "info").
     #[arg(long, env = "LISTEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -118,18 +131,31 @@ impl Config {
     /// Checks what clap cannot; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         self.store_location()?;
-        let url = self.pusher_url.parse::<tonic::transport::Uri>().map_err(|e| {
-            format!("--pusher-url {:?} is not a URL: {e} (expected http://host:port)", self.pusher_url)
-        })?;
+        let url = self
+            .pusher_url
+            .parse::<tonic::transport::Uri>()
+            .map_err(|e| {
+                format!(
+                    "--pusher-url {:?} is not a URL: {e} (expected http://host:port)",
+                    self.pusher_url
+                )
+            })?;
         match (url.scheme_str(), url.authority()) {
             (Some("http"), Some(_)) => {}
             (Some("https"), _) => {
                 return Err("--pusher-url: https (TLS) is not supported yet; use http://".into());
             }
-            _ => return Err(format!("--pusher-url {:?}: expected http://host:port", self.pusher_url)),
+            _ => {
+                return Err(format!(
+                    "--pusher-url {:?}: expected http://host:port",
+                    self.pusher_url
+                ));
+            }
         }
         if self.reconnect_initial > self.reconnect_max || self.retry_initial > self.reconnect_max {
-            return Err("--reconnect-initial and --retry-initial must not exceed --reconnect-max".into());
+            return Err(
+                "--reconnect-initial and --retry-initial must not exceed --reconnect-max".into(),
+            );
         }
         if self.lease_ttl < Duration::from_secs(3) {
             return Err("--lease-ttl must be at least 3s".into());
@@ -145,7 +171,9 @@ impl Config {
     pub fn store_location(&self) -> Result<StoreLocation, String> {
         if let Some(path) = self.store.strip_prefix("sqlite://") {
             if path.is_empty() {
-                return Err("--store sqlite:// needs a file path, e.g. sqlite://./data/listen.db".into());
+                return Err(
+                    "--store sqlite:// needs a file path, e.g. sqlite://./data/listen.db".into(),
+                );
             }
             return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
         }
@@ -169,7 +197,10 @@ mod tests {
     fn defaults_are_valid() {
         let config = parse(&[]);
         assert_eq!(config.validate(), Ok(()));
-        assert_eq!(config.store_location(), Ok(StoreLocation::Sqlite("./data/listen.db".into())));
+        assert_eq!(
+            config.store_location(),
+            Ok(StoreLocation::Sqlite("./data/listen.db".into()))
+        );
         assert_eq!(config.ack_timeout, Duration::from_secs(120));
         assert_eq!(config.max_attempts, 5);
     }

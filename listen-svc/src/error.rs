@@ -19,7 +19,10 @@ pub(crate) enum ApiError {
 
 impl ApiError {
     pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        ApiError::Invalid { field: field.into(), reason: reason.into() }
+        ApiError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 

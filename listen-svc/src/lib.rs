@@ -27,7 +27,6 @@ use std::time::Duration;
 use store::{ConversationStore, SqliteStore};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -39,20 +38,32 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store: Arc<dyn ConversationStore> = match config.store_location().map_err(anyhow::Error::msg)? {
-        StoreLocation::Sqlite(path) => {
-            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??;
-            Arc::new(store)
-        }
-    };
-    let instance_id = config.instance_id.clone().unwrap_or_else(default_instance_id);
+    let store: Arc<dyn ConversationStore> =
+        match config.store_location().map_err(anyhow::Error::msg)? {
+            StoreLocation::Sqlite(path) => {
+                let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??;
+                Arc::new(store)
+            }
+        };
+    let instance_id = config
+        .instance_id
+        .clone()
+        .unwrap_or_else(default_instance_id);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<ListenServer<api::ListenService>>().await;
-    health_reporter.set_service_status(LINK_HEALTH_NAME, ServingStatus::NotServing).await;
+    health_reporter
+        .set_serving::<ListenServer<api::ListenService>>()
+        .await;
+    health_reporter
+        .set_service_status(LINK_HEALTH_NAME, ServingStatus::NotServing)
+        .await;
 
     let (stop_link, link_shutdown) = watch::channel(false);
-    let reconnect = Backoff { initial: config.reconnect_initial, max: config.reconnect_max, ..Backoff::RECONNECT };
+    let reconnect = Backoff {
+        initial: config.reconnect_initial,
+        max: config.reconnect_max,
+        ..Backoff::RECONNECT
+    };
     let link_config = LinkConfig {
         pusher_url: config.pusher_url.clone(),
         instance_id: instance_id.clone(),
@@ -60,7 +71,10 @@ pub async fn run(
         attempts: Attempts {
             max_attempts: config.max_attempts,
             ack_timeout: config.ack_timeout,
-            retry_backoff: Backoff { initial: config.retry_initial, ..reconnect },
+            retry_backoff: Backoff {
+                initial: config.retry_initial,
+                ..reconnect
+            },
         },
         policy: Policy {
             backoff: reconnect,
@@ -75,7 +89,12 @@ pub async fn run(
         lease_ttl: config.lease_ttl,
         max_message_bytes: config.max_message_bytes as usize,
     };
-    let (link, link_task) = link::spawn(link_config, Arc::clone(&store), health_reporter.clone(), link_shutdown);
+    let (link, link_task) = link::spawn(
+        link_config,
+        Arc::clone(&store),
+        health_reporter.clone(),
+        link_shutdown,
+    );
 
     let service = api::ListenService {
         store,
@@ -94,20 +113,25 @@ pub async fn run(
 
     let addr = listener.local_addr()?;
     info!(%addr, %instance_id, pusher_url = %config.pusher_url, store = %config.store, "listen-svc serving");
-    let reporter = health_reporter.clone();
-    shared::grpc::server_builder(Default::default())
+    let router = shared::grpc::server_builder(Default::default())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(listen)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            reporter.set_not_serving::<ListenServer<api::ListenService>>().await;
-        })
-        .await?;
+        .add_service(listen);
+    let reporter = health_reporter.clone();
+    let stopping = async move {
+        shutdown.await;
+        reporter
+            .set_not_serving::<ListenServer<api::ListenService>>()
+            .await;
+    };
+    shared::grpc::serve(router, listener, stopping, config.shutdown_grace).await?;
 
     let _ = stop_link.send(true);
-    if tokio::time::timeout(Duration::from_secs(10), link_task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), link_task)
+        .await
+        .is_err()
+    {
         warn!("link did not stop within 10s");
     }
     info!("listen-svc stopped");

@@ -144,12 +144,25 @@ pub(crate) fn spawn(
         serving: None,
     };
     let task = tokio::spawn(link.run());
-    (LinkHandle { wake, status: status_rx }, task)
+    (
+        LinkHandle {
+            wake,
+            status: status_rx,
+        },
+        task,
+    )
 }
 
 enum Event {
-    Claimed { limit: usize, result: Result<Vec<Claimed>, StoreError> },
-    Settled { id: String, outcome: &'static str, result: Result<bool, StoreError> },
+    Claimed {
+        limit: usize,
+        result: Result<Vec<Claimed>, StoreError>,
+    },
+    Settled {
+        id: String,
+        outcome: &'static str,
+        result: Result<bool, StoreError>,
+    },
 }
 
 /// Why a stream ended.
@@ -194,7 +207,10 @@ impl Link {
         // A restart under the same identity: the previous process's leases are ours to give up.
         match self.store.release(&self.config.instance_id).await {
             Ok(0) => {}
-            Ok(n) => info!(released = n, "released leases held by a previous run of this instance"),
+            Ok(n) => info!(
+                released = n,
+                "released leases held by a previous run of this instance"
+            ),
             Err(error) => warn!(%error, "could not release old leases; they will expire"),
         }
         let mut maintenance = tokio::time::interval(self.config.lease_ttl / 3);
@@ -244,9 +260,16 @@ impl Link {
             }
         }
         self.publish_state(false).await;
-        match tokio::time::timeout(Duration::from_secs(5), self.store.release(&self.config.instance_id)).await {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            self.store.release(&self.config.instance_id),
+        )
+        .await
+        {
             Ok(Ok(n)) => info!(released = n, "link stopped; leases released"),
-            Ok(Err(error)) => warn!(%error, "link stopped; could not release leases, they will expire"),
+            Ok(Err(error)) => {
+                warn!(%error, "link stopped; could not release leases, they will expire")
+            }
             Err(_) => warn!("link stopped; releasing leases timed out, they will expire"),
         }
     }
@@ -254,7 +277,9 @@ impl Link {
     fn connection_failed(&mut self, reason: String) {
         self.consecutive_failures += 1;
         let now = Instant::now();
-        self.state = self.state.failed(now, &self.config.policy, shared::backoff::random_unit());
+        self.state = self
+            .state
+            .failed(now, &self.config.policy, shared::backoff::random_unit());
         warn!(
             %reason,
             failures = self.consecutive_failures,
@@ -289,8 +314,10 @@ impl Link {
             epoch: self.epoch,
             max_in_flight: self.config.max_in_flight as u32,
         };
-        tx.try_send(LinkRequest { msg: Some(link_request::Msg::Hello(hello)) })
-            .map_err(|_| "stream buffer unavailable".to_string())?;
+        tx.try_send(LinkRequest {
+            msg: Some(link_request::Msg::Hello(hello)),
+        })
+        .map_err(|_| "stream buffer unavailable".to_string())?;
         let handshake = async {
             let mut inbound = client
                 .connect(ReceiverStream::new(rx))
@@ -298,20 +325,40 @@ impl Link {
                 .map_err(|status| format!("pusher refused the stream: {status}"))?
                 .into_inner();
             match inbound.message().await {
-                Ok(Some(LinkResponse { msg: Some(link_response::Msg::Welcome(welcome)) })) => Ok((inbound, welcome)),
-                Ok(Some(other)) => Err(format!("pusher answered hello with {other:?}, not welcome")),
+                Ok(Some(LinkResponse {
+                    msg: Some(link_response::Msg::Welcome(welcome)),
+                })) => Ok((inbound, welcome)),
+                Ok(Some(other)) => {
+                    Err(format!("pusher answered hello with {other:?}, not welcome"))
+                }
                 Ok(None) => Err("pusher closed the stream during the handshake".to_string()),
                 Err(status) => Err(format!("handshake failed: {status}")),
             }
         };
         let (inbound, welcome) = tokio::time::timeout(self.config.connect_timeout, handshake)
             .await
-            .map_err(|_| format!("no welcome from pusher within {:?}", self.config.connect_timeout))??;
-        Ok((Stream { epoch: self.epoch, tx, inbound }, welcome))
+            .map_err(|_| {
+                format!(
+                    "no welcome from pusher within {:?}",
+                    self.config.connect_timeout
+                )
+            })??;
+        Ok((
+            Stream {
+                epoch: self.epoch,
+                tx,
+                inbound,
+            },
+            welcome,
+        ))
     }
 
     /// Runs one established stream until it ends.
-    async fn serve(&mut self, mut stream: Stream, maintenance: &mut tokio::time::Interval) -> StreamEnd {
+    async fn serve(
+        &mut self,
+        mut stream: Stream,
+        maintenance: &mut tokio::time::Interval,
+    ) -> StreamEnd {
         let silence_limit = self.config.keepalive_interval + self.config.keepalive_timeout;
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -362,11 +409,17 @@ impl Link {
     fn flush(&mut self, stream: &Stream) -> Result<(), StreamEnd> {
         let now = Instant::now();
         for id in self.pending.due(now) {
-            let Some(request) = self.pending.mark_sent(&id, stream.epoch, now) else { continue };
+            let Some(request) = self.pending.mark_sent(&id, stream.epoch, now) else {
+                continue;
+            };
             debug!(conversation_id = %id, attempt = request.attempt, "sending to pusher");
-            match stream.tx.try_send(LinkRequest { msg: Some(link_request::Msg::Process(request)) }) {
+            match stream.tx.try_send(LinkRequest {
+                msg: Some(link_request::Msg::Process(request)),
+            }) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => self.pending.unsend(&id, now + REQUEUE_DELAY),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.pending.unsend(&id, now + REQUEUE_DELAY)
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.pending.unsend(&id, now);
                     return Err(StreamEnd::Failed("stream closed".to_string()));
@@ -396,13 +449,29 @@ impl Link {
             link_response::Msg::Ack(ack) => {
                 let (id, attempt) = (ack.conversation_id.clone(), ack.attempt);
                 match self.pending.ack(ack, now) {
-                    AckAction::Complete { generation, structured, attempts } => {
+                    AckAction::Complete {
+                        generation,
+                        structured,
+                        attempts,
+                    } => {
                         let store = Arc::clone(&self.store);
                         self.settle(id.clone(), "completed", async move {
-                            store.complete(&id, generation, shared_to_listen(structured), attempts, now_ms()).await
+                            store
+                                .complete(
+                                    &id,
+                                    generation,
+                                    shared_to_listen(structured),
+                                    attempts,
+                                    now_ms(),
+                                )
+                                .await
                         });
                     }
-                    AckAction::Fail { generation, reason, attempts } => self.settle_failure(id, generation, reason, attempts),
+                    AckAction::Fail {
+                        generation,
+                        reason,
+                        attempts,
+                    } => self.settle_failure(id, generation, reason, attempts),
                     AckAction::Resend { at } => {
                         debug!(conversation_id = %id, attempt, retry_in_ms = at.saturating_duration_since(now).as_millis() as u64, "retryable failure; re-sending later");
                     }
@@ -418,11 +487,14 @@ impl Link {
                 }
             }
             link_response::Msg::Progress(progress) => {
-                self.pending.progress(&progress.conversation_id, progress.attempt, now);
+                self.pending
+                    .progress(&progress.conversation_id, progress.attempt, now);
             }
             link_response::Msg::Busy(busy) => {
-                let retry_after = Duration::from_millis(u64::from(busy.retry_after_ms).clamp(10, 60_000));
-                self.pending.busy(&busy.conversation_id, busy.attempt, retry_after, now);
+                let retry_after =
+                    Duration::from_millis(u64::from(busy.retry_after_ms).clamp(10, 60_000));
+                self.pending
+                    .busy(&busy.conversation_id, busy.attempt, retry_after, now);
             }
             link_response::Msg::Draining(_) => return Some(StreamEnd::Drained),
             link_response::Msg::Heartbeat(_) | link_response::Msg::Welcome(_) => {}
@@ -432,7 +504,12 @@ impl Link {
 
     fn expire(&mut self) {
         for (id, action) in self.pending.expire(Instant::now()) {
-            if let AckAction::Fail { generation, reason, attempts } = action {
+            if let AckAction::Fail {
+                generation,
+                reason,
+                attempts,
+            } = action
+            {
                 self.settle_failure(id, generation, reason, attempts);
             }
         }
@@ -441,7 +518,9 @@ impl Link {
     fn settle_failure(&mut self, id: String, generation: i64, reason: String, attempts: u32) {
         warn!(conversation_id = %id, attempts, %reason, "conversation failed");
         let store = Arc::clone(&self.store);
-        self.settle(id.clone(), "failed", async move { store.fail(&id, generation, &reason, attempts).await });
+        self.settle(id.clone(), "failed", async move {
+            store.fail(&id, generation, &reason, attempts).await
+        });
     }
 
     /// Writes an outcome in its own task and reports back.
@@ -454,7 +533,13 @@ impl Link {
         let events = self.events_tx.clone();
         tokio::spawn(async move {
             let result = write.await;
-            let _ = events.send(Event::Settled { id, outcome, result }).await;
+            let _ = events
+                .send(Event::Settled {
+                    id,
+                    outcome,
+                    result,
+                })
+                .await;
         });
     }
 
@@ -483,7 +568,11 @@ impl Link {
                     }
                 }
             }
-            Event::Settled { id, outcome, result } => match result {
+            Event::Settled {
+                id,
+                outcome,
+                result,
+            } => match result {
                 Ok(true) => {
                     let attempts = self.pending.remove(&id).map(|e| e.attempt).unwrap_or(0);
                     info!(conversation_id = %id, attempts, outcome, "conversation settled");
@@ -494,7 +583,8 @@ impl Link {
                 }
                 Err(error) => {
                     warn!(conversation_id = %id, %error, "writing the outcome failed; will re-send");
-                    self.pending.unsettle(&id, Instant::now() + SETTLE_RETRY_DELAY);
+                    self.pending
+                        .unsettle(&id, Instant::now() + SETTLE_RETRY_DELAY);
                     self.last_error = error.to_string();
                 }
             },
@@ -529,13 +619,21 @@ impl Link {
     async fn publish_state(&mut self, connected: bool) {
         if self.serving != Some(connected) {
             self.serving = Some(connected);
-            let status = if connected { ServingStatus::Serving } else { ServingStatus::NotServing };
-            self.health.set_service_status(LINK_HEALTH_NAME, status).await;
+            let status = if connected {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            self.health
+                .set_service_status(LINK_HEALTH_NAME, status)
+                .await;
         }
     }
 }
 
-fn shared_to_listen(s: shared::proto::pusher::v1::Structured) -> shared::proto::listen::v1::Structured {
+fn shared_to_listen(
+    s: shared::proto::pusher::v1::Structured,
+) -> shared::proto::listen::v1::Structured {
     shared::proto::listen::v1::Structured {
         title: s.title,
         overview: s.overview,

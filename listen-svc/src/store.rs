@@ -128,7 +128,7 @@ pub(crate) struct ListFilter {
 /// How a retry went.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum RetryOutcome {
-    Retried(Conversation),
+    Retried(Box<Conversation>),
     NotFailed(Status),
     NotFound,
 }

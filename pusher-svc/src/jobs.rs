@@ -43,8 +43,14 @@ pub(crate) struct JobsConfig {
 
 /// Who is waiting for a job's outcome.
 pub(crate) enum Requester {
-    Stream { tx: StreamTx, attempt: u32 },
-    Unary { tx: oneshot::Sender<Ack>, attempt: u32 },
+    Stream {
+        tx: StreamTx,
+        attempt: u32,
+    },
+    Unary {
+        tx: oneshot::Sender<Ack>,
+        attempt: u32,
+    },
 }
 
 impl Requester {
@@ -113,11 +119,17 @@ impl Jobs {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock is a bug elsewhere; the state itself stays valid.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Admits a request. Never waits: the caller is a stream's read loop.
-    pub(crate) fn submit(self: &Arc<Self>, request: ProcessConversation, requester: Requester) -> Admission {
+    pub(crate) fn submit(
+        self: &Arc<Self>,
+        request: ProcessConversation,
+        requester: Requester,
+    ) -> Admission {
         let id = request.conversation_id.clone();
         let mut state = self.lock();
         if let Some(structured) = state.cache.get(&id, Instant::now()) {
@@ -133,7 +145,9 @@ impl Jobs {
         }
         if state.running.len() >= self.config.max_concurrency + self.config.max_queued {
             state.stats.busy += 1;
-            return Admission::Busy { retry_after: self.config.busy_retry_after };
+            return Admission::Busy {
+                retry_after: self.config.busy_retry_after,
+            };
         }
         state.running.insert(id.clone(), vec![requester]);
         state.stats.started += 1;
@@ -175,15 +189,23 @@ impl Jobs {
             match &outcome {
                 Outcome::Processed(structured) => {
                     state.stats.succeeded += 1;
-                    state.cache.insert(id.clone(), structured.clone(), Instant::now());
+                    state
+                        .cache
+                        .insert(id.clone(), structured.clone(), Instant::now());
                 }
                 Outcome::Failed(_) => state.stats.failed += 1,
             }
             state.running.remove(&id).unwrap_or_default()
         };
         match &outcome {
-            Outcome::Processed(_) => debug!(elapsed_ms = started.elapsed().as_millis() as u64, requesters = requesters.len(), "processed"),
-            Outcome::Failed(error) => warn!(reason = %error.reason, retryable = error.retryable, "processing failed"),
+            Outcome::Processed(_) => debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                requesters = requesters.len(),
+                "processed"
+            ),
+            Outcome::Failed(error) => {
+                warn!(reason = %error.reason, retryable = error.retryable, "processing failed")
+            }
         }
         for requester in requesters {
             deliver_async(requester, &id, outcome.clone()).await;
@@ -194,9 +216,14 @@ impl Jobs {
         let state = self.lock();
         for requester in state.running.get(id).into_iter().flatten() {
             if let Requester::Stream { tx, attempt } = requester {
-                let progress = Progress { conversation_id: id.to_string(), attempt: *attempt };
+                let progress = Progress {
+                    conversation_id: id.to_string(),
+                    attempt: *attempt,
+                };
                 // Progress is advisory: a full or closed stream simply misses one.
-                let _ = tx.try_send(Ok(LinkResponse { msg: Some(link_response::Msg::Progress(progress)) }));
+                let _ = tx.try_send(Ok(LinkResponse {
+                    msg: Some(link_response::Msg::Progress(progress)),
+                }));
             }
         }
     }
@@ -213,8 +240,13 @@ fn ack_for(id: &str, attempt: u32, outcome: Outcome) -> Ack {
         conversation_id: id.to_string(),
         attempt,
         outcome: Some(match outcome {
-            Outcome::Processed(structured) => ack::Outcome::Processed(Processed { structured: Some(structured) }),
-            Outcome::Failed(error) => ack::Outcome::Failed(Failed { reason: error.reason, retryable: error.retryable }),
+            Outcome::Processed(structured) => ack::Outcome::Processed(Processed {
+                structured: Some(structured),
+            }),
+            Outcome::Failed(error) => ack::Outcome::Failed(Failed {
+                reason: error.reason,
+                retryable: error.retryable,
+            }),
         }),
     }
 }
@@ -224,7 +256,12 @@ fn deliver(requester: Requester, id: &str, outcome: Outcome) {
     let ack = ack_for(id, requester.attempt(), outcome);
     match requester {
         Requester::Stream { tx, .. } => {
-            if tx.try_send(Ok(LinkResponse { msg: Some(link_response::Msg::Ack(ack)) })).is_err() {
+            if tx
+                .try_send(Ok(LinkResponse {
+                    msg: Some(link_response::Msg::Ack(ack)),
+                }))
+                .is_err()
+            {
                 // Listen re-sends when its ack deadline passes; the cache answers again.
                 debug!(conversation_id = %id, "stream full or closed; cached ack not delivered");
             }
@@ -240,7 +277,9 @@ async fn deliver_async(requester: Requester, id: &str, outcome: Outcome) {
     let ack = ack_for(id, requester.attempt(), outcome);
     match requester {
         Requester::Stream { tx, .. } => {
-            let message = Ok(LinkResponse { msg: Some(link_response::Msg::Ack(ack)) });
+            let message = Ok(LinkResponse {
+                msg: Some(link_response::Msg::Ack(ack)),
+            });
             match tokio::time::timeout(ACK_SEND_TIMEOUT, tx.send(message)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => debug!("stream closed before the ack; the result stays cached"),
@@ -264,12 +303,18 @@ struct ResultCache {
 
 impl ResultCache {
     fn new(capacity: usize, ttl: Duration) -> Self {
-        ResultCache { capacity, ttl, ..Default::default() }
+        ResultCache {
+            capacity,
+            ttl,
+            ..Default::default()
+        }
     }
 
     fn get(&mut self, id: &str, now: Instant) -> Option<Structured> {
         self.expire(now);
-        self.entries.get(id).map(|(structured, _)| structured.clone())
+        self.entries
+            .get(id)
+            .map(|(structured, _)| structured.clone())
     }
 
     fn insert(&mut self, id: String, structured: Structured, now: Instant) {
@@ -286,7 +331,11 @@ impl ResultCache {
     }
 
     fn expire(&mut self, now: Instant) {
-        while self.order.front().is_some_and(|(_, at)| now.duration_since(*at) >= self.ttl) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, at)| now.duration_since(*at) >= self.ttl)
+        {
             self.pop_oldest();
         }
     }
@@ -294,7 +343,11 @@ impl ResultCache {
     fn pop_oldest(&mut self) {
         if let Some((id, at)) = self.order.pop_front() {
             // Remove only if the entry is the one this order record belongs to.
-            if self.entries.get(&id).is_some_and(|(_, inserted)| *inserted == at) {
+            if self
+                .entries
+                .get(&id)
+                .is_some_and(|(_, inserted)| *inserted == at)
+            {
                 self.entries.remove(&id);
             }
         }

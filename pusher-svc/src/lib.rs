@@ -20,8 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Serves pusher on `listener` until `shutdown` resolves, then drains: health turns
 /// NOT_SERVING, every stream is told `Draining`, and running jobs get `shutdown_grace` to
@@ -44,7 +43,9 @@ pub async fn run(
             progress_interval: config.progress_interval,
             busy_retry_after: config.busy_retry_after,
         },
-        Arc::new(processor::Builtin { simulated_latency: config.simulated_latency }),
+        Arc::new(processor::Builtin {
+            simulated_latency: config.simulated_latency,
+        }),
     );
     let (drain_tx, drain_rx) = watch::channel(false);
     let service = service::PusherService {
@@ -57,7 +58,9 @@ pub async fn run(
     };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<PusherServer<service::PusherService>>().await;
+    health_reporter
+        .set_serving::<PusherServer<service::PusherService>>()
+        .await;
     let (reflection_v1, reflection_v1alpha) = shared::grpc::reflection(&[SERVICE_NAME])?;
     let pusher = PusherServer::new(service)
         .max_decoding_message_size(config.max_message_bytes as usize)
@@ -66,32 +69,21 @@ pub async fn run(
     let addr = listener.local_addr()?;
     info!(%addr, %pusher_id, max_concurrency = config.max_concurrency, "pusher-svc serving");
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = shared::grpc::server_builder(Default::default())
+    let router = shared::grpc::server_builder(Default::default())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pusher)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        });
-    let mut server = tokio::spawn(server);
-
-    tokio::select! {
-        result = &mut server => return Ok(result??),
-        () = shutdown => {}
-    }
-    info!(grace = ?config.shutdown_grace, "draining");
-    health_reporter.set_not_serving::<PusherServer<service::PusherService>>().await;
-    let _ = drain_tx.send(true);
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(config.shutdown_grace, &mut server).await {
-        Ok(result) => result??,
-        Err(_) => {
-            warn!("shutdown grace elapsed with streams still open; exiting");
-            server.abort();
-        }
-    }
+        .add_service(pusher);
+    let grace = config.shutdown_grace;
+    let drain = async move {
+        shutdown.await;
+        info!(?grace, "draining");
+        health_reporter
+            .set_not_serving::<PusherServer<service::PusherService>>()
+            .await;
+        let _ = drain_tx.send(true);
+    };
+    shared::grpc::serve(router, listener, drain, grace).await?;
     info!("pusher-svc stopped");
     Ok(())
 }

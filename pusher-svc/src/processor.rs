@@ -14,7 +14,10 @@ pub(crate) struct ProcessError {
 
 impl ProcessError {
     pub(crate) fn retryable(reason: impl Into<String>) -> Self {
-        ProcessError { reason: reason.into(), retryable: true }
+        ProcessError {
+            reason: reason.into(),
+            retryable: true,
+        }
     }
 }
 

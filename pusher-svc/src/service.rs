@@ -34,25 +34,40 @@ impl Pusher for PusherService {
         &self,
         request: Request<Streaming<LinkRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.stream_buffer);
         let stream = StreamLoop {
             jobs: Arc::clone(&self.jobs),
             tx,
-            welcome: Welcome { pusher_id: self.pusher_id.clone(), max_concurrency: self.max_concurrency },
+            welcome: Welcome {
+                pusher_id: self.pusher_id.clone(),
+                max_concurrency: self.max_concurrency,
+            },
             max_segments: self.max_segments,
             draining: self.draining.clone(),
         };
-        tokio::spawn(stream.run(inbound).instrument(info_span!("link_stream", %peer)));
+        tokio::spawn(
+            stream
+                .run(inbound)
+                .instrument(info_span!("link_stream", %peer)),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn process(&self, request: Request<ProcessConversation>) -> Result<Response<Ack>, Status> {
+    async fn process(
+        &self,
+        request: Request<ProcessConversation>,
+    ) -> Result<Response<Ack>, Status> {
         let request = request.into_inner();
         validate(&request, self.max_segments)?;
         if *self.draining.borrow() {
-            return Err(Status::unavailable("pusher is draining; send to another replica"));
+            return Err(Status::unavailable(
+                "pusher is draining; send to another replica",
+            ));
         }
         let (tx, rx) = oneshot::channel();
         let attempt = request.attempt;
@@ -72,7 +87,9 @@ impl Pusher for PusherService {
 /// Checks a request before it becomes a job. Names the offending field.
 fn validate(request: &ProcessConversation, max_segments: usize) -> Result<(), Status> {
     if request.conversation_id.trim().is_empty() {
-        return Err(Status::invalid_argument("conversation_id: must not be empty"));
+        return Err(Status::invalid_argument(
+            "conversation_id: must not be empty",
+        ));
     }
     if request.segments.len() > max_segments {
         return Err(Status::invalid_argument(format!(
@@ -119,16 +136,21 @@ impl StreamLoop {
                 link_request::Msg::Hello(hello) => {
                     info!(instance_id = %hello.instance_id, epoch = hello.epoch, "link established");
                     greeted = true;
-                    self.send(link_response::Msg::Welcome(self.welcome.clone())).await;
+                    self.send(link_response::Msg::Welcome(self.welcome.clone()))
+                        .await;
                 }
                 link_request::Msg::Heartbeat(Heartbeat { seq }) => {
-                    self.send(link_response::Msg::Heartbeat(Heartbeat { seq })).await;
+                    self.send(link_response::Msg::Heartbeat(Heartbeat { seq }))
+                        .await;
                 }
                 link_request::Msg::Process(process) => {
                     if !greeted {
-                        let _ = self.tx.send(Err(Status::failed_precondition(
-                            "the first message on a Connect stream must be hello",
-                        ))).await;
+                        let _ = self
+                            .tx
+                            .send(Err(Status::failed_precondition(
+                                "the first message on a Connect stream must be hello",
+                            )))
+                            .await;
                         return;
                     }
                     self.admit(process).await;
@@ -144,13 +166,26 @@ impl StreamLoop {
         }
         let (id, attempt) = (process.conversation_id.clone(), process.attempt);
         if *self.draining.borrow() {
-            self.send(link_response::Msg::Busy(Busy { conversation_id: id, attempt, retry_after_ms: 1_000 })).await;
+            self.send(link_response::Msg::Busy(Busy {
+                conversation_id: id,
+                attempt,
+                retry_after_ms: 1_000,
+            }))
+            .await;
             return;
         }
-        let requester = Requester::Stream { tx: self.tx.clone(), attempt };
+        let requester = Requester::Stream {
+            tx: self.tx.clone(),
+            attempt,
+        };
         if let Admission::Busy { retry_after } = self.jobs.submit(process, requester) {
             let retry_after_ms = u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX);
-            self.send(link_response::Msg::Busy(Busy { conversation_id: id, attempt, retry_after_ms })).await;
+            self.send(link_response::Msg::Busy(Busy {
+                conversation_id: id,
+                attempt,
+                retry_after_ms,
+            }))
+            .await;
         }
     }
 

@@ -17,7 +17,9 @@ const TITLE_WORDS: usize = 8;
 const OVERVIEW_SENTENCES: usize = 3;
 const MAX_ACTION_ITEMS: usize = 10;
 
-const FILLERS: &[&str] = &["so", "um", "uh", "okay", "ok", "well", "like", "yeah", "hey", "hi", "and"];
+const FILLERS: &[&str] = &[
+    "so", "um", "uh", "okay", "ok", "well", "like", "yeah", "hey", "hi", "and",
+];
 
 const COMMITMENTS: &[&str] = &[
     "i will ",
@@ -36,13 +38,64 @@ const COMMITMENTS: &[&str] = &[
 ];
 
 const CATEGORIES: &[(&str, &[&str])] = &[
-    ("work", &["meeting", "project", "deadline", "client", "release", "deploy", "team", "manager", "sprint", "roadmap", "office", "report"]),
-    ("finance", &["budget", "invoice", "payment", "money", "bank", "tax", "salary", "price", "cost", "expenses"]),
-    ("health", &["doctor", "appointment", "medicine", "exercise", "sleep", "hospital", "workout", "diet", "health"]),
-    ("travel", &["flight", "hotel", "trip", "airport", "train", "vacation", "passport", "booking"]),
-    ("education", &["class", "exam", "homework", "lecture", "course", "study", "school", "university", "teacher"]),
-    ("family", &["mom", "dad", "kids", "family", "birthday", "dinner", "wedding", "brother", "sister"]),
-    ("shopping", &["buy", "groceries", "store", "order", "shopping", "milk"]),
+    (
+        "work",
+        &[
+            "meeting", "project", "deadline", "client", "release", "deploy", "team", "manager",
+            "sprint", "roadmap", "office", "report",
+        ],
+    ),
+    (
+        "finance",
+        &[
+            "budget", "invoice", "payment", "money", "bank", "tax", "salary", "price", "cost",
+            "expenses",
+        ],
+    ),
+    (
+        "health",
+        &[
+            "doctor",
+            "appointment",
+            "medicine",
+            "exercise",
+            "sleep",
+            "hospital",
+            "workout",
+            "diet",
+            "health",
+        ],
+    ),
+    (
+        "travel",
+        &[
+            "flight", "hotel", "trip", "airport", "train", "vacation", "passport", "booking",
+        ],
+    ),
+    (
+        "education",
+        &[
+            "class",
+            "exam",
+            "homework",
+            "lecture",
+            "course",
+            "study",
+            "school",
+            "university",
+            "teacher",
+        ],
+    ),
+    (
+        "family",
+        &[
+            "mom", "dad", "kids", "family", "birthday", "dinner", "wedding", "brother", "sister",
+        ],
+    ),
+    (
+        "shopping",
+        &["buy", "groceries", "store", "order", "shopping", "milk"],
+    ),
 ];
 
 const STOP_WORDS: &[&str] = &[
@@ -109,7 +162,9 @@ fn title(sentences: &[String]) -> String {
         .unwrap_or(0);
     let kept: Vec<&str> = raw[start..].iter().take(TITLE_WORDS).copied().collect();
     let mut title = kept.join(" ");
-    title = title.trim_end_matches(|c: char| !c.is_alphanumeric()).to_string();
+    title = title
+        .trim_end_matches(|c: char| !c.is_alphanumeric())
+        .to_string();
     if title.is_empty() {
         return "Untitled conversation".to_string();
     }
@@ -127,8 +182,9 @@ fn overview(sentences: &[String]) -> String {
         .iter()
         .enumerate()
         .map(|(index, sentence)| {
-            let content: Vec<String> =
-                words(sentence).filter(|w| !STOP_WORDS.contains(&w.as_str())).collect();
+            let content: Vec<String> = words(sentence)
+                .filter(|w| !STOP_WORDS.contains(&w.as_str()))
+                .collect();
             let score = if content.is_empty() {
                 0.0
             } else {
@@ -139,9 +195,17 @@ fn overview(sentences: &[String]) -> String {
         .collect();
     // Highest score first; the earlier sentence wins a tie, so the result is deterministic.
     scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut chosen: Vec<usize> = scored.iter().take(OVERVIEW_SENTENCES).map(|(i, _)| *i).collect();
+    let mut chosen: Vec<usize> = scored
+        .iter()
+        .take(OVERVIEW_SENTENCES)
+        .map(|(i, _)| *i)
+        .collect();
     chosen.sort_unstable();
-    chosen.iter().map(|&i| with_period(&sentences[i])).collect::<Vec<_>>().join(" ")
+    chosen
+        .iter()
+        .map(|&i| with_period(&sentences[i]))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn action_items(sentences: &[String]) -> Vec<String> {
@@ -149,7 +213,11 @@ fn action_items(sentences: &[String]) -> Vec<String> {
     let mut items = Vec::new();
     for sentence in sentences {
         let lower = format!("{} ", sentence.to_lowercase().replace('’', "'"));
-        let Some(at) = COMMITMENTS.iter().filter_map(|c| find_phrase(&lower, c)).min() else {
+        let Some(at) = COMMITMENTS
+            .iter()
+            .filter_map(|c| find_phrase(&lower, c))
+            .min()
+        else {
             continue;
         };
         // The item starts at the commitment: "So, I will send it" -> "I will send it".
@@ -167,7 +235,11 @@ fn action_items(sentences: &[String]) -> Vec<String> {
 /// Byte offset of `phrase` in `lower` where it starts a word.
 fn find_phrase(lower: &str, phrase: &str) -> Option<usize> {
     lower.match_indices(phrase).map(|(i, _)| i).find(|&i| {
-        i == 0 || !lower[..i].chars().next_back().is_some_and(|c| c.is_alphanumeric() || c == '\'')
+        i == 0
+            || !lower[..i]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_alphanumeric() || c == '\'')
     })
 }
 
@@ -195,7 +267,11 @@ fn upper_first(s: &str) -> String {
 }
 
 fn with_period(s: &str) -> String {
-    if s.ends_with(['.', '!', '?']) { s.to_string() } else { format!("{s}.") }
+    if s.ends_with(['.', '!', '?']) {
+        s.to_string()
+    } else {
+        format!("{s}.")
+    }
 }
 
 #[cfg(test)]
@@ -225,7 +301,10 @@ mod tests {
             "We need to book a meeting with the client on Monday.",
             "Okay, sounds good.",
         ]));
-        assert_eq!(out.title, "The release planning meeting for the mobile project");
+        assert_eq!(
+            out.title,
+            "The release planning meeting for the mobile project"
+        );
         assert_eq!(out.category, "work");
         assert_eq!(
             out.action_items,
@@ -268,7 +347,9 @@ mod tests {
 
     #[test]
     fn commitment_inside_a_word_is_not_one() {
-        let out = structure(&transcript(&["The village will host it. Toilets need cleaning."]));
+        let out = structure(&transcript(&[
+            "The village will host it. Toilets need cleaning.",
+        ]));
         assert!(out.action_items.is_empty(), "{:?}", out.action_items);
     }
 

@@ -43,7 +43,10 @@ pub struct ServerLimits {
 
 impl Default for ServerLimits {
     fn default() -> Self {
-        ServerLimits { max_concurrent_streams: 1024, max_local_error_reset_streams: 1024 }
+        ServerLimits {
+            max_concurrent_streams: 1024,
+            max_local_error_reset_streams: 1024,
+        }
     }
 }
 
@@ -56,4 +59,50 @@ pub fn server_builder(limits: ServerLimits) -> tonic::transport::Server {
         // Detects dead peers on long-lived streams from the server side too.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and lets
+/// open connections finish for at most `grace` before dropping them.
+///
+/// The bound matters: tonic's graceful shutdown waits for every connection to close, and an
+/// idle client connection can keep it waiting indefinitely (hyperium/hyper#4170). Whatever
+/// must happen before connections are closed (health NOT_SERVING, telling streams to
+/// drain) belongs inside `shutdown`.
+pub async fn serve(
+    router: tonic::transport::server::Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: std::time::Duration,
+) -> Result<(), tonic::transport::Error> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stop_rx.await;
+    }));
+    tokio::select! {
+        result = &mut server => return joined(result),
+        () = shutdown => {}
+    }
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(result) => joined(result),
+        Err(_) => {
+            tracing::warn!(
+                ?grace,
+                "connections still open after the shutdown grace; closing them"
+            );
+            server.abort();
+            Ok(())
+        }
+    }
+}
+
+fn joined(
+    result: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), tonic::transport::Error> {
+    match result {
+        Ok(result) => result,
+        // The server task only ends by returning; a panic inside it is re-raised here.
+        Err(error) => std::panic::resume_unwind(error.into_panic()),
+    }
 }

@@ -1,1 +1,383 @@
+//! Harness for end-to-end tests: starts the real `listen-svc` and `pusher-svc` binaries on
+//! loopback ports, waits for them through gRPC health (never by sleeping), kills them with
+//! SIGKILL or SIGTERM, and restarts them on the same port and store.
+//!
+//! The binaries are the ones `cargo test --workspace` builds next to the test executables
+//! (`target/<profile>/`); `cargo build --workspace --bins` builds them too.
+#![forbid(unsafe_code)]
 
+pub use shared::proto::listen::v1 as listen;
+pub use shared::proto::pusher::v1 as pusher;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// How long the harness waits for a process to become healthy.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Path of a workspace binary built next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build --workspace --bins` first)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound and released; the kernel does not hand it out again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Calls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One running service process. Killed on drop; its log is printed if the test failed.
+pub struct Service {
+    name: &'static str,
+    args: Vec<String>,
+    pub addr: SocketAddr,
+    log: PathBuf,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Service {
+    fn spawn(name: &'static str, addr: SocketAddr, args: Vec<String>, log: PathBuf) -> Service {
+        let mut service = Service {
+            name,
+            args,
+            addr,
+            log,
+            child: None,
+            _dir: None,
+        };
+        service.start_process();
+        service
+    }
+
+    fn start_process(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(binary(self.name))
+            .args(&self.args)
+            .env("RUST_LOG", "info,listen_svc=debug,pusher_svc=debug")
+            .env_remove("LISTEN_STORE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
+        self.child = Some(child);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (at most `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the process again with the same arguments (same port, same store).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.start_process();
+        self.wait_healthy("").await;
+    }
+
+    /// A channel to the service.
+    pub fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy()
+    }
+
+    /// Health of `service` ("" for the server as a whole), or None if unreachable.
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let mut client = HealthClient::new(self.channel());
+        let request = HealthCheckRequest {
+            service: service.to_string(),
+        };
+        let response = tokio::time::timeout(Duration::from_secs(2), client.check(request))
+            .await
+            .ok()?
+            .ok()?;
+        ServingStatus::try_from(response.into_inner().status).ok()
+    }
+
+    pub async fn wait_healthy(&mut self, service: &str) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "{} exited during start-up ({status}):\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            if self.health(service).await == Some(ServingStatus::Serving) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not healthy within {START_TIMEOUT:?}:\n{}",
+                self.name,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!(
+                "---- last lines of {} log ({}) ----",
+                self.name,
+                self.log.display()
+            );
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Starts pusher-svc on `port` with extra flags, and waits for it to be healthy.
+pub async fn start_pusher(port: u16, extra: &[&str]) -> Service {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut args = vec!["--listen-addr".to_string(), addr.to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut service = Service::spawn("pusher-svc", addr, args, dir.path().join("pusher.log"));
+    service._dir = Some(dir);
+    service.wait_healthy("").await;
+    service
+}
+
+/// A listen-svc with its own SQLite store in a temporary directory.
+pub struct ListenOptions<'a> {
+    pub pusher_port: u16,
+    pub extra: &'a [&'a str],
+}
+
+/// Flags that keep tests quick: fast reconnects. Defaults are left alone otherwise.
+pub const FAST_LINK: &[&str] = &[
+    "--reconnect-initial",
+    "100ms",
+    "--reconnect-max",
+    "500ms",
+    "--retry-initial",
+    "100ms",
+    "--probe-interval",
+    "1s",
+];
+
+pub async fn start_listen(options: ListenOptions<'_>) -> Service {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("listen.db").display());
+    let mut args = vec![
+        "--listen-addr".to_string(),
+        addr.to_string(),
+        "--pusher-url".to_string(),
+        format!("http://127.0.0.1:{}", options.pusher_port),
+        "--store".to_string(),
+        store,
+        "--instance-id".to_string(),
+        "listen-test".to_string(),
+    ];
+    args.extend(FAST_LINK.iter().map(|s| s.to_string()));
+    args.extend(options.extra.iter().map(|s| s.to_string()));
+    let mut service = Service::spawn("listen-svc", addr, args, dir.path().join("listen.log"));
+    service._dir = Some(dir);
+    service.wait_healthy("").await;
+    service
+}
+
+pub type ListenClient = listen::listen_client::ListenClient<Channel>;
+pub type PusherClient = pusher::pusher_client::PusherClient<Channel>;
+
+pub fn listen_client(service: &Service) -> ListenClient {
+    ListenClient::new(service.channel())
+}
+
+pub fn pusher_client(service: &Service) -> PusherClient {
+    PusherClient::new(service.channel())
+}
+
+/// A conversation with some talk in it.
+pub fn talk(uid: &str, key: &str) -> listen::SubmitConversationRequest {
+    listen::SubmitConversationRequest {
+        uid: uid.to_string(),
+        idempotency_key: key.to_string(),
+        language: "en".to_string(),
+        segments: vec![
+            segment(
+                "So, the quarterly budget review with the finance team.",
+                0.0,
+            ),
+            segment("I will send the invoice summary by Friday.", 4.0),
+            segment("We need to cut travel costs next quarter.", 8.0),
+        ],
+    }
+}
+
+pub fn segment(text: &str, start: f64) -> listen::Segment {
+    listen::Segment {
+        text: text.to_string(),
+        speaker: "SPEAKER_0".to_string(),
+        start,
+        end: start + 3.5,
+        is_user: true,
+    }
+}
+
+/// Reads a conversation's status.
+pub async fn status_of(client: &mut ListenClient, id: &str) -> listen::ConversationStatus {
+    let conversation = client
+        .get_conversation(listen::GetConversationRequest {
+            conversation_id: id.to_string(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    listen::ConversationStatus::try_from(conversation.status).unwrap()
+}
+
+/// Waits until every id has `status`, returning the conversations.
+pub async fn wait_all(
+    client: &ListenClient,
+    ids: &[String],
+    status: listen::ConversationStatus,
+    timeout: Duration,
+) -> Vec<listen::Conversation> {
+    let mut done = Vec::new();
+    let mut remaining: Vec<String> = ids.to_vec();
+    let deadline = Instant::now() + timeout;
+    while !remaining.is_empty() {
+        let mut still = Vec::new();
+        for id in remaining {
+            let mut client = client.clone();
+            let conversation = client
+                .get_conversation(listen::GetConversationRequest {
+                    conversation_id: id.clone(),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            if conversation.status == status as i32 {
+                done.push(conversation);
+            } else {
+                still.push(id);
+            }
+        }
+        remaining = still;
+        if !remaining.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} not {status:?} after {timeout:?}",
+                remaining.len(),
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    done
+}
+
+pub async fn link_status(client: &mut ListenClient) -> listen::LinkStatus {
+    client
+        .get_link_status(listen::GetLinkStatusRequest {})
+        .await
+        .expect("link status")
+        .into_inner()
+}
+
+/// Waits until conversation `id` has `status`, returning it.
+pub async fn wait_one(
+    client: &ListenClient,
+    id: &str,
+    status: listen::ConversationStatus,
+    timeout: Duration,
+) -> listen::Conversation {
+    wait_all(client, &[id.to_string()], status, timeout)
+        .await
+        .remove(0)
+}

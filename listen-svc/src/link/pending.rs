@@ -35,8 +35,14 @@ pub(crate) struct Entry {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum EntryState {
-    InFlight { epoch: u64, sent_at: Instant, deadline: Instant },
-    Waiting { at: Instant },
+    InFlight {
+        epoch: u64,
+        sent_at: Instant,
+        deadline: Instant,
+    },
+    Waiting {
+        at: Instant,
+    },
     Settling,
 }
 
@@ -44,9 +50,17 @@ pub(crate) enum EntryState {
 #[derive(Debug, PartialEq)]
 pub(crate) enum AckAction {
     /// Write COMPLETED with this result.
-    Complete { generation: i64, structured: Structured, attempts: u32 },
+    Complete {
+        generation: i64,
+        structured: Structured,
+        attempts: u32,
+    },
     /// Write FAILED with this reason.
-    Fail { generation: i64, reason: String, attempts: u32 },
+    Fail {
+        generation: i64,
+        reason: String,
+        attempts: u32,
+    },
     /// Retryable failure within budget; re-sent at `at`.
     Resend { at: Instant },
     /// Not for a pending conversation, or for an attempt other than the one in flight.
@@ -71,7 +85,11 @@ pub(crate) struct Pending {
 
 impl Pending {
     pub(crate) fn new(capacity: usize, attempts: Attempts) -> Self {
-        Pending { entries: HashMap::with_capacity(capacity), capacity, attempts }
+        Pending {
+            entries: HashMap::with_capacity(capacity),
+            capacity,
+            attempts,
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -105,7 +123,13 @@ impl Pending {
             segments: claimed
                 .segments
                 .into_iter()
-                .map(|s| Segment { text: s.text, speaker: s.speaker, start: s.start, end: s.end, is_user: s.is_user })
+                .map(|s| Segment {
+                    text: s.text,
+                    speaker: s.speaker,
+                    start: s.start,
+                    end: s.end,
+                    is_user: s.is_user,
+                })
                 .collect(),
             finished_at: claimed.finished_at_ms.map(crate::api::timestamp),
         };
@@ -132,11 +156,20 @@ impl Pending {
     }
 
     /// Records a send on stream `epoch` and returns the request to put on the wire.
-    pub(crate) fn mark_sent(&mut self, id: &str, epoch: u64, now: Instant) -> Option<ProcessConversation> {
+    pub(crate) fn mark_sent(
+        &mut self,
+        id: &str,
+        epoch: u64,
+        now: Instant,
+    ) -> Option<ProcessConversation> {
         let entry = self.entries.get_mut(id)?;
         entry.attempt += 1;
         entry.budget_used += 1;
-        entry.state = EntryState::InFlight { epoch, sent_at: now, deadline: now + self.attempts.ack_timeout };
+        entry.state = EntryState::InFlight {
+            epoch,
+            sent_at: now,
+            deadline: now + self.attempts.ack_timeout,
+        };
         let mut request = (*entry.request).clone();
         request.attempt = entry.attempt;
         Some(request)
@@ -154,7 +187,11 @@ impl Pending {
     /// `Progress` for the attempt in flight pushes its deadline out by a full ack timeout.
     pub(crate) fn progress(&mut self, id: &str, attempt: u32, now: Instant) -> bool {
         match self.entries.get_mut(id) {
-            Some(Entry { attempt: current, state: EntryState::InFlight { deadline, .. }, .. }) if *current == attempt => {
+            Some(Entry {
+                attempt: current,
+                state: EntryState::InFlight { deadline, .. },
+                ..
+            }) if *current == attempt => {
                 *deadline = now + self.attempts.ack_timeout;
                 true
             }
@@ -163,11 +200,22 @@ impl Pending {
     }
 
     /// `Busy`: pusher did not take the attempt. Re-send after `retry_after`; not an attempt.
-    pub(crate) fn busy(&mut self, id: &str, attempt: u32, retry_after: Duration, now: Instant) -> bool {
+    pub(crate) fn busy(
+        &mut self,
+        id: &str,
+        attempt: u32,
+        retry_after: Duration,
+        now: Instant,
+    ) -> bool {
         match self.entries.get_mut(id) {
-            Some(entry) if entry.attempt == attempt && matches!(entry.state, EntryState::InFlight { .. }) => {
+            Some(entry)
+                if entry.attempt == attempt
+                    && matches!(entry.state, EntryState::InFlight { .. }) =>
+            {
                 entry.budget_used = entry.budget_used.saturating_sub(1);
-                entry.state = EntryState::Waiting { at: now + retry_after };
+                entry.state = EntryState::Waiting {
+                    at: now + retry_after,
+                };
                 true
             }
             _ => false,
@@ -185,7 +233,9 @@ impl Pending {
             return AckAction::Ignore(Ignored::Duplicate);
         }
         match ack.outcome {
-            Some(ack::Outcome::Processed(processed)) if ack.attempt <= entry.attempt && ack.attempt > 0 => {
+            Some(ack::Outcome::Processed(processed))
+                if ack.attempt <= entry.attempt && ack.attempt > 0 =>
+            {
                 entry.state = EntryState::Settling;
                 AckAction::Complete {
                     generation: entry.generation,
@@ -194,16 +244,24 @@ impl Pending {
                 }
             }
             Some(ack::Outcome::Failed(failed))
-                if ack.attempt == entry.attempt && matches!(entry.state, EntryState::InFlight { .. }) =>
+                if ack.attempt == entry.attempt
+                    && matches!(entry.state, EntryState::InFlight { .. }) =>
             {
                 if !failed.retryable || entry.budget_used >= self.attempts.max_attempts {
                     entry.state = EntryState::Settling;
                     let reason = if failed.retryable {
-                        format!("{} (gave up after {} attempts)", failed.reason, entry.budget_used)
+                        format!(
+                            "{} (gave up after {} attempts)",
+                            failed.reason, entry.budget_used
+                        )
                     } else {
                         failed.reason
                     };
-                    AckAction::Fail { generation: entry.generation, reason, attempts: entry.attempt }
+                    AckAction::Fail {
+                        generation: entry.generation,
+                        reason,
+                        attempts: entry.attempt,
+                    }
                 } else {
                     let at = now + self.attempts.retry_backoff.delay(entry.budget_used);
                     entry.state = EntryState::Waiting { at };
@@ -219,7 +277,9 @@ impl Pending {
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<(String, AckAction)> {
         let mut exhausted = Vec::new();
         for (id, entry) in &mut self.entries {
-            let EntryState::InFlight { deadline, .. } = entry.state else { continue };
+            let EntryState::InFlight { deadline, .. } = entry.state else {
+                continue;
+            };
             if deadline > now {
                 continue;
             }
@@ -229,9 +289,18 @@ impl Pending {
                     "no ack from pusher within {:?} after {} attempts",
                     self.attempts.ack_timeout, entry.budget_used
                 );
-                exhausted.push((id.clone(), AckAction::Fail { generation: entry.generation, reason, attempts: entry.attempt }));
+                exhausted.push((
+                    id.clone(),
+                    AckAction::Fail {
+                        generation: entry.generation,
+                        reason,
+                        attempts: entry.attempt,
+                    },
+                ));
             } else {
-                entry.state = EntryState::Waiting { at: now + self.attempts.retry_backoff.delay(entry.budget_used) };
+                entry.state = EntryState::Waiting {
+                    at: now + self.attempts.retry_backoff.delay(entry.budget_used),
+                };
             }
         }
         exhausted

@@ -28,7 +28,11 @@ pub(crate) enum LinkState {
     /// Opening a stream; `failures` consecutive attempts have failed before this one.
     Connecting { failures: u32 },
     /// Stream `epoch` is established (Hello answered by Welcome).
-    Connected { epoch: u64, since: Instant, failures_before: u32 },
+    Connected {
+        epoch: u64,
+        since: Instant,
+        failures_before: u32,
+    },
     /// Waiting `until` before the next attempt.
     Backoff { failures: u32, until: Instant },
     /// Pusher has been unreachable since `since`; one probe at `next_probe`.
@@ -47,25 +51,46 @@ impl LinkState {
             LinkState::HalfOpen { .. } => 0,
             other => return other,
         };
-        LinkState::Connected { epoch, since: now, failures_before }
+        LinkState::Connected {
+            epoch,
+            since: now,
+            failures_before,
+        }
     }
 
     /// The attempt failed or the stream ended. `unit` in `[0, 1)` spreads the backoff.
     pub(crate) fn failed(self, now: Instant, policy: &Policy, unit: f64) -> LinkState {
         let failures = match self {
             LinkState::Connecting { failures } => failures + 1,
-            LinkState::Connected { since, failures_before, .. } => {
-                if now.duration_since(since) >= policy.stable_after { 1 } else { failures_before + 1 }
+            LinkState::Connected {
+                since,
+                failures_before,
+                ..
+            } => {
+                if now.duration_since(since) >= policy.stable_after {
+                    1
+                } else {
+                    failures_before + 1
+                }
             }
             LinkState::HalfOpen { degraded_since } => {
-                return LinkState::Degraded { since: degraded_since, next_probe: now + policy.probe_every };
+                return LinkState::Degraded {
+                    since: degraded_since,
+                    next_probe: now + policy.probe_every,
+                };
             }
             waiting @ (LinkState::Backoff { .. } | LinkState::Degraded { .. }) => return waiting,
         };
         if failures >= policy.degrade_after {
-            LinkState::Degraded { since: now, next_probe: now + policy.probe_every }
+            LinkState::Degraded {
+                since: now,
+                next_probe: now + policy.probe_every,
+            }
         } else {
-            LinkState::Backoff { failures, until: now + policy.backoff.delay_with(failures, unit) }
+            LinkState::Backoff {
+                failures,
+                until: now + policy.backoff.delay_with(failures, unit),
+            }
         }
     }
 
@@ -80,10 +105,12 @@ impl LinkState {
     /// The state's timer fired.
     pub(crate) fn timer_elapsed(self, now: Instant) -> LinkState {
         match self {
-            LinkState::Backoff { failures, until } if now >= until => LinkState::Connecting { failures },
-            LinkState::Degraded { since, next_probe } if now >= next_probe => {
-                LinkState::HalfOpen { degraded_since: since }
+            LinkState::Backoff { failures, until } if now >= until => {
+                LinkState::Connecting { failures }
             }
+            LinkState::Degraded { since, next_probe } if now >= next_probe => LinkState::HalfOpen {
+                degraded_since: since,
+            },
             other => other,
         }
     }
@@ -99,7 +126,10 @@ impl LinkState {
 
     /// Should a connection attempt be made now?
     pub(crate) fn wants_connect(&self) -> bool {
-        matches!(self, LinkState::Connecting { .. } | LinkState::HalfOpen { .. })
+        matches!(
+            self,
+            LinkState::Connecting { .. } | LinkState::HalfOpen { .. }
+        )
     }
 
     pub(crate) fn to_wire(self) -> Wire {
@@ -132,9 +162,15 @@ mod tests {
         let mut delays = Vec::new();
         for _ in 0..4 {
             state = state.failed(t0, &POLICY, MID);
-            let LinkState::Backoff { until, failures } = state else { panic!("{state:?}") };
+            let LinkState::Backoff { until, failures } = state else {
+                panic!("{state:?}")
+            };
             delays.push(until.duration_since(t0).as_secs_f64());
-            assert_eq!(state.timer_elapsed(until - Duration::from_millis(1)), state, "not before its time");
+            assert_eq!(
+                state.timer_elapsed(until - Duration::from_millis(1)),
+                state,
+                "not before its time"
+            );
             state = state.timer_elapsed(until);
             assert_eq!(state, LinkState::Connecting { failures });
         }
@@ -143,14 +179,23 @@ mod tests {
             assert!((delay - want).abs() < 1e-6, "{delays:?}");
         }
         state = state.failed(t0, &POLICY, MID);
-        assert_eq!(state, LinkState::Degraded { since: t0, next_probe: t0 + Duration::from_secs(30) });
+        assert_eq!(
+            state,
+            LinkState::Degraded {
+                since: t0,
+                next_probe: t0 + Duration::from_secs(30)
+            }
+        );
         assert_eq!(state.to_wire(), Wire::Degraded);
     }
 
     #[test]
     fn degraded_probes_on_schedule_and_recovers() {
         let t0 = Instant::now();
-        let degraded = LinkState::Degraded { since: t0, next_probe: t0 + Duration::from_secs(30) };
+        let degraded = LinkState::Degraded {
+            since: t0,
+            next_probe: t0 + Duration::from_secs(30),
+        };
         assert!(!degraded.wants_connect());
         assert_eq!(degraded.deadline(), Some(t0 + Duration::from_secs(30)));
         let probe = degraded.timer_elapsed(t0 + Duration::from_secs(30));
@@ -160,28 +205,56 @@ mod tests {
         // A failed probe waits a full cooldown again, remembering when it all began.
         let t1 = t0 + Duration::from_secs(31);
         let again = probe.failed(t1, &POLICY, MID);
-        assert_eq!(again, LinkState::Degraded { since: t0, next_probe: t1 + Duration::from_secs(30) });
+        assert_eq!(
+            again,
+            LinkState::Degraded {
+                since: t0,
+                next_probe: t1 + Duration::from_secs(30)
+            }
+        );
 
         // A successful probe connects with a clean slate.
         let up = probe.connected(7, t1);
-        assert_eq!(up, LinkState::Connected { epoch: 7, since: t1, failures_before: 0 });
-        let LinkState::Backoff { failures: 1, .. } = up.failed(t1 + Duration::from_secs(60), &POLICY, MID) else { panic!() };
+        assert_eq!(
+            up,
+            LinkState::Connected {
+                epoch: 7,
+                since: t1,
+                failures_before: 0
+            }
+        );
+        let LinkState::Backoff { failures: 1, .. } =
+            up.failed(t1 + Duration::from_secs(60), &POLICY, MID)
+        else {
+            panic!()
+        };
     }
 
     #[test]
     fn a_stream_that_dies_young_counts_as_another_failure() {
         let t0 = Instant::now();
         let up = LinkState::Connecting { failures: 3 }.connected(1, t0);
-        let LinkState::Backoff { failures, until } = up.failed(t0 + Duration::from_millis(300), &POLICY, MID) else { panic!() };
+        let LinkState::Backoff { failures, until } =
+            up.failed(t0 + Duration::from_millis(300), &POLICY, MID)
+        else {
+            panic!()
+        };
         assert_eq!(failures, 4, "reset storm: keeps backing off");
         assert!(until.duration_since(t0) > Duration::from_secs(4));
         // ... and the next young death degrades the link.
         let up = LinkState::Connecting { failures: 4 }.connected(2, t0);
-        assert!(matches!(up.failed(t0, &POLICY, MID), LinkState::Degraded { .. }));
+        assert!(matches!(
+            up.failed(t0, &POLICY, MID),
+            LinkState::Degraded { .. }
+        ));
 
         // A stream that was stable starts over at one failure.
         let up = LinkState::Connecting { failures: 4 }.connected(3, t0);
-        let LinkState::Backoff { failures: 1, until } = up.failed(t0 + Duration::from_secs(10), &POLICY, MID) else { panic!() };
+        let LinkState::Backoff { failures: 1, until } =
+            up.failed(t0 + Duration::from_secs(10), &POLICY, MID)
+        else {
+            panic!()
+        };
         assert_eq!(until, t0 + Duration::from_secs(11));
     }
 
@@ -195,11 +268,21 @@ mod tests {
     #[test]
     fn waiting_states_ignore_stray_events() {
         let t0 = Instant::now();
-        let backoff = LinkState::Backoff { failures: 2, until: t0 };
+        let backoff = LinkState::Backoff {
+            failures: 2,
+            until: t0,
+        };
         assert_eq!(backoff.failed(t0, &POLICY, MID), backoff);
         assert_eq!(backoff.connected(9, t0), backoff);
-        let connected = LinkState::Connected { epoch: 1, since: t0, failures_before: 0 };
-        assert_eq!(connected.timer_elapsed(t0 + Duration::from_secs(99)), connected);
+        let connected = LinkState::Connected {
+            epoch: 1,
+            since: t0,
+            failures_before: 0,
+        };
+        assert_eq!(
+            connected.timer_elapsed(t0 + Duration::from_secs(99)),
+            connected
+        );
         assert_eq!(connected.deadline(), None);
     }
 }

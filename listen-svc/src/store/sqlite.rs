@@ -30,7 +30,9 @@ const READ_POOL: usize = 8;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_conversations.sql")];
+const MIGRATIONS: &[&str] = &[include_str!(
+    "../../migrations/sqlite/0001_conversations.sql"
+)];
 
 const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
                        created_at_ms, finished_at_ms, completed_at_ms";
@@ -63,7 +65,9 @@ impl SqliteStore {
         let mut writer = open_connection(path, true)?;
         migrate(&mut writer)?;
         // The writer never checkpoints; the checkpoint thread does.
-        writer.pragma_update(None, "wal_autocheckpoint", 0).map_err(unavailable)?;
+        writer
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(unavailable)?;
 
         let (writes, rx) = mpsc::channel(WRITE_QUEUE);
         std::thread::Builder::new()
@@ -80,7 +84,10 @@ impl SqliteStore {
 
         Ok(SqliteStore {
             writes,
-            readers: Arc::new(ReadPool { path: path.to_path_buf(), idle: Mutex::new(Vec::new()) }),
+            readers: Arc::new(ReadPool {
+                path: path.to_path_buf(),
+                idle: Mutex::new(Vec::new()),
+            }),
             _checkpointer: stop,
         })
     }
@@ -146,15 +153,20 @@ fn open_connection(path: &Path, write: bool) -> Result<Connection, StoreError> {
             .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
             .map_err(unavailable)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Unavailable(format!("cannot enable WAL mode (got {mode})")));
+            return Err(StoreError::Unavailable(format!(
+                "cannot enable WAL mode (got {mode})"
+            )));
         }
-        conn.pragma_update(None, "synchronous", "FULL").map_err(unavailable)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(unavailable)?;
     }
     Ok(conn)
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(unavailable)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(unavailable)?;
     let known = MIGRATIONS.len() as i64;
     if version > known {
         return Err(StoreError::Unavailable(format!(
@@ -165,7 +177,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction().map_err(unavailable)?;
         tx.execute_batch(sql).map_err(unavailable)?;
-        tx.pragma_update(None, "user_version", index as i64 + 1).map_err(unavailable)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)
+            .map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
         debug!(version = index + 1, "applied migration");
     }
@@ -189,7 +202,10 @@ fn write_loop(conn: Connection, mut rx: mpsc::Receiver<WriteOp>) {
                 conn.execute_batch("COMMIT").map_err(unavailable)
             }
             Err(error) => {
-                replies = batch.drain(..).map(|_| -> Reply { Box::new(|_| {}) }).collect();
+                replies = batch
+                    .drain(..)
+                    .map(|_| -> Reply { Box::new(|_| {}) })
+                    .collect();
                 Err(unavailable(error))
             }
         };
@@ -211,13 +227,19 @@ fn in_savepoint<R>(
 ) -> Result<R, StoreError> {
     conn.execute_batch("SAVEPOINT op").map_err(unavailable)?;
     let result = op(conn);
-    let end = if result.is_ok() { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
+    let end = if result.is_ok() {
+        "RELEASE op"
+    } else {
+        "ROLLBACK TO op; RELEASE op"
+    };
     conn.execute_batch(end).map_err(unavailable)?;
     result
 }
 
 fn checkpoint_loop(conn: Connection, stop: std::sync::mpsc::Receiver<()>) {
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(CHECKPOINT_INTERVAL)
+    {
         if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             warn!(%error, "WAL checkpoint failed");
         }
@@ -231,7 +253,10 @@ fn unavailable(error: rusqlite::Error) -> StoreError {
 }
 
 fn encode_segments(segments: &[api::Segment]) -> Vec<u8> {
-    SegmentList { segments: segments.to_vec() }.encode_to_vec()
+    SegmentList {
+        segments: segments.to_vec(),
+    }
+    .encode_to_vec()
 }
 
 fn decode_segments(id: &str, blob: &[u8]) -> Result<Vec<api::Segment>, StoreError> {
@@ -267,7 +292,9 @@ fn conversation_from_row(row: &Row<'_>) -> Result<Conversation, StoreError> {
 
 fn get_conversation(conn: &Connection, id: &str) -> Result<Option<Conversation>, StoreError> {
     let mut stmt = conn
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM conversations WHERE id = ?1"))
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM conversations WHERE id = ?1"
+        ))
         .map_err(unavailable)?;
     let mut rows = stmt.query(params![id]).map_err(unavailable)?;
     match rows.next().map_err(unavailable)? {
@@ -277,8 +304,12 @@ fn get_conversation(conn: &Connection, id: &str) -> Result<Option<Conversation>,
 }
 
 fn next_queue_seq(conn: &Connection) -> Result<i64, StoreError> {
-    conn.query_row("UPDATE queue_counter SET next = next + 1 RETURNING next", [], |r| r.get(0))
-        .map_err(unavailable)
+    conn.query_row(
+        "UPDATE queue_counter SET next = next + 1 RETURNING next",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(unavailable)
 }
 
 #[async_trait::async_trait]
@@ -351,7 +382,9 @@ impl ConversationStore for SqliteStore {
             args.push((filter.limit as i64).into());
             sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
             let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
-            let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(unavailable)?;
+            let mut rows = stmt
+                .query(rusqlite::params_from_iter(args))
+                .map_err(unavailable)?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(unavailable)? {
                 out.push(conversation_from_row(row)?);
@@ -381,7 +414,7 @@ impl ConversationStore for SqliteStore {
             .map_err(unavailable)?;
             let updated = get_conversation(conn, &id)?
                 .ok_or_else(|| StoreError::Corrupt(format!("{id} vanished during retry")))?;
-            Ok(RetryOutcome::Retried(updated))
+            Ok(RetryOutcome::Retried(Box::new(updated)))
         })
         .await
     }
@@ -479,7 +512,13 @@ impl ConversationStore for SqliteStore {
                  WHERE id = ?1 AND generation = ?2 AND status = 'processing'",
             )
             .map_err(unavailable)?
-            .execute(params![id, generation, structured.encode_to_vec(), attempts, now_ms])
+            .execute(params![
+                id,
+                generation,
+                structured.encode_to_vec(),
+                attempts,
+                now_ms
+            ])
             .map(|n| n == 1)
             .map_err(unavailable)
         })
@@ -510,9 +549,11 @@ impl ConversationStore for SqliteStore {
 
     async fn count_processing(&self) -> Result<u64, StoreError> {
         self.read(|conn| {
-            conn.query_row("SELECT COUNT(*) FROM conversations WHERE status = 'processing'", [], |r| {
-                r.get::<_, i64>(0)
-            })
+            conn.query_row(
+                "SELECT COUNT(*) FROM conversations WHERE status = 'processing'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
             .map(|n| n as u64)
             .map_err(unavailable)
         })

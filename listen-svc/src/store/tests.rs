@@ -14,11 +14,21 @@ fn sqlite() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/listen.db");
     let store = Arc::new(SqliteStore::open(&path).unwrap());
-    Fixture { store, _dir: dir, path }
+    Fixture {
+        store,
+        _dir: dir,
+        path,
+    }
 }
 
 fn segment(text: &str) -> api::Segment {
-    api::Segment { text: text.into(), speaker: "SPEAKER_0".into(), start: 1.5, end: 2.25, is_user: true }
+    api::Segment {
+        text: text.into(),
+        speaker: "SPEAKER_0".into(),
+        start: 1.5,
+        end: 2.25,
+        is_user: true,
+    }
 }
 
 fn new(uid: &str, key: Option<&str>, status: Status, now_ms: i64) -> NewConversation {
@@ -40,27 +50,68 @@ async fn submit_then_get_round_trips_everything() {
     let f = sqlite();
     let conversation = new("u1", Some("k1"), Status::Processing, 1_000);
     let submitted = f.store.submit(conversation.clone()).await.unwrap();
-    assert_eq!(submitted, Submitted { id: conversation.id.clone(), status: Status::Processing, created: true });
+    assert_eq!(
+        submitted,
+        Submitted {
+            id: conversation.id.clone(),
+            status: Status::Processing,
+            created: true
+        }
+    );
     let got = f.store.get(&conversation.id).await.unwrap().unwrap();
     assert_eq!(got.uid, "u1");
     assert_eq!(got.language, "en");
     assert_eq!(got.segments, conversation.segments);
-    assert_eq!((got.created_at_ms, got.finished_at_ms, got.completed_at_ms), (1_000, Some(1_000), None));
-    assert_eq!((got.status, got.structured.clone(), got.attempts, got.last_error.clone()), (Status::Processing, None, 0, None));
+    assert_eq!(
+        (got.created_at_ms, got.finished_at_ms, got.completed_at_ms),
+        (1_000, Some(1_000), None)
+    );
+    assert_eq!(
+        (
+            got.status,
+            got.structured.clone(),
+            got.attempts,
+            got.last_error.clone()
+        ),
+        (Status::Processing, None, 0, None)
+    );
     assert!(f.store.get("no-such-id").await.unwrap().is_none());
 }
 
 #[tokio::test]
 async fn same_idempotency_key_returns_the_same_conversation() {
     let f = sqlite();
-    let first = f.store.submit(new("u1", Some("k"), Status::Processing, 1)).await.unwrap();
-    let again = f.store.submit(new("u1", Some("k"), Status::Processing, 2)).await.unwrap();
-    assert_eq!((again.id.as_str(), again.created), (first.id.as_str(), false));
+    let first = f
+        .store
+        .submit(new("u1", Some("k"), Status::Processing, 1))
+        .await
+        .unwrap();
+    let again = f
+        .store
+        .submit(new("u1", Some("k"), Status::Processing, 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.id.as_str(), again.created),
+        (first.id.as_str(), false)
+    );
     // Keys are per uid, and no key means always new.
-    let other_user = f.store.submit(new("u2", Some("k"), Status::Processing, 3)).await.unwrap();
+    let other_user = f
+        .store
+        .submit(new("u2", Some("k"), Status::Processing, 3))
+        .await
+        .unwrap();
     assert_ne!(other_user.id, first.id);
-    let a = f.store.submit(new("u1", None, Status::Processing, 4)).await.unwrap();
-    let b = f.store.submit(new("u1", None, Status::Processing, 5)).await.unwrap();
+    let a = f
+        .store
+        .submit(new("u1", None, Status::Processing, 4))
+        .await
+        .unwrap();
+    let b = f
+        .store
+        .submit(new("u1", None, Status::Processing, 5))
+        .await
+        .unwrap();
     assert!(a.created && b.created && a.id != b.id);
 }
 
@@ -69,49 +120,116 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once() {
     let f = sqlite();
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(f.store.submit(new("u", None, Status::Processing, i)).await.unwrap().id);
+        ids.push(
+            f.store
+                .submit(new("u", None, Status::Processing, i))
+                .await
+                .unwrap()
+                .id,
+        );
     }
-    f.store.submit(new("u", None, Status::Discarded, 9)).await.unwrap();
+    f.store
+        .submit(new("u", None, Status::Discarded, 9))
+        .await
+        .unwrap();
 
     let first = f.store.claim("a", 100, 100 + LEASE, 3).await.unwrap();
-    assert_eq!(first.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), ids[..3]);
+    assert_eq!(
+        first.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        ids[..3]
+    );
     assert!(first.iter().all(|c| c.generation == 1));
-    assert_eq!(first[0].segments, vec![segment("hello there"), segment("second")]);
+    assert_eq!(
+        first[0].segments,
+        vec![segment("hello there"), segment("second")]
+    );
 
     let rest = f.store.claim("b", 100, 100 + LEASE, 10).await.unwrap();
-    assert_eq!(rest.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), ids[3..], "never the discarded one");
-    assert!(f.store.claim("c", 100, 100 + LEASE, 10).await.unwrap().is_empty());
+    assert_eq!(
+        rest.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        ids[3..],
+        "never the discarded one"
+    );
+    assert!(
+        f.store
+            .claim("c", 100, 100 + LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Released rows (restart under the same identity, clean shutdown) are claimable at once.
     assert_eq!(f.store.release("a").await.unwrap(), 3);
     let own = f.store.claim("a", 200, 200 + LEASE, 10).await.unwrap();
     assert_eq!(own.len(), 3);
-    assert!(own.iter().all(|c| c.generation == 2), "a re-claim bumps the generation");
+    assert!(
+        own.iter().all(|c| c.generation == 2),
+        "a re-claim bumps the generation"
+    );
 }
 
 #[tokio::test]
 async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it() {
     let f = sqlite();
-    let id = f.store.submit(new("u", None, Status::Processing, 0)).await.unwrap().id;
-    let other = f.store.submit(new("u", None, Status::Processing, 0)).await.unwrap().id;
+    let id = f
+        .store
+        .submit(new("u", None, Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
+    let other = f
+        .store
+        .submit(new("u", None, Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
     f.store.claim("a", 0, LEASE, 10).await.unwrap();
     assert_eq!(f.store.renew("a", 2 * LEASE).await.unwrap(), 2);
-    assert!(f.store.claim("b", LEASE + 1, 2 * LEASE, 10).await.unwrap().is_empty(), "renewed");
+    assert!(
+        f.store
+            .claim("b", LEASE + 1, 2 * LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "renewed"
+    );
 
-    let taken = f.store.claim("b", 2 * LEASE + 1, 3 * LEASE, 10).await.unwrap();
+    let taken = f
+        .store
+        .claim("b", 2 * LEASE + 1, 3 * LEASE, 10)
+        .await
+        .unwrap();
     assert_eq!(taken.len(), 2);
     // The old owner is fenced off: its outcome does not land, the new owner's does.
-    assert!(!f.store.complete(&id, 1, api::Structured::default(), 1, 5).await.unwrap());
+    assert!(
+        !f.store
+            .complete(&id, 1, api::Structured::default(), 1, 5)
+            .await
+            .unwrap()
+    );
     assert!(!f.store.fail(&other, 1, "late", 1).await.unwrap());
     let generation = taken.iter().find(|c| c.id == id).unwrap().generation;
-    assert!(f.store.complete(&id, generation, api::Structured::default(), 1, 5).await.unwrap());
-    assert_eq!(f.store.get(&other).await.unwrap().unwrap().status, Status::Processing);
+    assert!(
+        f.store
+            .complete(&id, generation, api::Structured::default(), 1, 5)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        f.store.get(&other).await.unwrap().unwrap().status,
+        Status::Processing
+    );
 }
 
 #[tokio::test]
 async fn completion_is_idempotent() {
     let f = sqlite();
-    let id = f.store.submit(new("u", None, Status::Processing, 0)).await.unwrap().id;
+    let id = f
+        .store
+        .submit(new("u", None, Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
     let claimed = f.store.claim("a", 0, LEASE, 1).await.unwrap();
     let structured = api::Structured {
         title: "T".into(),
@@ -119,31 +237,96 @@ async fn completion_is_idempotent() {
         action_items: vec!["I will".into()],
         category: "work".into(),
     };
-    assert!(f.store.complete(&id, claimed[0].generation, structured.clone(), 2, 77).await.unwrap());
-    assert!(!f.store.complete(&id, claimed[0].generation, api::Structured::default(), 3, 78).await.unwrap(), "duplicate");
-    assert!(!f.store.fail(&id, claimed[0].generation, "late", 4).await.unwrap(), "late failure");
+    assert!(
+        f.store
+            .complete(&id, claimed[0].generation, structured.clone(), 2, 77)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !f.store
+            .complete(
+                &id,
+                claimed[0].generation,
+                api::Structured::default(),
+                3,
+                78
+            )
+            .await
+            .unwrap(),
+        "duplicate"
+    );
+    assert!(
+        !f.store
+            .fail(&id, claimed[0].generation, "late", 4)
+            .await
+            .unwrap(),
+        "late failure"
+    );
     let got = f.store.get(&id).await.unwrap().unwrap();
-    assert_eq!((got.status, got.structured, got.attempts, got.completed_at_ms), (Status::Completed, Some(structured), 2, Some(77)));
-    assert!(f.store.claim("b", i64::MAX - 1, i64::MAX, 10).await.unwrap().is_empty());
+    assert_eq!(
+        (
+            got.status,
+            got.structured,
+            got.attempts,
+            got.completed_at_ms
+        ),
+        (Status::Completed, Some(structured), 2, Some(77))
+    );
+    assert!(
+        f.store
+            .claim("b", i64::MAX - 1, i64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn failed_conversations_can_be_retried_once_failed() {
     let f = sqlite();
-    let id = f.store.submit(new("u", None, Status::Processing, 0)).await.unwrap().id;
-    let later = f.store.submit(new("u", None, Status::Processing, 0)).await.unwrap().id;
-    assert_eq!(f.store.retry(&id).await.unwrap(), RetryOutcome::NotFailed(Status::Processing));
+    let id = f
+        .store
+        .submit(new("u", None, Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
+    let later = f
+        .store
+        .submit(new("u", None, Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(
+        f.store.retry(&id).await.unwrap(),
+        RetryOutcome::NotFailed(Status::Processing)
+    );
     assert_eq!(f.store.retry("nope").await.unwrap(), RetryOutcome::NotFound);
 
     let generation = f.store.claim("a", 0, LEASE, 1).await.unwrap()[0].generation;
     assert!(f.store.fail(&id, generation, "poison", 5).await.unwrap());
     let failed = f.store.get(&id).await.unwrap().unwrap();
-    assert_eq!((failed.status, failed.last_error.as_deref(), failed.attempts), (Status::Failed, Some("poison"), 5));
+    assert_eq!(
+        (failed.status, failed.last_error.as_deref(), failed.attempts),
+        (Status::Failed, Some("poison"), 5)
+    );
 
-    let RetryOutcome::Retried(retried) = f.store.retry(&id).await.unwrap() else { panic!() };
-    assert_eq!((retried.status, retried.last_error, retried.attempts), (Status::Processing, None, 0));
+    let RetryOutcome::Retried(retried) = f.store.retry(&id).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (retried.status, retried.last_error, retried.attempts),
+        (Status::Processing, None, 0)
+    );
     // A retried conversation goes to the back of the queue.
-    let order: Vec<String> = f.store.claim("a", 1, LEASE, 10).await.unwrap().into_iter().map(|c| c.id).collect();
+    let order: Vec<String> = f
+        .store
+        .claim("a", 1, LEASE, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     assert_eq!(order, vec![later, id]);
 }
 
@@ -152,10 +335,24 @@ async fn list_pages_newest_first_with_filters() {
     let f = sqlite();
     let mut u1 = Vec::new();
     for i in 0..5 {
-        u1.push(f.store.submit(new("u1", None, Status::Processing, i)).await.unwrap().id);
+        u1.push(
+            f.store
+                .submit(new("u1", None, Status::Processing, i))
+                .await
+                .unwrap()
+                .id,
+        );
     }
-    let discarded = f.store.submit(new("u1", None, Status::Discarded, 9)).await.unwrap().id;
-    f.store.submit(new("u2", None, Status::Processing, 9)).await.unwrap();
+    let discarded = f
+        .store
+        .submit(new("u1", None, Status::Discarded, 9))
+        .await
+        .unwrap()
+        .id;
+    f.store
+        .submit(new("u2", None, Status::Processing, 9))
+        .await
+        .unwrap();
 
     let page = |uid: Option<&str>, status, before: Option<String>, limit| ListFilter {
         uid: uid.map(String::from),
@@ -163,15 +360,52 @@ async fn list_pages_newest_first_with_filters() {
         before_id: before,
         limit,
     };
-    let first = f.store.list(page(Some("u1"), Some(Status::Processing), None, 3)).await.unwrap();
+    let first = f
+        .store
+        .list(page(Some("u1"), Some(Status::Processing), None, 3))
+        .await
+        .unwrap();
     let ids: Vec<_> = first.iter().map(|c| c.id.clone()).collect();
     assert_eq!(ids, vec![u1[4].clone(), u1[3].clone(), u1[2].clone()]);
-    let second = f.store.list(page(Some("u1"), Some(Status::Processing), Some(ids[2].clone()), 3)).await.unwrap();
-    assert_eq!(second.iter().map(|c| c.id.clone()).collect::<Vec<_>>(), vec![u1[1].clone(), u1[0].clone()]);
+    let second = f
+        .store
+        .list(page(
+            Some("u1"),
+            Some(Status::Processing),
+            Some(ids[2].clone()),
+            3,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        second.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        vec![u1[1].clone(), u1[0].clone()]
+    );
 
-    assert_eq!(f.store.list(page(Some("u1"), None, None, 100)).await.unwrap().len(), 6);
-    assert_eq!(f.store.list(page(None, Some(Status::Discarded), None, 100)).await.unwrap()[0].id, discarded);
-    assert_eq!(f.store.list(page(None, None, None, 100)).await.unwrap().len(), 7);
+    assert_eq!(
+        f.store
+            .list(page(Some("u1"), None, None, 100))
+            .await
+            .unwrap()
+            .len(),
+        6
+    );
+    assert_eq!(
+        f.store
+            .list(page(None, Some(Status::Discarded), None, 100))
+            .await
+            .unwrap()[0]
+            .id,
+        discarded
+    );
+    assert_eq!(
+        f.store
+            .list(page(None, None, None, 100))
+            .await
+            .unwrap()
+            .len(),
+        7
+    );
     assert_eq!(f.store.count_processing().await.unwrap(), 6);
 }
 
@@ -181,7 +415,16 @@ async fn concurrent_submits_are_group_committed_and_all_land() {
     let tasks: Vec<_> = (0..300)
         .map(|i| {
             let store = Arc::clone(&f.store);
-            tokio::spawn(async move { store.submit(new(&format!("u{}", i % 7), Some(&format!("k{i}")), Status::Processing, i)).await })
+            tokio::spawn(async move {
+                store
+                    .submit(new(
+                        &format!("u{}", i % 7),
+                        Some(&format!("k{i}")),
+                        Status::Processing,
+                        i,
+                    ))
+                    .await
+            })
         })
         .collect();
     for task in tasks {
@@ -193,12 +436,26 @@ async fn concurrent_submits_are_group_committed_and_all_land() {
 #[tokio::test]
 async fn data_survives_reopening_the_file() {
     let f = sqlite();
-    let id = f.store.submit(new("u", Some("k"), Status::Processing, 0)).await.unwrap().id;
+    let id = f
+        .store
+        .submit(new("u", Some("k"), Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
     let path = f.path.clone();
     drop(f.store);
     let reopened = SqliteStore::open(&path).unwrap();
-    assert_eq!(reopened.get(&id).await.unwrap().unwrap().status, Status::Processing);
-    assert!(!reopened.submit(new("u", Some("k"), Status::Processing, 1)).await.unwrap().created);
+    assert_eq!(
+        reopened.get(&id).await.unwrap().unwrap().status,
+        Status::Processing
+    );
+    assert!(
+        !reopened
+            .submit(new("u", Some("k"), Status::Processing, 1))
+            .await
+            .unwrap()
+            .created
+    );
 }
 
 #[tokio::test]
@@ -208,7 +465,10 @@ async fn a_failing_operation_does_not_undo_the_rest_of_its_batch() {
     f.store.submit(same_id.clone()).await.unwrap();
     same_id.idempotency_key = Some("different".into());
     // Same primary key: this insert fails, concurrently with good ones.
-    let (bad, good) = tokio::join!(f.store.submit(same_id), f.store.submit(new("u", None, Status::Processing, 0)));
+    let (bad, good) = tokio::join!(
+        f.store.submit(same_id),
+        f.store.submit(new("u", None, Status::Processing, 0))
+    );
     assert!(matches!(bad, Err(StoreError::Unavailable(_))));
     assert!(good.unwrap().created);
     assert_eq!(f.store.count_processing().await.unwrap(), 2);
@@ -217,17 +477,34 @@ async fn a_failing_operation_does_not_undo_the_rest_of_its_batch() {
 #[tokio::test]
 async fn corrupt_rows_are_reported_not_misread() {
     let f = sqlite();
-    let id = f.store.submit(new("u", None, Status::Processing, 0)).await.unwrap().id;
+    let id = f
+        .store
+        .submit(new("u", None, Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
     let raw = rusqlite::Connection::open(&f.path).unwrap();
-    raw.execute("UPDATE conversations SET segments = x'ffffffff' WHERE id = ?1", [&id]).unwrap();
-    assert!(matches!(f.store.get(&id).await, Err(StoreError::Corrupt(_))));
+    raw.execute(
+        "UPDATE conversations SET segments = x'ffffffff' WHERE id = ?1",
+        [&id],
+    )
+    .unwrap();
+    assert!(matches!(
+        f.store.get(&id).await,
+        Err(StoreError::Corrupt(_))
+    ));
 }
 
 #[test]
 fn newer_schema_is_refused_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.db");
-    rusqlite::Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
-    let Err(error) = SqliteStore::open(&path) else { panic!("opened a newer schema") };
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let Err(error) = SqliteStore::open(&path) else {
+        panic!("opened a newer schema")
+    };
     assert!(error.to_string().contains("newer"), "{error}");
 }

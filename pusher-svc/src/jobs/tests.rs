@@ -11,7 +11,11 @@ struct Gated {
 
 impl Gated {
     fn new(fail: Option<ProcessError>) -> Arc<Self> {
-        Arc::new(Gated { calls: AtomicUsize::new(0), release: Notify::new(), fail })
+        Arc::new(Gated {
+            calls: AtomicUsize::new(0),
+            release: Notify::new(),
+            fail,
+        })
     }
 }
 
@@ -22,7 +26,10 @@ impl Processor for Gated {
         self.release.notified().await;
         match &self.fail {
             Some(error) => Err(error.clone()),
-            None => Ok(Structured { title: format!("title of {}", request.conversation_id), ..Default::default() }),
+            None => Ok(Structured {
+                title: format!("title of {}", request.conversation_id),
+                ..Default::default()
+            }),
         }
     }
 }
@@ -39,10 +46,17 @@ fn config() -> JobsConfig {
 }
 
 fn request(id: &str, attempt: u32) -> ProcessConversation {
-    ProcessConversation { conversation_id: id.to_string(), attempt, ..Default::default() }
+    ProcessConversation {
+        conversation_id: id.to_string(),
+        attempt,
+        ..Default::default()
+    }
 }
 
-fn stream() -> (StreamTx, mpsc::Receiver<Result<LinkResponse, tonic::Status>>) {
+fn stream() -> (
+    StreamTx,
+    mpsc::Receiver<Result<LinkResponse, tonic::Status>>,
+) {
     mpsc::channel(16)
 }
 
@@ -62,8 +76,26 @@ async fn duplicate_attaches_to_the_running_job_and_each_requester_gets_its_attem
     let jobs = Jobs::new(config(), processor.clone());
     let (tx1, mut rx1) = stream();
     let (tx2, mut rx2) = stream();
-    assert_eq!(jobs.submit(request("c1", 1), Requester::Stream { tx: tx1, attempt: 1 }), Admission::Started);
-    assert_eq!(jobs.submit(request("c1", 2), Requester::Stream { tx: tx2, attempt: 2 }), Admission::Attached);
+    assert_eq!(
+        jobs.submit(
+            request("c1", 1),
+            Requester::Stream {
+                tx: tx1,
+                attempt: 1
+            }
+        ),
+        Admission::Started
+    );
+    assert_eq!(
+        jobs.submit(
+            request("c1", 2),
+            Requester::Stream {
+                tx: tx2,
+                attempt: 2
+            }
+        ),
+        Admission::Attached
+    );
     tokio::task::yield_now().await;
     processor.release.notify_waiters();
 
@@ -78,15 +110,29 @@ async fn finished_result_is_served_from_the_cache() {
     let processor = Gated::new(None);
     let jobs = Jobs::new(config(), processor.clone());
     let (tx, mut rx) = stream();
-    jobs.submit(request("c1", 1), Requester::Stream { tx: tx.clone(), attempt: 1 });
+    jobs.submit(
+        request("c1", 1),
+        Requester::Stream {
+            tx: tx.clone(),
+            attempt: 1,
+        },
+    );
     tokio::task::yield_now().await;
     processor.release.notify_waiters();
     next_ack(&mut rx).await;
 
-    assert_eq!(jobs.submit(request("c1", 7), Requester::Stream { tx, attempt: 7 }), Admission::Cached);
+    assert_eq!(
+        jobs.submit(request("c1", 7), Requester::Stream { tx, attempt: 7 }),
+        Admission::Cached
+    );
     let ack = next_ack(&mut rx).await;
     assert_eq!(ack.attempt, 7);
-    let Some(ack::Outcome::Processed(Processed { structured: Some(s) })) = ack.outcome else { panic!() };
+    let Some(ack::Outcome::Processed(Processed {
+        structured: Some(s),
+    })) = ack.outcome
+    else {
+        panic!()
+    };
     assert_eq!(s.title, "title of c1");
     assert_eq!(processor.calls.load(Ordering::SeqCst), 1);
     assert_eq!(jobs.stats().cached, 1);
@@ -94,15 +140,33 @@ async fn finished_result_is_served_from_the_cache() {
 
 #[tokio::test]
 async fn failures_are_not_cached() {
-    let processor = Gated::new(Some(ProcessError { reason: "boom".into(), retryable: false }));
+    let processor = Gated::new(Some(ProcessError {
+        reason: "boom".into(),
+        retryable: false,
+    }));
     let jobs = Jobs::new(config(), processor.clone());
     let (tx, mut rx) = stream();
     for attempt in 1..=2 {
-        assert_eq!(jobs.submit(request("c1", attempt), Requester::Stream { tx: tx.clone(), attempt }), Admission::Started);
+        assert_eq!(
+            jobs.submit(
+                request("c1", attempt),
+                Requester::Stream {
+                    tx: tx.clone(),
+                    attempt
+                }
+            ),
+            Admission::Started
+        );
         tokio::task::yield_now().await;
         processor.release.notify_waiters();
         let ack = next_ack(&mut rx).await;
-        assert_eq!(ack.outcome, Some(ack::Outcome::Failed(Failed { reason: "boom".into(), retryable: false })));
+        assert_eq!(
+            ack.outcome,
+            Some(ack::Outcome::Failed(Failed {
+                reason: "boom".into(),
+                retryable: false
+            }))
+        );
     }
     assert_eq!(processor.calls.load(Ordering::SeqCst), 2);
 }
@@ -113,16 +177,40 @@ async fn beyond_concurrency_plus_queue_requests_are_busy() {
     let jobs = Jobs::new(config(), processor.clone());
     let (tx, _rx) = stream();
     for id in ["a", "b", "c"] {
-        assert_eq!(jobs.submit(request(id, 1), Requester::Stream { tx: tx.clone(), attempt: 1 }), Admission::Started);
+        assert_eq!(
+            jobs.submit(
+                request(id, 1),
+                Requester::Stream {
+                    tx: tx.clone(),
+                    attempt: 1
+                }
+            ),
+            Admission::Started
+        );
     }
     assert_eq!(
-        jobs.submit(request("d", 1), Requester::Stream { tx: tx.clone(), attempt: 1 }),
-        Admission::Busy { retry_after: Duration::from_millis(750) }
+        jobs.submit(
+            request("d", 1),
+            Requester::Stream {
+                tx: tx.clone(),
+                attempt: 1
+            }
+        ),
+        Admission::Busy {
+            retry_after: Duration::from_millis(750)
+        }
     );
     // A duplicate of a running job is still accepted when full: it costs nothing.
-    assert_eq!(jobs.submit(request("a", 2), Requester::Stream { tx, attempt: 2 }), Admission::Attached);
+    assert_eq!(
+        jobs.submit(request("a", 2), Requester::Stream { tx, attempt: 2 }),
+        Admission::Attached
+    );
     tokio::task::yield_now().await;
-    assert_eq!(processor.calls.load(Ordering::SeqCst), 2, "only max_concurrency run at once");
+    assert_eq!(
+        processor.calls.load(Ordering::SeqCst),
+        2,
+        "only max_concurrency run at once"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -133,7 +221,10 @@ async fn progress_is_sent_while_the_job_runs() {
     jobs.submit(request("c1", 3), Requester::Stream { tx, attempt: 3 });
     tokio::time::sleep(Duration::from_secs(11)).await;
     let mut progress = 0;
-    while let Ok(Ok(LinkResponse { msg: Some(link_response::Msg::Progress(p)) })) = rx.try_recv() {
+    while let Ok(Ok(LinkResponse {
+        msg: Some(link_response::Msg::Progress(p)),
+    })) = rx.try_recv()
+    {
         assert_eq!((p.conversation_id.as_str(), p.attempt), ("c1", 3));
         progress += 1;
     }
@@ -154,8 +245,18 @@ async fn dropped_stream_does_not_cancel_the_job() {
     // The replay on a new stream is answered from the cache.
     let (tx, mut rx) = stream();
     let admission = loop {
-        match jobs.submit(request("c1", 2), Requester::Stream { tx: tx.clone(), attempt: 2 }) {
-            Admission::Attached => { tokio::task::yield_now().await; let _ = next_ack(&mut rx).await; continue; }
+        match jobs.submit(
+            request("c1", 2),
+            Requester::Stream {
+                tx: tx.clone(),
+                attempt: 2,
+            },
+        ) {
+            Admission::Attached => {
+                tokio::task::yield_now().await;
+                let _ = next_ack(&mut rx).await;
+                continue;
+            }
             other => break other,
         }
     };
@@ -168,18 +269,30 @@ async fn dropped_stream_does_not_cancel_the_job() {
 fn cache_is_bounded_by_size_and_age() {
     let mut cache = ResultCache::new(2, Duration::from_secs(10));
     let t0 = Instant::now();
-    let s = |t: &str| Structured { title: t.into(), ..Default::default() };
+    let s = |t: &str| Structured {
+        title: t.into(),
+        ..Default::default()
+    };
     cache.insert("a".into(), s("a"), t0);
     cache.insert("b".into(), s("b"), t0 + Duration::from_secs(1));
     cache.insert("c".into(), s("c"), t0 + Duration::from_secs(2));
     assert_eq!(cache.len(), 2, "oldest evicted at capacity");
     assert!(cache.get("a", t0 + Duration::from_secs(2)).is_none());
-    assert_eq!(cache.get("b", t0 + Duration::from_secs(2)).unwrap().title, "b");
-    assert!(cache.get("b", t0 + Duration::from_secs(11)).is_none(), "expired");
+    assert_eq!(
+        cache.get("b", t0 + Duration::from_secs(2)).unwrap().title,
+        "b"
+    );
+    assert!(
+        cache.get("b", t0 + Duration::from_secs(11)).is_none(),
+        "expired"
+    );
     assert!(cache.get("c", t0 + Duration::from_secs(11)).is_some());
     // Re-inserting a key refreshes it rather than leaving it to expire early.
     cache.insert("c".into(), s("c2"), t0 + Duration::from_secs(11));
-    assert_eq!(cache.get("c", t0 + Duration::from_secs(20)).unwrap().title, "c2");
+    assert_eq!(
+        cache.get("c", t0 + Duration::from_secs(20)).unwrap().title,
+        "c2"
+    );
     let mut disabled = ResultCache::new(0, Duration::from_secs(10));
     disabled.insert("a".into(), s("a"), t0);
     assert!(disabled.get("a", t0).is_none());

@@ -13,7 +13,14 @@ const RETRY: Backoff = Backoff {
 };
 
 fn pending(capacity: usize, max_attempts: u32) -> Pending {
-    Pending::new(capacity, Attempts { max_attempts, ack_timeout: ACK_TIMEOUT, retry_backoff: RETRY })
+    Pending::new(
+        capacity,
+        Attempts {
+            max_attempts,
+            ack_timeout: ACK_TIMEOUT,
+            retry_backoff: RETRY,
+        },
+    )
 }
 
 fn claimed(id: &str) -> Claimed {
@@ -21,7 +28,10 @@ fn claimed(id: &str) -> Claimed {
         id: id.into(),
         uid: "u".into(),
         language: "en".into(),
-        segments: vec![shared::proto::listen::v1::Segment { text: "hi".into(), ..Default::default() }],
+        segments: vec![shared::proto::listen::v1::Segment {
+            text: "hi".into(),
+            ..Default::default()
+        }],
         finished_at_ms: Some(1_700_000_000_123),
         generation: 1,
     }
@@ -32,7 +42,10 @@ fn processed(id: &str, attempt: u32) -> Ack {
         conversation_id: id.into(),
         attempt,
         outcome: Some(ack::Outcome::Processed(Processed {
-            structured: Some(Structured { title: "T".into(), ..Default::default() }),
+            structured: Some(Structured {
+                title: "T".into(),
+                ..Default::default()
+            }),
         })),
     }
 }
@@ -41,7 +54,10 @@ fn failed(id: &str, attempt: u32, retryable: bool) -> Ack {
     Ack {
         conversation_id: id.into(),
         attempt,
-        outcome: Some(ack::Outcome::Failed(Failed { reason: "boom".into(), retryable })),
+        outcome: Some(ack::Outcome::Failed(Failed {
+            reason: "boom".into(),
+            retryable,
+        })),
     }
 }
 
@@ -49,7 +65,12 @@ fn failed(id: &str, attempt: u32, retryable: bool) -> Ack {
 fn send_due(p: &mut Pending, now: Instant) -> Vec<(String, u32)> {
     let mut due = p.due(now);
     due.sort();
-    due.into_iter().map(|id| { let r = p.mark_sent(&id, 1, now).unwrap(); (id, r.attempt) }).collect()
+    due.into_iter()
+        .map(|id| {
+            let r = p.mark_sent(&id, 1, now).unwrap();
+            (id, r.attempt)
+        })
+        .collect()
 }
 
 #[test]
@@ -62,7 +83,13 @@ fn is_bounded_and_never_evicts() {
     assert!(!p.insert(claimed("c"), now), "full: refused, not evicted");
     assert_eq!(p.len(), 2);
     // Re-claiming a pending id updates its generation without taking a slot.
-    assert!(p.insert(Claimed { generation: 9, ..claimed("a") }, now));
+    assert!(p.insert(
+        Claimed {
+            generation: 9,
+            ..claimed("a")
+        },
+        now
+    ));
     assert_eq!(p.get("a").unwrap().generation, 9);
 }
 
@@ -72,7 +99,14 @@ fn request_carries_the_conversation_and_a_rising_attempt() {
     let mut p = pending(4, 5);
     p.insert(claimed("a"), now);
     let first = p.mark_sent("a", 1, now).unwrap();
-    assert_eq!((first.conversation_id.as_str(), first.uid.as_str(), first.attempt), ("a", "u", 1));
+    assert_eq!(
+        (
+            first.conversation_id.as_str(),
+            first.uid.as_str(),
+            first.attempt
+        ),
+        ("a", "u", 1)
+    );
     assert_eq!(first.segments[0].text, "hi");
     assert_eq!(first.finished_at.unwrap().seconds, 1_700_000_000);
     assert_eq!(first.finished_at.unwrap().nanos, 123_000_000);
@@ -85,11 +119,27 @@ fn processed_ack_completes_with_the_result() {
     let mut p = pending(4, 5);
     p.insert(claimed("a"), now);
     assert_eq!(send_due(&mut p, now), vec![("a".to_string(), 1)]);
-    let AckAction::Complete { generation, structured, attempts } = p.ack(processed("a", 1), now) else { panic!() };
-    assert_eq!((generation, structured.title.as_str(), attempts), (1, "T", 1));
-    assert_eq!(p.ack(processed("a", 1), now), AckAction::Ignore(Ignored::Duplicate));
+    let AckAction::Complete {
+        generation,
+        structured,
+        attempts,
+    } = p.ack(processed("a", 1), now)
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (generation, structured.title.as_str(), attempts),
+        (1, "T", 1)
+    );
+    assert_eq!(
+        p.ack(processed("a", 1), now),
+        AckAction::Ignore(Ignored::Duplicate)
+    );
     p.remove("a");
-    assert_eq!(p.ack(processed("a", 1), now), AckAction::Ignore(Ignored::Unknown));
+    assert_eq!(
+        p.ack(processed("a", 1), now),
+        AckAction::Ignore(Ignored::Unknown)
+    );
 }
 
 #[test]
@@ -102,7 +152,10 @@ fn expired_acks_are_resent_with_backoff_then_fail_after_max_attempts() {
     for expected_backoff in [1, 2] {
         now += ACK_TIMEOUT;
         assert!(p.expire(now).is_empty());
-        assert_eq!(p.next_timer(), Some(now + Duration::from_secs(expected_backoff)));
+        assert_eq!(
+            p.next_timer(),
+            Some(now + Duration::from_secs(expected_backoff))
+        );
         assert!(p.due(now).is_empty(), "waits out the backoff");
         now += Duration::from_secs(expected_backoff);
         sends.extend(send_due(&mut p, now));
@@ -111,9 +164,17 @@ fn expired_acks_are_resent_with_backoff_then_fail_after_max_attempts() {
     now += ACK_TIMEOUT;
     let failed = p.expire(now);
     assert_eq!(failed.len(), 1);
-    let AckAction::Fail { reason, attempts, .. } = &failed[0].1 else { panic!() };
+    let AckAction::Fail {
+        reason, attempts, ..
+    } = &failed[0].1
+    else {
+        panic!()
+    };
     assert_eq!(*attempts, 3);
-    assert!(reason.contains("no ack") && reason.contains("3 attempts"), "{reason}");
+    assert!(
+        reason.contains("no ack") && reason.contains("3 attempts"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -129,9 +190,19 @@ fn progress_extends_the_deadline_so_nothing_is_resent() {
         assert!(p.expire(now).is_empty());
         assert!(p.due(now).is_empty());
     }
-    assert_eq!(p.get("a").unwrap().attempt, 1, "a 1000 s job with progress is sent once");
-    assert!(!p.progress("a", 7, now), "progress for another attempt is ignored");
-    assert!(matches!(p.ack(processed("a", 1), now), AckAction::Complete { .. }));
+    assert_eq!(
+        p.get("a").unwrap().attempt,
+        1,
+        "a 1000 s job with progress is sent once"
+    );
+    assert!(
+        !p.progress("a", 7, now),
+        "progress for another attempt is ignored"
+    );
+    assert!(matches!(
+        p.ack(processed("a", 1), now),
+        AckAction::Complete { .. }
+    ));
 }
 
 #[test]
@@ -149,10 +220,15 @@ fn busy_is_not_an_attempt() {
     assert_eq!(p.get("a").unwrap().budget_used, 0);
     // Still the full budget of 2: one retryable failure is re-sent, the second gives up.
     let (_, attempt) = send_due(&mut p, now)[0].clone();
-    assert!(matches!(p.ack(failed("a", attempt, true), now), AckAction::Resend { .. }));
+    assert!(matches!(
+        p.ack(failed("a", attempt, true), now),
+        AckAction::Resend { .. }
+    ));
     now += Duration::from_secs(1);
     let (_, attempt) = send_due(&mut p, now)[0].clone();
-    let AckAction::Fail { reason, .. } = p.ack(failed("a", attempt, true), now) else { panic!() };
+    let AckAction::Fail { reason, .. } = p.ack(failed("a", attempt, true), now) else {
+        panic!()
+    };
     assert_eq!(reason, "boom (gave up after 2 attempts)");
 }
 
@@ -164,7 +240,11 @@ fn permanent_failure_fails_at_once() {
     send_due(&mut p, now);
     assert_eq!(
         p.ack(failed("a", 1, false), now),
-        AckAction::Fail { generation: 1, reason: "boom".into(), attempts: 1 }
+        AckAction::Fail {
+            generation: 1,
+            reason: "boom".into(),
+            attempts: 1
+        }
     );
 }
 
@@ -177,10 +257,23 @@ fn stale_failures_are_ignored_but_any_processed_result_is_the_result() {
     let now = t0 + ACK_TIMEOUT;
     p.expire(now);
     send_due(&mut p, now + Duration::from_secs(1)); // attempt 2 in flight
-    assert_eq!(p.ack(failed("a", 1, false), now), AckAction::Ignore(Ignored::Stale));
-    assert_eq!(p.ack(processed("a", 3), now), AckAction::Ignore(Ignored::Stale), "from the future");
-    assert!(matches!(p.get("a").unwrap().state, EntryState::InFlight { .. }), "untouched");
-    assert!(matches!(p.ack(processed("a", 1), now), AckAction::Complete { attempts: 2, .. }));
+    assert_eq!(
+        p.ack(failed("a", 1, false), now),
+        AckAction::Ignore(Ignored::Stale)
+    );
+    assert_eq!(
+        p.ack(processed("a", 3), now),
+        AckAction::Ignore(Ignored::Stale),
+        "from the future"
+    );
+    assert!(
+        matches!(p.get("a").unwrap().state, EntryState::InFlight { .. }),
+        "untouched"
+    );
+    assert!(matches!(
+        p.ack(processed("a", 1), now),
+        AckAction::Complete { attempts: 2, .. }
+    ));
 }
 
 #[test]
@@ -213,7 +306,11 @@ fn replay_resends_everything_with_a_fresh_budget() {
         }
         now += Duration::from_secs(10);
     }
-    assert_eq!(p.get("a").unwrap().attempt, 5, "wire attempts keep rising across streams");
+    assert_eq!(
+        p.get("a").unwrap().attempt,
+        5,
+        "wire attempts keep rising across streams"
+    );
     assert!(matches!(p.get("a").unwrap().state, EntryState::Settling));
 }
 

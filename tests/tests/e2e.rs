@@ -1,0 +1,712 @@
+//! End-to-end: the real listen-svc and pusher-svc binaries on loopback ports.
+
+use std::time::{Duration, Instant};
+use tests::listen::{ConversationStatus, LinkState};
+use tests::*;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn submitted_conversation_is_processed_to_completed() {
+    let pusher_port = free_port();
+    let _pusher = start_pusher(pusher_port, &[]).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+
+    let response = client
+        .submit_conversation(talk("alice", "k1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.status, ConversationStatus::Processing as i32);
+    let conversation = wait_one(
+        &client,
+        &response.conversation_id,
+        ConversationStatus::Completed,
+        SETTLE,
+    )
+    .await;
+    let structured = conversation.structured.as_ref().expect("structured result");
+    assert_eq!(
+        structured.title,
+        "The quarterly budget review with the finance team"
+    );
+    assert_eq!(structured.category, "finance");
+    assert_eq!(
+        structured.action_items,
+        vec![
+            "I will send the invoice summary by Friday",
+            "We need to cut travel costs next quarter"
+        ]
+    );
+    assert_eq!(conversation.attempts, 1);
+    assert_eq!(conversation.segments.len(), 3);
+    assert!(conversation.completed_at.is_some() && conversation.finished_at.is_some());
+
+    let link = link_status(&mut client).await;
+    assert_eq!(
+        (link.state, link.pending, link.queued),
+        (LinkState::Connected as i32, 0, 0)
+    );
+    assert_eq!(
+        listen.health("listen.v1.PusherLink").await,
+        Some(ServingStatus::Serving)
+    );
+}
+
+#[tokio::test]
+async fn resubmitting_with_the_same_key_returns_the_same_conversation() {
+    let pusher_port = free_port();
+    let _pusher = start_pusher(pusher_port, &[]).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+
+    let first = client
+        .submit_conversation(talk("bob", "same"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = client
+        .submit_conversation(talk("bob", "same"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.conversation_id, first.conversation_id);
+    wait_one(
+        &client,
+        &first.conversation_id,
+        ConversationStatus::Completed,
+        SETTLE,
+    )
+    .await;
+    let after = client
+        .submit_conversation(talk("bob", "same"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (after.conversation_id.as_str(), after.status),
+        (
+            first.conversation_id.as_str(),
+            ConversationStatus::Completed as i32
+        )
+    );
+
+    let other_user = client
+        .submit_conversation(talk("carol", "same"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other_user.conversation_id, first.conversation_id);
+    let listed = client
+        .list_conversations(listen::ListConversationsRequest {
+            uid: "bob".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.conversations.len(),
+        1,
+        "one conversation stored for three submits"
+    );
+}
+
+#[tokio::test]
+async fn a_conversation_without_text_is_discarded_and_never_sent() {
+    let pusher_port = free_port();
+    let _pusher = start_pusher(pusher_port, &[]).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+
+    let mut empty = talk("dave", "");
+    for segment in &mut empty.segments {
+        segment.text = "   ".into();
+    }
+    let response = client
+        .submit_conversation(empty)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.status, ConversationStatus::Discarded as i32);
+    let none = client
+        .submit_conversation(listen::SubmitConversationRequest {
+            uid: "dave".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.status, ConversationStatus::Discarded as i32);
+
+    // A processed conversation after them proves the link ran; the discarded ones stayed put.
+    let real = client
+        .submit_conversation(talk("dave", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_all(
+        &client,
+        &[real.conversation_id],
+        ConversationStatus::Completed,
+        SETTLE,
+    )
+    .await;
+    assert_eq!(
+        status_of(&mut client, &response.conversation_id).await,
+        ConversationStatus::Discarded
+    );
+    let conversation = client
+        .get_conversation(listen::GetConversationRequest {
+            conversation_id: response.conversation_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((conversation.attempts, conversation.structured), (0, None));
+}
+
+#[tokio::test]
+async fn work_submitted_before_pusher_starts_completes_when_it_does() {
+    let pusher_port = free_port();
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let started = Instant::now();
+        let response = client
+            .submit_conversation(talk("erin", &format!("k{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "submit waited on pusher"
+        );
+        assert_eq!(response.status, ConversationStatus::Processing as i32);
+        ids.push(response.conversation_id);
+    }
+    let link = link_status(&mut client).await;
+    assert_ne!(link.state, LinkState::Connected as i32);
+    assert_eq!(link.queued, 20);
+    assert!(!link.last_error.is_empty(), "the link says why it is down");
+    // Listen itself is healthy; only the link is not.
+    assert_eq!(listen.health("").await, Some(ServingStatus::Serving));
+    assert_eq!(
+        listen.health("listen.v1.Listen").await,
+        Some(ServingStatus::Serving)
+    );
+    assert_eq!(
+        listen.health("listen.v1.PusherLink").await,
+        Some(ServingStatus::NotServing)
+    );
+
+    let _pusher = start_pusher(pusher_port, &[]).await;
+    wait_all(&client, &ids, ConversationStatus::Completed, SETTLE).await;
+    let link = link_status(&mut client).await;
+    assert_eq!(
+        (link.state, link.pending, link.queued),
+        (LinkState::Connected as i32, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn pusher_killed_with_work_in_flight_then_restarted_completes_everything() {
+    let pusher_port = free_port();
+    // Jobs take 1 s, so SIGKILL lands with work in flight.
+    let mut pusher = start_pusher(pusher_port, &["--simulated-latency", "1s"]).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &["--max-in-flight", "16"],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        ids.push(
+            client
+                .submit_conversation(talk("frank", &format!("k{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+                .conversation_id,
+        );
+    }
+    wait_for("work in flight", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move { (link_status(&mut client).await.pending > 0).then_some(()) }
+    })
+    .await;
+    let pending = link_status(&mut client).await.pending;
+    assert!(pending <= 16, "pending {pending} exceeds --max-in-flight");
+    pusher.kill();
+
+    // While pusher is gone: submits still answer at once and everything stays PROCESSING.
+    wait_for("link to notice", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            (link_status(&mut client).await.state != LinkState::Connected as i32).then_some(())
+        }
+    })
+    .await;
+    for i in 60..70 {
+        let started = Instant::now();
+        ids.push(
+            client
+                .submit_conversation(talk("frank", &format!("k{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+                .conversation_id,
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "submit waited on pusher"
+        );
+    }
+    let link = link_status(&mut client).await;
+    assert!(link.pending <= 16);
+    assert_eq!(
+        link.pending as u64 + link.queued,
+        ids.len() as u64 - completed(&client, &ids).await
+    );
+
+    pusher.restart().await;
+    let done = wait_all(
+        &client,
+        &ids,
+        ConversationStatus::Completed,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(done.len(), 70);
+    assert!(
+        done.iter()
+            .all(|c| c.structured.as_ref().is_some_and(|s| !s.title.is_empty()))
+    );
+    let link = link_status(&mut client).await;
+    assert!(link.reconnects >= 1, "{link:?}");
+    assert_eq!((link.pending, link.queued), (0, 0));
+}
+
+async fn completed(client: &ListenClient, ids: &[String]) -> u64 {
+    let mut count = 0;
+    for id in ids {
+        if status_of(&mut client.clone(), id).await == ConversationStatus::Completed {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_status_naming_the_field_and_stores_nothing() {
+    let pusher_port = free_port();
+    let _pusher = start_pusher(pusher_port, &[]).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &["--max-segments", "5", "--max-segment-bytes", "64"],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+
+    let expect =
+        |result: Result<tonic::Response<listen::SubmitConversationResponse>, tonic::Status>,
+         code: Code,
+         field: &str| {
+            let status = result.expect_err("must be rejected");
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(
+                status.message().starts_with(field),
+                "message {:?} should name {field}",
+                status.message()
+            );
+        };
+    expect(
+        client.submit_conversation(talk("", "k")).await,
+        Code::InvalidArgument,
+        "uid",
+    );
+    let mut many = talk("grace", "k");
+    many.segments = (0..6).map(|i| segment("hi", i as f64)).collect();
+    expect(
+        client.submit_conversation(many).await,
+        Code::InvalidArgument,
+        "segments",
+    );
+    let mut long = talk("grace", "k");
+    long.segments[1].text = "x".repeat(65);
+    expect(
+        client.submit_conversation(long).await,
+        Code::InvalidArgument,
+        "segments[1].text",
+    );
+    let mut backwards = talk("grace", "k");
+    backwards.segments[0].end = -1.0;
+    expect(
+        client.submit_conversation(backwards).await,
+        Code::InvalidArgument,
+        "segments[0].end",
+    );
+
+    let missing = uuid_like();
+    let status = client
+        .get_conversation(listen::GetConversationRequest {
+            conversation_id: missing.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(status.message().contains(&missing));
+    let status = client
+        .get_conversation(listen::GetConversationRequest {
+            conversation_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (
+            status.code(),
+            status.message().starts_with("conversation_id")
+        ),
+        (Code::InvalidArgument, true)
+    );
+    let status = client
+        .retry_conversation(listen::RetryConversationRequest {
+            conversation_id: missing,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = client
+        .list_conversations(listen::ListConversationsRequest {
+            status: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (status.code(), status.message().starts_with("status")),
+        (Code::InvalidArgument, true)
+    );
+
+    // Nothing was stored for the rejected requests, and the same key still works.
+    let listed = client
+        .list_conversations(listen::ListConversationsRequest {
+            uid: "grace".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.conversations.is_empty());
+    let ok = client
+        .submit_conversation(talk("grace", "k"))
+        .await
+        .unwrap()
+        .into_inner();
+    wait_one(
+        &client,
+        &ok.conversation_id,
+        ConversationStatus::Completed,
+        SETTLE,
+    )
+    .await;
+    let status = client
+        .retry_conversation(listen::RetryConversationRequest {
+            conversation_id: ok.conversation_id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "only FAILED can be retried: {status:?}"
+    );
+}
+
+/// A well-formed id that names nothing.
+fn uuid_like() -> String {
+    "01900000-0000-7000-8000-000000000000".to_string()
+}
+
+#[tokio::test]
+async fn list_pages_through_a_users_conversations_newest_first() {
+    let pusher_port = free_port();
+    let _pusher = start_pusher(pusher_port, &[]).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(
+            client
+                .submit_conversation(talk("heidi", &format!("k{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+                .conversation_id,
+        );
+    }
+    wait_all(&client, &ids, ConversationStatus::Completed, SETTLE).await;
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_conversations(listen::ListConversationsRequest {
+                uid: "heidi".into(),
+                status: ConversationStatus::Completed as i32,
+                page_size: 3,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.conversations.into_iter().map(|c| c.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    ids.reverse();
+    assert_eq!(seen, ids);
+}
+
+#[tokio::test]
+async fn reflection_lists_only_each_servers_own_services_in_v1_and_v1alpha() {
+    let pusher_port = free_port();
+    let pusher = start_pusher(pusher_port, &[]).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[],
+    })
+    .await;
+    let common = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    for (service, own) in [(&listen, "listen.v1.Listen"), (&pusher, "pusher.v1.Pusher")] {
+        let mut want: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+        want.push(own.to_string());
+        want.sort();
+        assert_eq!(reflection::list_v1(service.channel()).await, want);
+        assert_eq!(reflection::list_v1alpha(service.channel()).await, want);
+        // Describing the service works (what grpcurl does with no .proto files).
+        assert!(reflection::file_containing_v1alpha(service.channel(), own).await);
+        assert!(
+            reflection::file_containing_v1alpha(service.channel(), "grpc.health.v1.Health").await
+        );
+    }
+}
+
+mod reflection {
+    use tokio_stream::StreamExt;
+    use tonic::transport::Channel;
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    pub async fn list_v1(channel: Channel) -> Vec<String> {
+        use v1::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(Ok(v1::ServerReflectionResponse {
+            message_response: Some(MessageResponse::ListServicesResponse(list)),
+            ..
+        })) = responses.next().await
+        else {
+            panic!()
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        names
+    }
+
+    pub async fn list_v1alpha(channel: Channel) -> Vec<String> {
+        use v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(Ok(v1alpha::ServerReflectionResponse {
+            message_response: Some(MessageResponse::ListServicesResponse(list)),
+            ..
+        })) = responses.next().await
+        else {
+            panic!()
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        names
+    }
+
+    pub async fn file_containing_v1alpha(channel: Channel, symbol: &str) -> bool {
+        use v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(symbol.to_string())),
+        };
+        let mut responses = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        matches!(
+            responses.next().await,
+            Some(Ok(v1alpha::ServerReflectionResponse { message_response: Some(MessageResponse::FileDescriptorResponse(files)), .. })) if !files.file_descriptor_proto.is_empty()
+        )
+    }
+}
+
+#[tokio::test]
+async fn pusher_process_rpc_answers_and_is_idempotent() {
+    let pusher = start_pusher(free_port(), &[]).await;
+    let mut client = pusher_client(&pusher);
+    let request = pusher::ProcessConversation {
+        conversation_id: "debug-1".into(),
+        uid: "ivan".into(),
+        attempt: 1,
+        segments: vec![pusher::Segment {
+            text: "Let's book the flight and the hotel.".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let ack = client.process(request.clone()).await.unwrap().into_inner();
+    let Some(pusher::ack::Outcome::Processed(processed)) = ack.outcome else {
+        panic!("{ack:?}")
+    };
+    let structured = processed.structured.unwrap();
+    assert_eq!(
+        (structured.category.as_str(), structured.action_items.len()),
+        ("travel", 1)
+    );
+    let again = client
+        .process(pusher::ProcessConversation {
+            attempt: 2,
+            ..request
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.attempt, 2);
+    let Some(pusher::ack::Outcome::Processed(cached)) = again.outcome else {
+        panic!()
+    };
+    assert_eq!(cached.structured.unwrap(), structured);
+
+    let status = client
+        .process(pusher::ProcessConversation::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (
+            status.code(),
+            status.message().starts_with("conversation_id")
+        ),
+        (Code::InvalidArgument, true)
+    );
+}
+
+#[tokio::test]
+async fn listen_restarts_on_the_same_store_and_keeps_its_data() {
+    let pusher_port = free_port();
+    let _pusher = start_pusher(pusher_port, &[]).await;
+    let mut listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[],
+    })
+    .await;
+    let client = listen_client(&listen);
+    let id = client
+        .clone()
+        .submit_conversation(talk("judy", "k"))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    wait_one(&client, &id, ConversationStatus::Completed, SETTLE).await;
+
+    let status = listen.terminate(Duration::from_secs(10));
+    assert!(status.success(), "SIGTERM exit: {status}");
+    listen.restart().await;
+    let mut client = listen_client(&listen);
+    assert_eq!(
+        status_of(&mut client, &id).await,
+        ConversationStatus::Completed
+    );
+    let again = client
+        .submit_conversation(talk("judy", "k"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.conversation_id, id, "idempotency survives a restart");
+}
+
+#[tokio::test]
+async fn both_services_exit_cleanly_on_sigterm_with_the_link_open() {
+    let pusher_port = free_port();
+    let mut pusher = start_pusher(pusher_port, &[]).await;
+    let mut listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+    wait_for("link connected", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            (link_status(&mut client).await.state == LinkState::Connected as i32).then_some(())
+        }
+    })
+    .await;
+    let _ = link_status(&mut client).await;
+    let started = Instant::now();
+    assert!(pusher.terminate(Duration::from_secs(10)).success());
+    assert!(listen.terminate(Duration::from_secs(10)).success());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
