@@ -338,3 +338,36 @@ fn a_full_stream_buffer_does_not_spend_budget() {
     }
     assert_eq!(p.get("a").unwrap().budget_used, 0);
 }
+
+/// The link's timer loop on tokio's paused clock: sleep until `next_timer`, expire, send
+/// what is due. A request that is never acked is sent `max_attempts` times at the expected
+/// moments, then failed when the last deadline passes.
+#[tokio::test(start_paused = true)]
+async fn resend_schedule_follows_the_paused_clock() {
+    let start = Instant::now();
+    let mut p = pending(4, 3);
+    p.insert(claimed("silent"), start);
+    let mut sends = Vec::new();
+    let failed_at = loop {
+        let now = Instant::now();
+        sends.extend(
+            send_due(&mut p, now)
+                .into_iter()
+                .map(|(_, attempt)| (attempt, now - start)),
+        );
+        if !p.expire(now).is_empty() {
+            break now - start;
+        }
+        tokio::time::sleep_until(p.next_timer().expect("a timer while unsettled")).await;
+    };
+    // Sent at 0; 120 s ack deadline + 1 s backoff; 120 s + 2 s backoff; fails 120 s later.
+    assert_eq!(
+        sends,
+        vec![
+            (1, Duration::ZERO),
+            (2, Duration::from_secs(121)),
+            (3, Duration::from_secs(243))
+        ]
+    );
+    assert_eq!(failed_at, Duration::from_secs(363));
+}
