@@ -113,6 +113,9 @@ pub(crate) struct Claimed {
     pub finished_at_ms: Option<i64>,
     /// Fencing token: outcome writes must carry it.
     pub generation: i64,
+    /// Sends recorded so far; the next send's attempt number continues from here, so attempt
+    /// numbers never repeat over a conversation's life (retries included).
+    pub attempts: u32,
 }
 
 /// A page request for listing.
@@ -156,7 +159,7 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
     /// Newest first.
     async fn list(&self, filter: ListFilter) -> Result<Vec<Conversation>, StoreError>;
 
-    /// FAILED -> PROCESSING, at the back of the queue, with no owner and attempts reset.
+    /// FAILED -> PROCESSING, at the back of the queue, with no owner. Attempts keep counting.
     async fn retry(&self, id: &str) -> Result<RetryOutcome, StoreError>;
 
     /// Claims up to `limit` PROCESSING rows, oldest queued first, that nobody holds (no owner

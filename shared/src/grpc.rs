@@ -53,7 +53,6 @@ impl Default for ServerLimits {
 /// A tonic server builder with our limits and keepalive applied.
 pub fn server_builder(limits: ServerLimits) -> tonic::transport::Server {
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
         // Detects dead peers on long-lived streams from the server side too.
@@ -75,7 +74,12 @@ pub async fn serve(
     grace: std::time::Duration,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's tcp_nodelay/tcp_keepalive do not apply to an incoming stream we hand
+    // over, so set them on accepted sockets here (without nodelay, small responses wait on
+    // Nagle + delayed ACK: ~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(std::time::Duration::from_secs(60)));
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     }));

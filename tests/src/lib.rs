@@ -6,6 +6,9 @@
 //! (`target/<profile>/`); `cargo build --workspace --bins` builds them too.
 #![forbid(unsafe_code)]
 
+pub mod fake_pusher;
+pub mod proxy;
+
 pub use shared::proto::listen::v1 as listen;
 pub use shared::proto::pusher::v1 as pusher;
 
@@ -96,7 +99,11 @@ impl Service {
             .unwrap();
         let child = Command::new(binary(self.name))
             .args(&self.args)
-            .env("RUST_LOG", "info,listen_svc=debug,pusher_svc=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_RUST_LOG")
+                    .unwrap_or_else(|_| "info,listen_svc=debug,pusher_svc=debug".into()),
+            )
             .env_remove("LISTEN_STORE")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -206,7 +213,11 @@ impl Drop for Service {
         self.kill();
         if std::thread::panicking() {
             let text = self.log_text();
-            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            let lines = std::env::var("TEST_LOG_LINES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(60);
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
             eprintln!(
                 "---- last lines of {} log ({}) ----",
                 self.name,
@@ -253,18 +264,21 @@ pub async fn start_listen(options: ListenOptions<'_>) -> Service {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let store = format!("sqlite://{}", dir.path().join("listen.db").display());
-    let mut args = vec![
-        "--listen-addr".to_string(),
-        addr.to_string(),
-        "--pusher-url".to_string(),
-        format!("http://127.0.0.1:{}", options.pusher_port),
+    let mut args = vec!["--listen-addr".to_string(), addr.to_string()];
+    // A test that names its own --pusher-url (a proxy, a fake) gets only that one.
+    if !options.extra.contains(&"--pusher-url") {
+        args.extend([
+            "--pusher-url".to_string(),
+            format!("http://127.0.0.1:{}", options.pusher_port),
+        ]);
+    }
+    args.extend([
         "--store".to_string(),
         store,
         "--instance-id".to_string(),
         "listen-test".to_string(),
-    ];
-    args.extend(FAST_LINK.iter().map(|s| s.to_string()));
-    args.extend(options.extra.iter().map(|s| s.to_string()));
+    ]);
+    args.extend(with_defaults(FAST_LINK, options.extra));
     let mut service = Service::spawn("listen-svc", addr, args, dir.path().join("listen.log"));
     service._dir = Some(dir);
     service.wait_healthy("").await;
@@ -380,4 +394,85 @@ pub async fn wait_one(
     wait_all(client, &[id.to_string()], status, timeout)
         .await
         .remove(0)
+}
+
+impl Service {
+    /// Log lines containing every one of `needles`.
+    pub fn log_lines_with(&self, needles: &[&str]) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|line| needles.iter().all(|n| line.contains(n)))
+            .count()
+    }
+}
+
+/// Submits `n` conversations for `uid` with up to 16 in flight; returns their ids in order.
+pub async fn submit_many(client: &ListenClient, uid: &str, n: usize) -> Vec<String> {
+    let mut ids = vec![String::new(); n];
+    let mut tasks = tokio::task::JoinSet::new();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..16 {
+        let (client, next, uid) = (client.clone(), next.clone(), uid.to_string());
+        tasks.spawn(async move {
+            let mut client = client;
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= n {
+                    return done;
+                }
+                let response = client
+                    .submit_conversation(talk(&uid, &format!("{uid}-{i}")))
+                    .await
+                    .expect("submit");
+                done.push((i, response.into_inner().conversation_id));
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        for (i, id) in done.expect("submit task") {
+            ids[i] = id;
+        }
+    }
+    ids
+}
+
+/// Counts `uid`'s conversations in `status` through ListConversations paging.
+pub async fn count_listed(
+    client: &ListenClient,
+    uid: &str,
+    status: listen::ConversationStatus,
+) -> usize {
+    let mut client = client.clone();
+    let mut token = String::new();
+    let mut count = 0;
+    loop {
+        let page = client
+            .list_conversations(listen::ListConversationsRequest {
+                uid: uid.to_string(),
+                status: status as i32,
+                page_size: 500,
+                page_token: token,
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        count += page.conversations.len();
+        if page.next_page_token.is_empty() {
+            return count;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// `overrides` (a flat list of `--flag value` pairs) plus every pair of `defaults` whose flag
+/// `overrides` does not set: clap refuses a flag given twice.
+pub fn with_defaults(defaults: &[&str], overrides: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    for pair in defaults.chunks(2) {
+        if !overrides.contains(&pair[0]) {
+            out.extend(pair.iter().map(|s| s.to_string()));
+        }
+    }
+    out
 }

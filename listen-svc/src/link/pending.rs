@@ -138,7 +138,7 @@ impl Pending {
             Entry {
                 request: Arc::new(request),
                 generation: claimed.generation,
-                attempt: 0,
+                attempt: claimed.attempts,
                 budget_used: 0,
                 state: EntryState::Waiting { at: now },
             },

@@ -406,7 +406,7 @@ impl ConversationStore for SqliteStore {
             let queue_seq = next_queue_seq(conn)?;
             conn.prepare_cached(
                 "UPDATE conversations SET status = 'processing', queue_seq = ?2, owner = NULL, \
-                 lease_expires_at_ms = NULL, last_error = NULL, attempts = 0 \
+                 lease_expires_at_ms = NULL, last_error = NULL \
                  WHERE id = ?1 AND status = 'failed'",
             )
             .map_err(unavailable)?
@@ -436,7 +436,7 @@ impl ConversationStore for SqliteStore {
                        WHERE status = 'processing' \
                          AND (owner IS NULL OR lease_expires_at_ms < ?2) \
                        ORDER BY queue_seq LIMIT ?4) \
-                     RETURNING id, uid, language, segments, finished_at_ms, generation, queue_seq",
+                     RETURNING id, uid, language, segments, finished_at_ms, generation, queue_seq, attempts",
                 )
                 .map_err(unavailable)?;
             let mut rows = stmt
@@ -455,6 +455,7 @@ impl ConversationStore for SqliteStore {
                         segments: decode_segments(&id, &segments)?,
                         finished_at_ms: row.get(4).map_err(unavailable)?,
                         generation: row.get(5).map_err(unavailable)?,
+                        attempts: row.get::<_, i64>(7).map_err(unavailable)?.clamp(0, u32::MAX as i64) as u32,
                         id,
                     },
                 ));

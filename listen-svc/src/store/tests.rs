@@ -316,18 +316,18 @@ async fn failed_conversations_can_be_retried_once_failed() {
     };
     assert_eq!(
         (retried.status, retried.last_error, retried.attempts),
-        (Status::Processing, None, 0)
+        (Status::Processing, None, 5)
     );
     // A retried conversation goes to the back of the queue.
-    let order: Vec<String> = f
-        .store
-        .claim("a", 1, LEASE, 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| c.id)
-        .collect();
-    assert_eq!(order, vec![later, id]);
+    let claimed = f.store.claim("a", 1, LEASE, 10).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+        vec![later, id]
+    );
+    assert_eq!(
+        claimed[1].attempts, 5,
+        "attempt numbers continue after a retry"
+    );
 }
 
 #[tokio::test]

@@ -34,6 +34,7 @@ fn claimed(id: &str) -> Claimed {
         }],
         finished_at_ms: Some(1_700_000_000_123),
         generation: 1,
+        attempts: 0,
     }
 }
 
@@ -370,4 +371,29 @@ async fn resend_schedule_follows_the_paused_clock() {
         ]
     );
     assert_eq!(failed_at, Duration::from_secs(363));
+}
+
+#[test]
+fn attempt_numbers_continue_from_the_stored_count() {
+    let now = Instant::now();
+    let mut p = pending(4, 5);
+    // A retried conversation that was sent 3 times before it failed.
+    p.insert(
+        Claimed {
+            attempts: 3,
+            ..claimed("a")
+        },
+        now,
+    );
+    assert_eq!(send_due(&mut p, now), vec![("a".to_string(), 4)]);
+    // A late failure for the old attempt 1 cannot fail the new attempt.
+    assert_eq!(
+        p.ack(failed("a", 1, false), now),
+        AckAction::Ignore(Ignored::Stale)
+    );
+    assert_eq!(
+        p.get("a").unwrap().budget_used,
+        1,
+        "a fresh budget all the same"
+    );
 }
