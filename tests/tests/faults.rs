@@ -753,3 +753,125 @@ async fn degraded_probes_half_open_and_recovers() {
 fn fastrand(below: u64) -> u64 {
     (shared::backoff::random_unit() * below as f64) as u64
 }
+
+/// Listen is SIGKILLed with work pending and queued, and restarted on the same store under
+/// the same instance id: it releases its old leases and finishes everything.
+#[tokio::test]
+async fn listen_sigkill_with_work_in_flight_resumes_on_restart() {
+    let pusher_port = free_port();
+    let _pusher = start_pusher(pusher_port, &["--simulated-latency", "500ms"]).await;
+    let mut listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &["--max-in-flight", "16"],
+    })
+    .await;
+    let client = listen_client(&listen);
+    let ids = submit_many(&client, "crash", 100).await;
+    wait_for("work in flight", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move { (link_status(&mut client).await.pending > 0).then_some(()) }
+    })
+    .await;
+    listen.kill();
+    listen.restart().await;
+    let client = listen_client(&listen);
+    // Well within the 30 s lease: the restart released the old leases rather than waiting.
+    let done = wait_all(
+        &client,
+        &ids,
+        ConversationStatus::Completed,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(done.len(), 100);
+}
+
+/// A slow, jittery network that fragments every write: the link still delivers everything,
+/// once each.
+#[tokio::test]
+async fn slow_fragmented_network_still_delivers_everything() {
+    let pusher = start_pusher(free_port(), &[]).await;
+    let proxy = Proxy::start(pusher.addr).await;
+    proxy.set(Mode::Latency {
+        base: Duration::from_millis(20),
+        jitter: Duration::from_millis(15),
+    });
+    let listen = listen_to(&proxy.url(), &[]).await;
+    let client = listen_client(&listen);
+    let slow = submit_many(&client, "slow-net", 30).await;
+    wait_all(
+        &client,
+        &slow,
+        ConversationStatus::Completed,
+        Duration::from_secs(30),
+    )
+    .await;
+
+    proxy.set(Mode::Slice(7));
+    let sliced = submit_many(&client, "sliced-net", 30).await;
+    let done = wait_all(
+        &client,
+        &sliced,
+        ConversationStatus::Completed,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        done.iter()
+            .chain(
+                &wait_all(
+                    &client,
+                    &slow,
+                    ConversationStatus::Completed,
+                    Duration::from_secs(1)
+                )
+                .await
+            )
+            .all(|c| c.attempts == 1)
+    );
+    assert_eq!(
+        link_status(&mut client.clone()).await.reconnects,
+        0,
+        "no fault, no reconnect"
+    );
+}
+
+/// Refused connections (nothing listening) are retried with backoff; the link connects as
+/// soon as connections are accepted again.
+#[tokio::test]
+async fn refused_connections_back_off_then_connect() {
+    let pusher = start_pusher(free_port(), &[]).await;
+    let proxy = Proxy::start(pusher.addr).await;
+    proxy.set(Mode::Refuse);
+    let listen = listen_to(&proxy.url(), &["--degrade-after", "1000"]).await;
+    let client = listen_client(&listen);
+    let id = client
+        .clone()
+        .submit_conversation(talk("refused", "k"))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    let status = wait_for("backoff after refusals", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            let status = link_status(&mut client).await;
+            (status.consecutive_failures >= 3).then_some(status)
+        }
+    })
+    .await;
+    assert!(
+        status.last_error.contains("cannot connect"),
+        "{}",
+        status.last_error
+    );
+    assert_eq!(proxy.accepted(), 0, "refused, not accepted");
+    proxy.set(Mode::Pass);
+    wait_one(
+        &client,
+        &id,
+        ConversationStatus::Completed,
+        Duration::from_secs(10),
+    )
+    .await;
+}
