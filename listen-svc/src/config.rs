@@ -26,7 +26,9 @@ pub struct Config {
     )]
     pub pusher_url: String,
 
-    /// Conversation store: sqlite://PATH (the file and its directory are created if missing).
+    /// Conversation store: sqlite://PATH (embedded; the file and its directory are created if
+    /// missing) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (shared by several listen
+    /// replicas; the schema is migrated at start-up).
     #[arg(
         long,
         env = "LISTEN_STORE",
@@ -125,6 +127,8 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreLocation {
     Sqlite(PathBuf),
+    /// A postgres:// or postgresql:// URL.
+    Postgres(String),
 }
 
 impl Config {
@@ -178,9 +182,15 @@ impl Config {
             return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
         }
         if self.store.starts_with("postgres://") || self.store.starts_with("postgresql://") {
-            return Err("--store: PostgreSQL is not supported yet; use sqlite://PATH".into());
+            self.store
+                .parse::<tokio_postgres::Config>()
+                .map_err(|e| format!("--store: invalid PostgreSQL URL: {e}"))?;
+            return Ok(StoreLocation::Postgres(self.store.clone()));
         }
-        Err(format!("--store {:?}: expected sqlite://PATH", self.store))
+        Err(format!(
+            "--store {:?}: expected sqlite://PATH or postgres://USER@HOST:PORT/DB",
+            self.store
+        ))
     }
 }
 
@@ -203,6 +213,13 @@ mod tests {
         );
         assert_eq!(config.ack_timeout, Duration::from_secs(120));
         assert_eq!(config.max_attempts, 5);
+        let pg = parse(&["--store", "postgres://listen@db:5432/listen"]);
+        assert_eq!(
+            pg.store_location(),
+            Ok(StoreLocation::Postgres(
+                "postgres://listen@db:5432/listen".into()
+            ))
+        );
     }
 
     #[test]
@@ -210,6 +227,7 @@ mod tests {
         for (args, flag) in [
             (&["--store", "mysql://x"][..], "--store"),
             (&["--store", "sqlite://"][..], "--store"),
+            (&["--store", "postgres://u@h:notaport/db"][..], "--store"),
             (&["--pusher-url", "not a url"][..], "--pusher-url"),
             (&["--pusher-url", "ftp://host:1"][..], "--pusher-url"),
             (&["--reconnect-initial", "1m"][..], "--reconnect-initial"),

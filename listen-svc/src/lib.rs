@@ -24,7 +24,7 @@ use shared::proto::listen::v1::{LINK_HEALTH_NAME, SERVICE_NAME, listen_server::L
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{ConversationStore, SqliteStore};
+use store::{ConversationStore, PostgresStore, SqliteStore};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
@@ -44,6 +44,7 @@ pub async fn run(
                 let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??;
                 Arc::new(store)
             }
+            StoreLocation::Postgres(url) => Arc::new(PostgresStore::open(&url).await?),
         };
     let instance_id = config
         .instance_id
@@ -112,7 +113,7 @@ pub async fn run(
         .max_encoding_message_size(config.max_message_bytes as usize);
 
     let addr = listener.local_addr()?;
-    info!(%addr, %instance_id, pusher_url = %config.pusher_url, store = %config.store, "listen-svc serving");
+    info!(%addr, %instance_id, pusher_url = %config.pusher_url, store = %redact(&config.store), "listen-svc serving");
     let router = shared::grpc::server_builder(Default::default())
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -144,4 +145,42 @@ fn default_instance_id() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| format!("listen-{}", uuid::Uuid::now_v7()))
+}
+
+/// The store URL with any password replaced, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted_from_store_urls() {
+        assert_eq!(
+            super::redact("postgres://listen:s3cret@db:5432/listen"),
+            "postgres://listen:***@db:5432/listen"
+        );
+        assert_eq!(
+            super::redact("postgres://listen@db/listen"),
+            "postgres://listen@db/listen"
+        );
+        assert_eq!(
+            super::redact("sqlite://./data/listen.db"),
+            "sqlite://./data/listen.db"
+        );
+    }
 }

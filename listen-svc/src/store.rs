@@ -5,8 +5,10 @@
 //! lease and bumping the fencing generation) and writes outcomes only with the generation it
 //! claimed with, so late writes from a fenced-off owner change nothing.
 
+mod postgres;
 mod sqlite;
 
+pub(crate) use postgres::PostgresStore;
 pub(crate) use sqlite::SqliteStore;
 
 use shared::proto::listen::v1 as api;

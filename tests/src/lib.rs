@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fake_pusher;
+pub mod postgres;
 pub mod proxy;
 
 pub use shared::proto::listen::v1 as listen;

@@ -4,22 +4,104 @@
 use super::*;
 use std::sync::Arc;
 
+/// A store under test, and how to reach its data behind its back.
 struct Fixture {
     store: Arc<dyn ConversationStore>,
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
+    location: Location,
+    _dir: Option<tempfile::TempDir>,
 }
 
-fn sqlite() -> Fixture {
+enum Location {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+async fn sqlite() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/listen.db");
     let store = Arc::new(SqliteStore::open(&path).unwrap());
     Fixture {
         store,
-        _dir: dir,
-        path,
+        location: Location::Sqlite(path),
+        _dir: Some(dir),
     }
 }
+
+/// A fresh database on the test process's throwaway PostgreSQL server.
+async fn postgres() -> Fixture {
+    let url = ::tests::postgres::fresh_database().await;
+    let store = Arc::new(PostgresStore::open(&url).await.unwrap());
+    Fixture {
+        store,
+        location: Location::Postgres(url),
+        _dir: None,
+    }
+}
+
+impl Fixture {
+    /// A second store on the same data, as after a restart.
+    async fn reopen(&self) -> Arc<dyn ConversationStore> {
+        match &self.location {
+            Location::Sqlite(path) => Arc::new(SqliteStore::open(path).unwrap()),
+            Location::Postgres(url) => Arc::new(PostgresStore::open(url).await.unwrap()),
+        }
+    }
+
+    /// Overwrites a row's segments with bytes that do not decode.
+    async fn corrupt_segments(&self, id: &str) {
+        match &self.location {
+            Location::Sqlite(path) => {
+                let raw = rusqlite::Connection::open(path).unwrap();
+                raw.execute(
+                    "UPDATE conversations SET segments = x'ffffffff' WHERE id = ?1",
+                    [id],
+                )
+                .unwrap();
+            }
+            Location::Postgres(url) => {
+                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .execute(
+                        "UPDATE conversations SET segments = '\\xffffffff'::bytea WHERE id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// Runs each named test against every store implementation.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_store {
+            $( #[tokio::test] async fn $name() { super::$name(super::sqlite().await).await } )*
+        }
+        mod postgres_store {
+            $( #[tokio::test] async fn $name() { super::$name(super::postgres().await).await } )*
+        }
+    };
+}
+
+conformance!(
+    submit_then_get_round_trips_everything,
+    same_idempotency_key_returns_the_same_conversation,
+    claim_takes_unowned_processing_rows_oldest_first_and_only_once,
+    expired_leases_are_claimed_by_others_and_renewal_prevents_it,
+    concurrent_claims_never_take_the_same_row,
+    completion_is_idempotent,
+    failed_conversations_can_be_retried_once_failed,
+    list_pages_newest_first_with_filters,
+    concurrent_submits_all_land,
+    concurrent_submits_with_one_key_make_one_conversation,
+    data_survives_reopening,
+    a_failing_operation_does_not_undo_others,
+    corrupt_rows_are_reported_not_misread,
+);
 
 fn segment(text: &str) -> api::Segment {
     api::Segment {
@@ -45,9 +127,7 @@ fn new(uid: &str, key: Option<&str>, status: Status, now_ms: i64) -> NewConversa
 
 const LEASE: i64 = 30_000;
 
-#[tokio::test]
-async fn submit_then_get_round_trips_everything() {
-    let f = sqlite();
+async fn submit_then_get_round_trips_everything(f: Fixture) {
     let conversation = new("u1", Some("k1"), Status::Processing, 1_000);
     let submitted = f.store.submit(conversation.clone()).await.unwrap();
     assert_eq!(
@@ -78,9 +158,7 @@ async fn submit_then_get_round_trips_everything() {
     assert!(f.store.get("no-such-id").await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn same_idempotency_key_returns_the_same_conversation() {
-    let f = sqlite();
+async fn same_idempotency_key_returns_the_same_conversation(f: Fixture) {
     let first = f
         .store
         .submit(new("u1", Some("k"), Status::Processing, 1))
@@ -115,9 +193,7 @@ async fn same_idempotency_key_returns_the_same_conversation() {
     assert!(a.created && b.created && a.id != b.id);
 }
 
-#[tokio::test]
-async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once() {
-    let f = sqlite();
+async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixture) {
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(
@@ -168,9 +244,7 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once() {
     );
 }
 
-#[tokio::test]
-async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it() {
-    let f = sqlite();
+async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture) {
     let id = f
         .store
         .submit(new("u", None, Status::Processing, 0))
@@ -221,9 +295,7 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it() {
     );
 }
 
-#[tokio::test]
-async fn completion_is_idempotent() {
-    let f = sqlite();
+async fn completion_is_idempotent(f: Fixture) {
     let id = f
         .store
         .submit(new("u", None, Status::Processing, 0))
@@ -282,9 +354,7 @@ async fn completion_is_idempotent() {
     );
 }
 
-#[tokio::test]
-async fn failed_conversations_can_be_retried_once_failed() {
-    let f = sqlite();
+async fn failed_conversations_can_be_retried_once_failed(f: Fixture) {
     let id = f
         .store
         .submit(new("u", None, Status::Processing, 0))
@@ -330,9 +400,7 @@ async fn failed_conversations_can_be_retried_once_failed() {
     );
 }
 
-#[tokio::test]
-async fn list_pages_newest_first_with_filters() {
-    let f = sqlite();
+async fn list_pages_newest_first_with_filters(f: Fixture) {
     let mut u1 = Vec::new();
     for i in 0..5 {
         u1.push(
@@ -409,9 +477,7 @@ async fn list_pages_newest_first_with_filters() {
     assert_eq!(f.store.count_processing().await.unwrap(), 6);
 }
 
-#[tokio::test]
-async fn concurrent_submits_are_group_committed_and_all_land() {
-    let f = sqlite();
+async fn concurrent_submits_all_land(f: Fixture) {
     let tasks: Vec<_> = (0..300)
         .map(|i| {
             let store = Arc::clone(&f.store);
@@ -433,18 +499,14 @@ async fn concurrent_submits_are_group_committed_and_all_land() {
     assert_eq!(f.store.count_processing().await.unwrap(), 300);
 }
 
-#[tokio::test]
-async fn data_survives_reopening_the_file() {
-    let f = sqlite();
+async fn data_survives_reopening(f: Fixture) {
     let id = f
         .store
         .submit(new("u", Some("k"), Status::Processing, 0))
         .await
         .unwrap()
         .id;
-    let path = f.path.clone();
-    drop(f.store);
-    let reopened = SqliteStore::open(&path).unwrap();
+    let reopened = f.reopen().await;
     assert_eq!(
         reopened.get(&id).await.unwrap().unwrap().status,
         Status::Processing
@@ -458,9 +520,7 @@ async fn data_survives_reopening_the_file() {
     );
 }
 
-#[tokio::test]
-async fn a_failing_operation_does_not_undo_the_rest_of_its_batch() {
-    let f = sqlite();
+async fn a_failing_operation_does_not_undo_others(f: Fixture) {
     let mut same_id = new("u", None, Status::Processing, 0);
     f.store.submit(same_id.clone()).await.unwrap();
     same_id.idempotency_key = Some("different".into());
@@ -474,21 +534,14 @@ async fn a_failing_operation_does_not_undo_the_rest_of_its_batch() {
     assert_eq!(f.store.count_processing().await.unwrap(), 2);
 }
 
-#[tokio::test]
-async fn corrupt_rows_are_reported_not_misread() {
-    let f = sqlite();
+async fn corrupt_rows_are_reported_not_misread(f: Fixture) {
     let id = f
         .store
         .submit(new("u", None, Status::Processing, 0))
         .await
         .unwrap()
         .id;
-    let raw = rusqlite::Connection::open(&f.path).unwrap();
-    raw.execute(
-        "UPDATE conversations SET segments = x'ffffffff' WHERE id = ?1",
-        [&id],
-    )
-    .unwrap();
+    f.corrupt_segments(&id).await;
     assert!(matches!(
         f.store.get(&id).await,
         Err(StoreError::Corrupt(_))
@@ -507,4 +560,96 @@ fn newer_schema_is_refused_with_a_clear_error() {
         panic!("opened a newer schema")
     };
     assert!(error.to_string().contains("newer"), "{error}");
+}
+
+async fn concurrent_claims_never_take_the_same_row(f: Fixture) {
+    for i in 0..200 {
+        f.store
+            .submit(new("u", None, Status::Processing, i))
+            .await
+            .unwrap();
+    }
+    let claims: Vec<_> = (0..8)
+        .map(|owner| {
+            let store = Arc::clone(&f.store);
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let batch = store
+                        .claim(&format!("o{owner}"), 0, LEASE, 7)
+                        .await
+                        .unwrap();
+                    if batch.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(batch.into_iter().map(|c| c.id));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for claim in claims {
+        all.extend(claim.await.unwrap());
+    }
+    let unique: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!(
+        (all.len(), unique.len()),
+        (200, 200),
+        "every row claimed exactly once"
+    );
+}
+
+async fn concurrent_submits_with_one_key_make_one_conversation(f: Fixture) {
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = Arc::clone(&f.store);
+            tokio::spawn(async move {
+                store
+                    .submit(new("u", Some("same"), Status::Processing, i))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    let mut created = 0;
+    for task in tasks {
+        let submitted = task.await.unwrap();
+        created += usize::from(submitted.created);
+        ids.insert(submitted.id);
+    }
+    assert_eq!((ids.len(), created), (1, 1));
+    assert_eq!(f.store.count_processing().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn postgres_refuses_a_newer_schema_with_a_clear_error() {
+    let url = ::tests::postgres::fresh_database().await;
+    PostgresStore::open(&url).await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .execute("INSERT INTO schema_migrations (version) VALUES (99)", &[])
+        .await
+        .unwrap();
+    let Err(error) = PostgresStore::open(&url).await else {
+        panic!("opened a newer schema")
+    };
+    assert!(error.to_string().contains("newer"), "{error}");
+}
+
+#[tokio::test]
+async fn postgres_replicas_starting_together_migrate_once() {
+    let url = ::tests::postgres::fresh_database().await;
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PostgresStore::open(&url).await.map(|_| ()) })
+        })
+        .collect();
+    for open in opens {
+        open.await.unwrap().unwrap();
+    }
 }

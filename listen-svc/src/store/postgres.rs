@@ -1,0 +1,413 @@
+//! PostgreSQL store, for several listen replicas sharing one database.
+//!
+//! - A pool of at most `POOL_SIZE` connections; a caller waits at most `POOL_WAIT` for one,
+//!   then gets `Unavailable` (a stopped server fails Submit fast rather than hanging it).
+//! - Each operation is one statement or one transaction; PostgreSQL does the grouping.
+//! - Claims use `FOR UPDATE SKIP LOCKED`, so replicas claiming at once never take the same
+//!   row and never wait on each other.
+//! - Migrations run under an advisory lock, so replicas starting together apply them once.
+
+use super::{
+    Claimed, Conversation, ConversationStore, ListFilter, NewConversation, RetryOutcome,
+    SegmentList, Status, StoreError, Submitted,
+};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use prost::Message;
+use shared::proto::listen::v1 as api;
+use std::time::Duration;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+use tracing::debug;
+
+const POOL_SIZE: usize = 16;
+const POOL_WAIT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Arbitrary, fixed: serializes migrations across replicas.
+const MIGRATION_LOCK: i64 = 0x6c69_7374_656e;
+
+const MIGRATIONS: &[&str] = &[include_str!(
+    "../../migrations/postgres/0001_conversations.sql"
+)];
+
+const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
+                       created_at_ms, finished_at_ms, completed_at_ms";
+
+pub(crate) struct PostgresStore {
+    pool: Pool,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (postgres://...) and applies pending migrations.
+    pub(crate) async fn open(url: &str) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("invalid PostgreSQL URL: {e}")))?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("listen-svc");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot build the connection pool: {e}"))
+            })?;
+        let store = PostgresStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("no database connection: {e}")))
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(unavailable)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY)",
+        )
+        .await
+        .map_err(unavailable)?;
+        let applied: i64 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        let known = MIGRATIONS.len() as i64;
+        if applied > known {
+            return Err(StoreError::Unavailable(format!(
+                "database schema version {applied} is newer than this listen-svc understands ({known}); \
+                 run a newer listen-svc"
+            )));
+        }
+        for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+            tx.batch_execute(sql).await.map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[&(index as i64 + 1)],
+            )
+            .await
+            .map_err(unavailable)?;
+            debug!(version = index + 1, "applied migration");
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+}
+
+fn unavailable(error: tokio_postgres::Error) -> StoreError {
+    // Display of a db error is terse ("db error"); its source carries the server's message.
+    let detail = match error.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => error.to_string(),
+    };
+    StoreError::Unavailable(detail)
+}
+
+fn encode_segments(segments: &[api::Segment]) -> Vec<u8> {
+    SegmentList {
+        segments: segments.to_vec(),
+    }
+    .encode_to_vec()
+}
+
+fn conversation_from_row(row: &Row) -> Result<Conversation, StoreError> {
+    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(e.to_string());
+    let id: String = row.try_get(0).map_err(corrupt)?;
+    let status: String = row.try_get(3).map_err(corrupt)?;
+    let segments: Vec<u8> = row.try_get(4).map_err(corrupt)?;
+    let structured: Option<Vec<u8>> = row.try_get(5).map_err(corrupt)?;
+    Ok(Conversation {
+        uid: row.try_get(1).map_err(corrupt)?,
+        language: row.try_get(2).map_err(corrupt)?,
+        status: Status::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))?,
+        segments: SegmentList::decode(segments.as_slice())
+            .map(|list| list.segments)
+            .map_err(|e| StoreError::Corrupt(format!("segments of {id}: {e}")))?,
+        structured: structured
+            .map(|b| api::Structured::decode(b.as_slice()))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("result of {id}: {e}")))?,
+        attempts: row
+            .try_get::<_, i64>(6)
+            .map_err(corrupt)?
+            .clamp(0, u32::MAX as i64) as u32,
+        last_error: row.try_get(7).map_err(corrupt)?,
+        created_at_ms: row.try_get(8).map_err(corrupt)?,
+        finished_at_ms: row.try_get(9).map_err(corrupt)?,
+        completed_at_ms: row.try_get(10).map_err(corrupt)?,
+        id,
+    })
+}
+
+#[async_trait::async_trait]
+impl ConversationStore for PostgresStore {
+    async fn submit(&self, new: NewConversation) -> Result<Submitted, StoreError> {
+        let client = self.client().await?;
+        let queued = new.status == Status::Processing;
+        let inserted = client
+            .query_opt(
+                "INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
+                 segment_count, created_at_ms, finished_at_ms, queue_seq) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, \
+                         CASE WHEN $9 THEN nextval('conversations_queue_seq') END) \
+                 ON CONFLICT (uid, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+                 RETURNING id",
+                &[
+                    &new.id,
+                    &new.uid,
+                    &new.idempotency_key,
+                    &new.language,
+                    &new.status.as_str(),
+                    &encode_segments(&new.segments),
+                    &(new.segments.len() as i64),
+                    &new.now_ms,
+                    &queued,
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        if inserted.is_some() {
+            return Ok(Submitted {
+                id: new.id,
+                status: new.status,
+                created: true,
+            });
+        }
+        let row = client
+            .query_one(
+                "SELECT id, status FROM conversations WHERE uid = $1 AND idempotency_key = $2",
+                &[&new.uid, &new.idempotency_key],
+            )
+            .await
+            .map_err(unavailable)?;
+        let (id, status): (String, String) = (row.get(0), row.get(1));
+        let status = Status::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))?;
+        Ok(Submitted {
+            id,
+            status,
+            created: false,
+        })
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Conversation>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM conversations WHERE id = $1"),
+                &[&id],
+            )
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(conversation_from_row).transpose()
+    }
+
+    async fn list(&self, filter: ListFilter) -> Result<Vec<Conversation>, StoreError> {
+        let client = self.client().await?;
+        let mut sql = format!("SELECT {COLUMNS} FROM conversations WHERE TRUE");
+        let status = filter.status.map(|s| s.as_str().to_string());
+        let limit = filter.limit as i64;
+        let mut args: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if let Some(uid) = &filter.uid {
+            args.push(uid);
+            sql.push_str(&format!(" AND uid = ${}", args.len()));
+        }
+        if let Some(status) = &status {
+            args.push(status);
+            sql.push_str(&format!(" AND status = ${}", args.len()));
+        }
+        if let Some(before) = &filter.before_id {
+            args.push(before);
+            sql.push_str(&format!(" AND id < ${}", args.len()));
+        }
+        args.push(&limit);
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", args.len()));
+        let rows = client.query(&sql, &args).await.map_err(unavailable)?;
+        rows.iter().map(conversation_from_row).collect()
+    }
+
+    async fn retry(&self, id: &str) -> Result<RetryOutcome, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "UPDATE conversations SET status = 'processing', \
+                     queue_seq = nextval('conversations_queue_seq'), owner = NULL, \
+                     lease_expires_at_ms = NULL, last_error = NULL \
+                     WHERE id = $1 AND status = 'failed' RETURNING {COLUMNS}"
+                ),
+                &[&id],
+            )
+            .await
+            .map_err(unavailable)?;
+        if let Some(row) = row {
+            return Ok(RetryOutcome::Retried(Box::new(conversation_from_row(
+                &row,
+            )?)));
+        }
+        let status = client
+            .query_opt("SELECT status FROM conversations WHERE id = $1", &[&id])
+            .await
+            .map_err(unavailable)?;
+        Ok(match status {
+            None => RetryOutcome::NotFound,
+            Some(row) => {
+                let status: String = row.get(0);
+                RetryOutcome::NotFailed(
+                    Status::parse(&status).ok_or_else(|| {
+                        StoreError::Corrupt(format!("status of {id}: {status:?}"))
+                    })?,
+                )
+            }
+        })
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "WITH picked AS ( \
+                   SELECT id FROM conversations \
+                   WHERE status = 'processing' AND (owner IS NULL OR lease_expires_at_ms < $2) \
+                   ORDER BY queue_seq LIMIT $4 \
+                   FOR UPDATE SKIP LOCKED) \
+                 UPDATE conversations c SET owner = $1, lease_expires_at_ms = $3, \
+                   generation = c.generation + 1 \
+                 FROM picked WHERE c.id = picked.id \
+                 RETURNING c.id, c.uid, c.language, c.segments, c.finished_at_ms, c.generation, \
+                   c.queue_seq, c.attempts",
+                &[&owner, &now_ms, &lease_until_ms, &(limit as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: String = row.get(0);
+            let segments: Vec<u8> = row.get(3);
+            claimed.push((
+                row.get::<_, i64>(6),
+                Claimed {
+                    uid: row.get(1),
+                    language: row.get(2),
+                    segments: SegmentList::decode(segments.as_slice())
+                        .map(|list| list.segments)
+                        .map_err(|e| StoreError::Corrupt(format!("segments of {id}: {e}")))?,
+                    finished_at_ms: row.get(4),
+                    generation: row.get(5),
+                    attempts: row.get::<_, i64>(7).clamp(0, u32::MAX as i64) as u32,
+                    id,
+                },
+            ));
+        }
+        claimed.sort_by_key(|(seq, _)| *seq);
+        Ok(claimed.into_iter().map(|(_, c)| c).collect())
+    }
+
+    async fn release(&self, owner: &str) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE conversations SET owner = NULL, lease_expires_at_ms = NULL \
+                 WHERE owner = $1 AND status = 'processing'",
+                &[&owner],
+            )
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn renew(&self, owner: &str, lease_until_ms: i64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE conversations SET lease_expires_at_ms = $2 WHERE owner = $1 AND status = 'processing'",
+                &[&owner, &lease_until_ms],
+            )
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn complete(
+        &self,
+        id: &str,
+        generation: i64,
+        structured: api::Structured,
+        attempts: u32,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE conversations SET status = 'completed', structured = $3, attempts = $4, \
+                 completed_at_ms = $5, last_error = NULL, owner = NULL, lease_expires_at_ms = NULL \
+                 WHERE id = $1 AND generation = $2 AND status = 'processing'",
+                &[
+                    &id,
+                    &generation,
+                    &structured.encode_to_vec(),
+                    &(attempts as i64),
+                    &now_ms,
+                ],
+            )
+            .await
+            .map(|n| n == 1)
+            .map_err(unavailable)
+    }
+
+    async fn fail(
+        &self,
+        id: &str,
+        generation: i64,
+        reason: &str,
+        attempts: u32,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE conversations SET status = 'failed', last_error = $3, attempts = $4, \
+                 owner = NULL, lease_expires_at_ms = NULL \
+                 WHERE id = $1 AND generation = $2 AND status = 'processing'",
+                &[&id, &generation, &reason, &(attempts as i64)],
+            )
+            .await
+            .map(|n| n == 1)
+            .map_err(unavailable)
+    }
+
+    async fn count_processing(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT COUNT(*) FROM conversations WHERE status = 'processing'",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+}
