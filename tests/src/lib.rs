@@ -273,12 +273,13 @@ pub async fn start_listen(options: ListenOptions<'_>) -> Service {
             format!("http://127.0.0.1:{}", options.pusher_port),
         ]);
     }
-    args.extend([
-        "--store".to_string(),
-        store,
-        "--instance-id".to_string(),
-        "listen-test".to_string(),
-    ]);
+    // A test's own --store / --instance-id (PostgreSQL, several replicas) win.
+    if !options.extra.contains(&"--store") {
+        args.extend(["--store".to_string(), store]);
+    }
+    if !options.extra.contains(&"--instance-id") {
+        args.extend(["--instance-id".to_string(), "listen-test".to_string()]);
+    }
     args.extend(with_defaults(FAST_LINK, options.extra));
     let mut service = Service::spawn("listen-svc", addr, args, dir.path().join("listen.log"));
     service._dir = Some(dir);

@@ -84,7 +84,11 @@ impl TestPostgres {
         // The watchdog: runs postgres; when the test process is gone, stops it with pg_ctl
         // (runuser forks, so signalling its pid would not reach postgres) and removes the
         // data directory.
-        let run = if self.as_postgres { "runuser -u postgres --" } else { "" };
+        let run = if self.as_postgres {
+            "runuser -u postgres --"
+        } else {
+            ""
+        };
         let script = format!(
             "{run} {postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
              -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 & \

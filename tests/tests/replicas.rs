@@ -1,0 +1,222 @@
+//! Several listen replicas on one PostgreSQL database, and a database that goes away: the
+//! real binaries, a real PostgreSQL server (started by the test), SIGKILL.
+
+use std::time::{Duration, Instant};
+use tests::listen::{ConversationStatus, LinkState};
+use tests::postgres::{TestPostgres, fresh_database};
+use tests::*;
+use tonic::Code;
+
+/// Runs of one conversation in pusher's JSON log.
+fn runs(pusher: &Service, id: &str) -> usize {
+    pusher.log_lines_with(&["\"message\":\"processed\"", id])
+}
+
+/// Two replicas share a database; one is SIGKILLed with work in flight. The survivor claims
+/// the dead one's rows once their leases expire and completes every conversation; each is
+/// processed to completion once, apart from what was in flight at the kill.
+#[tokio::test]
+async fn survivor_takes_over_a_killed_replicas_work_within_the_lease() {
+    const IN_FLIGHT: usize = 16;
+    let url = fresh_database().await;
+    let pusher_port = free_port();
+    let pusher = start_pusher(
+        pusher_port,
+        &["--simulated-latency", "300ms", "--log-format", "json"],
+    )
+    .await;
+    let replica = |id: &'static str| {
+        let url = url.clone();
+        async move {
+            start_listen(ListenOptions {
+                pusher_port,
+                extra: &[
+                    "--store",
+                    &url,
+                    "--instance-id",
+                    id,
+                    "--lease-ttl",
+                    "3s",
+                    "--max-in-flight",
+                    "16",
+                ],
+            })
+            .await
+        }
+    };
+    let mut a = replica("listen-a").await;
+    let b = replica("listen-b").await;
+    let (client_a, client_b) = (listen_client(&a), listen_client(&b));
+
+    let mut ids = submit_many(&client_a, "replicas-a", 150).await;
+    ids.extend(submit_many(&client_b, "replicas-b", 50).await);
+    wait_for(
+        "replica a to have work in flight",
+        Duration::from_secs(10),
+        || {
+            let mut client = client_a.clone();
+            async move { (link_status(&mut client).await.pending > 0).then_some(()) }
+        },
+    )
+    .await;
+    a.kill();
+    let killed = Instant::now();
+
+    // Everything is readable and completes through the survivor.
+    let done = wait_all(
+        &client_b,
+        &ids,
+        ConversationStatus::Completed,
+        Duration::from_secs(60),
+    )
+    .await;
+    eprintln!(
+        "all 200 completed {:?} after the kill (lease 3 s)",
+        killed.elapsed()
+    );
+    assert_eq!(done.len(), 200);
+    let status = link_status(&mut client_b.clone()).await;
+    assert_eq!((status.pending, status.queued), (0, 0));
+
+    let processed: usize = ids.iter().map(|id| runs(&pusher, id)).sum();
+    assert!(ids.iter().all(|id| runs(&pusher, id) >= 1));
+    let duplicates = processed - ids.len();
+    eprintln!("{duplicates} duplicate runs");
+    assert!(
+        duplicates <= IN_FLIGHT,
+        "{duplicates} duplicates > {IN_FLIGHT} in flight at the kill"
+    );
+}
+
+/// Two live replicas claim from one queue at the same time (SKIP LOCKED): no conversation is
+/// sent twice or processed twice.
+#[tokio::test]
+async fn two_live_replicas_never_send_a_conversation_twice() {
+    let url = fresh_database().await;
+    let pusher_port = free_port();
+    let pusher = start_pusher(
+        pusher_port,
+        &["--simulated-latency", "50ms", "--log-format", "json"],
+    )
+    .await;
+    let mut replicas = Vec::new();
+    for id in ["listen-a", "listen-b"] {
+        replicas.push(
+            start_listen(ListenOptions {
+                pusher_port,
+                extra: &["--store", &url, "--instance-id", id, "--max-in-flight", "8"],
+            })
+            .await,
+        );
+    }
+    let client = listen_client(&replicas[0]);
+    let ids = submit_many(&client, "shared", 200).await;
+    let done = wait_all(
+        &client,
+        &ids,
+        ConversationStatus::Completed,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        done.iter().all(|c| c.attempts == 1),
+        "no conversation was sent twice"
+    );
+    assert!(
+        ids.iter().all(|id| runs(&pusher, id) == 1),
+        "each processed exactly once"
+    );
+    for replica in &replicas {
+        let status = link_status(&mut listen_client(replica)).await;
+        assert_eq!(
+            (status.state, status.pending),
+            (LinkState::Connected as i32, 0)
+        );
+    }
+}
+
+/// The database stops: Submit fails with UNAVAILABLE (never "succeeds" with nothing
+/// written), health stays answerable, and listen recovers by itself when the database is
+/// back; work accepted before the outage completes.
+#[tokio::test]
+async fn stopped_database_gives_unavailable_then_recovers_by_itself() {
+    let mut database = TestPostgres::start();
+    database.create_database("listen").await;
+    let url = database.url("listen");
+    let pusher_port = free_port();
+    let _pusher = start_pusher(pusher_port, &[]).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &["--store", &url],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+    let before = client
+        .submit_conversation(talk("outage", "before"))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    wait_one(
+        &client,
+        &before,
+        ConversationStatus::Completed,
+        Duration::from_secs(20),
+    )
+    .await;
+    let queued = client
+        .submit_conversation(talk("outage", "queued"))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+
+    database.stop();
+    let started = Instant::now();
+    let status = client
+        .submit_conversation(talk("outage", "during"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "failed in {:?}",
+        started.elapsed()
+    );
+    let status = client
+        .get_conversation(listen::GetConversationRequest {
+            conversation_id: before.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        listen.health("").await.is_some(),
+        "listen itself still answers"
+    );
+
+    database.launch();
+    let during = wait_for("submit to work again", Duration::from_secs(30), || {
+        let mut client = client.clone();
+        async move {
+            client
+                .submit_conversation(talk("outage", "during"))
+                .await
+                .ok()
+                .map(|r| r.into_inner().conversation_id)
+        }
+    })
+    .await;
+    wait_all(
+        &client,
+        &[queued, during],
+        ConversationStatus::Completed,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        count_listed(&client, "outage", ConversationStatus::Completed).await,
+        3,
+        "nothing written twice or lost"
+    );
+}
