@@ -96,6 +96,25 @@ pub(crate) struct Conversation {
     pub completed_at_ms: Option<i64>,
 }
 
+/// A live conversation to open for a session.
+#[derive(Clone, Debug)]
+pub(crate) struct NewLive {
+    pub id: String,
+    pub uid: String,
+    pub language: String,
+    /// Silence after the last segment before the conversation finishes.
+    pub timeout_ms: i64,
+    pub now_ms: i64,
+}
+
+/// An IN_PROGRESS conversation a new session for the same uid can resume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Resumable {
+    pub id: String,
+    pub segment_count: u64,
+    pub deadline_ms: i64,
+}
+
 /// What a submit did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Submitted {
@@ -202,6 +221,35 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
 
     /// Rows in PROCESSING (pending and queued).
     async fn count_processing(&self) -> Result<u64, StoreError>;
+
+    /// Opens an IN_PROGRESS conversation with no segments yet.
+    async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError>;
+
+    /// Appends segments to an IN_PROGRESS conversation and moves its deadline to
+    /// `now_ms + timeout`. Returns the new segment count, or None if it is no longer in
+    /// progress (finished meanwhile, e.g. by a sweeper).
+    async fn append_segments(
+        &self,
+        id: &str,
+        segments: Vec<api::Segment>,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// IN_PROGRESS -> PROCESSING (queued), or DISCARDED when it holds no text. Returns the
+    /// new status, or None if it was not in progress.
+    async fn finish(&self, id: &str, now_ms: i64) -> Result<Option<Status>, StoreError>;
+
+    /// The newest IN_PROGRESS conversation of `uid` whose deadline has not passed.
+    async fn find_resumable(&self, uid: &str, now_ms: i64)
+    -> Result<Option<Resumable>, StoreError>;
+
+    /// Finishes up to `limit` IN_PROGRESS conversations whose deadline passed (their
+    /// finish time is the deadline). Returns what became of each.
+    async fn finish_expired(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, Status)>, StoreError>;
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -218,6 +266,11 @@ pub(crate) fn now_ms() -> i64 {
 pub(crate) struct SegmentList {
     #[prost(message, repeated, tag = "1")]
     pub segments: Vec<api::Segment>,
+}
+
+/// Whether any segment carries text (decides PROCESSING vs DISCARDED).
+pub(crate) fn has_text(segments: &[api::Segment]) -> bool {
+    segments.iter().any(|s| !s.text.trim().is_empty())
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@
 //! - Migrations run under an advisory lock, so replicas starting together apply them once.
 
 use super::{
-    Claimed, Conversation, ConversationStore, ListFilter, NewConversation, RetryOutcome,
-    SegmentList, Status, StoreError, Submitted,
+    Claimed, Conversation, ConversationStore, ListFilter, NewConversation, NewLive, Resumable,
+    RetryOutcome, SegmentList, Status, StoreError, Submitted, has_text,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prost::Message;
@@ -25,9 +25,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Arbitrary, fixed: serializes migrations across replicas.
 const MIGRATION_LOCK: i64 = 0x6c69_7374_656e;
 
-const MIGRATIONS: &[&str] = &[include_str!(
-    "../../migrations/postgres/0001_conversations.sql"
-)];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_conversations.sql"),
+    include_str!("../../migrations/postgres/0002_live_conversations.sql"),
+];
 
 const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
                        created_at_ms, finished_at_ms, completed_at_ms";
@@ -409,5 +410,117 @@ impl ConversationStore for PostgresStore {
             .await
             .map_err(unavailable)?;
         Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO conversations (id, uid, language, status, segments, segment_count, \
+                 created_at_ms, deadline_ms, timeout_ms, has_text) \
+                 VALUES ($1, $2, $3, 'in_progress', ''::bytea, 0, $4::BIGINT, $4::BIGINT + $5::BIGINT, $5::BIGINT, FALSE)",
+                &[
+                    &new.id,
+                    &new.uid,
+                    &new.language,
+                    &new.now_ms,
+                    &new.timeout_ms,
+                ],
+            )
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn append_segments(
+        &self,
+        id: &str,
+        segments: Vec<api::Segment>,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "UPDATE conversations SET segments = segments || $2, segment_count = segment_count + $3, \
+                 has_text = has_text OR $4, deadline_ms = $5 + timeout_ms \
+                 WHERE id = $1 AND status = 'in_progress' RETURNING segment_count",
+                &[&id, &encode_segments(&segments), &(segments.len() as i64), &has_text(&segments), &now_ms],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn finish(&self, id: &str, now_ms: i64) -> Result<Option<Status>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "UPDATE conversations SET \
+                   status = CASE WHEN has_text THEN 'processing' ELSE 'discarded' END, \
+                   queue_seq = CASE WHEN has_text THEN nextval('conversations_queue_seq') END, \
+                   finished_at_ms = $2, deadline_ms = NULL \
+                 WHERE id = $1 AND status = 'in_progress' RETURNING status",
+                &[&id, &now_ms],
+            )
+            .await
+            .map_err(unavailable)?;
+        row.map(|r| {
+            let status: String = r.get(0);
+            Status::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))
+        })
+        .transpose()
+    }
+
+    async fn find_resumable(
+        &self,
+        uid: &str,
+        now_ms: i64,
+    ) -> Result<Option<Resumable>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, segment_count, deadline_ms FROM conversations \
+                 WHERE uid = $1 AND status = 'in_progress' AND deadline_ms >= $2 \
+                 ORDER BY id DESC LIMIT 1",
+                &[&uid, &now_ms],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.map(|r| Resumable {
+            id: r.get(0),
+            segment_count: r.get::<_, i64>(1) as u64,
+            deadline_ms: r.get(2),
+        }))
+    }
+
+    async fn finish_expired(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, Status)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "WITH expired AS ( \
+                   SELECT id FROM conversations WHERE status = 'in_progress' AND deadline_ms < $1 \
+                   ORDER BY deadline_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 UPDATE conversations c SET \
+                   status = CASE WHEN c.has_text THEN 'processing' ELSE 'discarded' END, \
+                   queue_seq = CASE WHEN c.has_text THEN nextval('conversations_queue_seq') END, \
+                   finished_at_ms = c.deadline_ms, deadline_ms = NULL \
+                 FROM expired WHERE c.id = expired.id RETURNING c.id, c.status",
+                &[&now_ms, &(limit as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                let (id, status): (String, String) = (r.get(0), r.get(1));
+                let status = Status::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))?;
+                Ok((id, status))
+            })
+            .collect()
     }
 }

@@ -12,8 +12,8 @@
 //!   automatic checkpoints are off on the writer so its commits never pay for them.
 
 use super::{
-    Claimed, Conversation, ConversationStore, ListFilter, NewConversation, RetryOutcome,
-    SegmentList, Status, StoreError, Submitted,
+    Claimed, Conversation, ConversationStore, ListFilter, NewConversation, NewLive, Resumable,
+    RetryOutcome, SegmentList, Status, StoreError, Submitted, has_text,
 };
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
@@ -30,9 +30,10 @@ const READ_POOL: usize = 8;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const MIGRATIONS: &[&str] = &[include_str!(
-    "../../migrations/sqlite/0001_conversations.sql"
-)];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_conversations.sql"),
+    include_str!("../../migrations/sqlite/0002_live_conversations.sql"),
+];
 
 const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
                        created_at_ms, finished_at_ms, completed_at_ms";
@@ -303,6 +304,32 @@ fn get_conversation(conn: &Connection, id: &str) -> Result<Option<Conversation>,
     }
 }
 
+/// IN_PROGRESS -> PROCESSING/DISCARDED. `finished_at_ms` None means "at its deadline".
+fn finish_one(
+    conn: &Connection,
+    id: &str,
+    finished_at_ms: Option<i64>,
+) -> Result<Option<Status>, StoreError> {
+    let queue_seq = next_queue_seq(conn)?;
+    let status: Option<String> = conn
+        .prepare_cached(
+            "UPDATE conversations SET \
+               status = CASE WHEN has_text THEN 'processing' ELSE 'discarded' END, \
+               queue_seq = CASE WHEN has_text THEN ?2 END, \
+               finished_at_ms = COALESCE(?3, deadline_ms), deadline_ms = NULL \
+             WHERE id = ?1 AND status = 'in_progress' RETURNING status",
+        )
+        .map_err(unavailable)?
+        .query_row(params![id, queue_seq, finished_at_ms], |row| row.get(0))
+        .optional()
+        .map_err(unavailable)?;
+    status
+        .map(|s| {
+            Status::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {s:?}")))
+        })
+        .transpose()
+}
+
 fn next_queue_seq(conn: &Connection) -> Result<i64, StoreError> {
     conn.query_row(
         "UPDATE queue_counter SET next = next + 1 RETURNING next",
@@ -557,6 +584,113 @@ impl ConversationStore for SqliteStore {
             )
             .map(|n| n as u64)
             .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO conversations (id, uid, language, status, segments, segment_count, \
+                 created_at_ms, deadline_ms, timeout_ms, has_text) \
+                 VALUES (?1, ?2, ?3, 'in_progress', x'', 0, ?4, ?4 + ?5, ?5, 0)",
+            )
+            .map_err(unavailable)?
+            .execute(params![
+                new.id,
+                new.uid,
+                new.language,
+                new.now_ms,
+                new.timeout_ms
+            ])
+            .map(|_| ())
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn append_segments(
+        &self,
+        id: &str,
+        segments: Vec<api::Segment>,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE conversations SET segments = CAST(segments || ?2 AS BLOB), \
+                 segment_count = segment_count + ?3, \
+                 has_text = has_text OR ?4, deadline_ms = ?5 + timeout_ms \
+                 WHERE id = ?1 AND status = 'in_progress' RETURNING segment_count",
+            )
+            .map_err(unavailable)?
+            .query_row(
+                params![id, encode_segments(&segments), segments.len() as i64, has_text(&segments), now_ms],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|count| count.map(|n| n as u64))
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn finish(&self, id: &str, now_ms: i64) -> Result<Option<Status>, StoreError> {
+        let id = id.to_string();
+        self.write(move |conn| finish_one(conn, &id, Some(now_ms)))
+            .await
+    }
+
+    async fn find_resumable(
+        &self,
+        uid: &str,
+        now_ms: i64,
+    ) -> Result<Option<Resumable>, StoreError> {
+        let uid = uid.to_string();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT id, segment_count, deadline_ms FROM conversations \
+                 WHERE uid = ?1 AND status = 'in_progress' AND deadline_ms >= ?2 \
+                 ORDER BY id DESC LIMIT 1",
+            )
+            .map_err(unavailable)?
+            .query_row(params![uid, now_ms], |row| {
+                Ok(Resumable {
+                    id: row.get(0)?,
+                    segment_count: row.get::<_, i64>(1)? as u64,
+                    deadline_ms: row.get(2)?,
+                })
+            })
+            .optional()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn finish_expired(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, Status)>, StoreError> {
+        self.write(move |conn| {
+            let ids: Vec<String> = conn
+                .prepare_cached(
+                    "SELECT id FROM conversations WHERE status = 'in_progress' AND deadline_ms < ?1 \
+                     ORDER BY deadline_ms LIMIT ?2",
+                )
+                .map_err(unavailable)?
+                .query_map(params![now_ms, limit as i64], |row| row.get(0))
+                .map_err(unavailable)?
+                .collect::<Result<_, _>>()
+                .map_err(unavailable)?;
+            let mut finished = Vec::with_capacity(ids.len());
+            for id in ids {
+                // Finished at its deadline, not at the sweep.
+                if let Some(status) = finish_one(conn, &id, None)? {
+                    finished.push((id, status));
+                }
+            }
+            Ok(finished)
         })
         .await
     }

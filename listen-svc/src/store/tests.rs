@@ -101,6 +101,10 @@ conformance!(
     data_survives_reopening,
     a_failing_operation_does_not_undo_others,
     corrupt_rows_are_reported_not_misread,
+    live_conversation_appends_in_order_and_finishes_to_processing,
+    live_conversation_without_text_is_discarded,
+    only_unexpired_live_conversations_are_resumable,
+    expired_live_conversations_are_finished_at_their_deadline,
 );
 
 fn segment(text: &str) -> api::Segment {
@@ -652,4 +656,167 @@ async fn postgres_replicas_starting_together_migrate_once() {
     for open in opens {
         open.await.unwrap().unwrap();
     }
+}
+
+fn live(uid: &str, timeout_ms: i64, now_ms: i64) -> NewLive {
+    NewLive {
+        id: uuid::Uuid::now_v7().to_string(),
+        uid: uid.into(),
+        language: "en".into(),
+        timeout_ms,
+        now_ms,
+    }
+}
+
+async fn live_conversation_appends_in_order_and_finishes_to_processing(f: Fixture) {
+    let conversation = live("u", 10_000, 0);
+    let id = conversation.id.clone();
+    f.store.start_conversation(conversation).await.unwrap();
+    let got = f.store.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.status, got.segments.len(), got.finished_at_ms),
+        (Status::InProgress, 0, None)
+    );
+
+    let first = vec![segment("one"), segment("two")];
+    let second = vec![segment("three")];
+    assert_eq!(
+        f.store.append_segments(&id, first, 100).await.unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        f.store.append_segments(&id, second, 200).await.unwrap(),
+        Some(3)
+    );
+    let texts: Vec<String> = f
+        .store
+        .get(&id)
+        .await
+        .unwrap()
+        .unwrap()
+        .segments
+        .into_iter()
+        .map(|s| s.text)
+        .collect();
+    assert_eq!(texts, ["one", "two", "three"]);
+    assert!(
+        f.store.claim("a", 0, LEASE, 10).await.unwrap().is_empty(),
+        "in progress is not queued"
+    );
+
+    assert_eq!(
+        f.store.finish(&id, 300).await.unwrap(),
+        Some(Status::Processing)
+    );
+    assert_eq!(
+        f.store.finish(&id, 400).await.unwrap(),
+        None,
+        "finishing twice changes nothing"
+    );
+    assert_eq!(
+        f.store
+            .append_segments(&id, vec![segment("late")], 500)
+            .await
+            .unwrap(),
+        None
+    );
+    let got = f.store.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.status, got.segments.len(), got.finished_at_ms),
+        (Status::Processing, 3, Some(300))
+    );
+    let claimed = f.store.claim("a", 0, LEASE, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].segments.len(), 3);
+}
+
+async fn live_conversation_without_text_is_discarded(f: Fixture) {
+    let conversation = live("u", 10_000, 0);
+    let id = conversation.id.clone();
+    f.store.start_conversation(conversation).await.unwrap();
+    f.store
+        .append_segments(&id, vec![segment("  ")], 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.finish(&id, 20).await.unwrap(),
+        Some(Status::Discarded)
+    );
+    assert!(f.store.claim("a", 0, LEASE, 10).await.unwrap().is_empty());
+}
+
+async fn only_unexpired_live_conversations_are_resumable(f: Fixture) {
+    let conversation = live("u", 1_000, 0);
+    let id = conversation.id.clone();
+    f.store.start_conversation(conversation).await.unwrap();
+    f.store
+        .append_segments(&id, vec![segment("hi")], 500)
+        .await
+        .unwrap();
+    let resumable = f.store.find_resumable("u", 1_400).await.unwrap().unwrap();
+    assert_eq!(
+        resumable,
+        Resumable {
+            id: id.clone(),
+            segment_count: 1,
+            deadline_ms: 1_500
+        }
+    );
+    assert!(
+        f.store.find_resumable("u", 1_600).await.unwrap().is_none(),
+        "past its deadline"
+    );
+    assert!(
+        f.store
+            .find_resumable("someone-else", 1_400)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    f.store.finish(&id, 1_450).await.unwrap();
+    assert!(
+        f.store.find_resumable("u", 1_460).await.unwrap().is_none(),
+        "finished"
+    );
+}
+
+async fn expired_live_conversations_are_finished_at_their_deadline(f: Fixture) {
+    let talk = live("u", 1_000, 0);
+    let silent = live("u", 1_000, 0);
+    let fresh = live("u", 60_000, 0);
+    let (talk_id, silent_id, fresh_id) = (talk.id.clone(), silent.id.clone(), fresh.id.clone());
+    for c in [talk, silent, fresh] {
+        f.store.start_conversation(c).await.unwrap();
+    }
+    f.store
+        .append_segments(&talk_id, vec![segment("hello")], 200)
+        .await
+        .unwrap();
+    f.store
+        .append_segments(&fresh_id, vec![segment("hello")], 200)
+        .await
+        .unwrap();
+
+    let mut finished = f.store.finish_expired(5_000, 100).await.unwrap();
+    finished.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut want = vec![
+        (talk_id.clone(), Status::Processing),
+        (silent_id.clone(), Status::Discarded),
+    ];
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(finished, want);
+    assert_eq!(
+        f.store.get(&talk_id).await.unwrap().unwrap().finished_at_ms,
+        Some(1_200),
+        "at its deadline"
+    );
+    assert_eq!(
+        f.store.get(&fresh_id).await.unwrap().unwrap().status,
+        Status::InProgress
+    );
+    assert!(
+        f.store.finish_expired(5_000, 100).await.unwrap().is_empty(),
+        "each once"
+    );
+    assert_eq!(f.store.claim("a", 0, LEASE, 10).await.unwrap().len(), 1);
 }
