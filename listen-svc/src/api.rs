@@ -4,13 +4,15 @@
 
 use crate::error::ApiError;
 use crate::link::LinkHandle;
+use crate::session;
 use crate::store::{
     Conversation, ConversationStore, ListFilter, NewConversation, RetryOutcome, Status, now_ms,
 };
 use shared::proto::listen::v1 as api;
 use shared::proto::listen::v1::listen_server::Listen;
 use std::sync::Arc;
-use tonic::{Request, Response};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Streaming};
 
 const MAX_ID_BYTES: usize = 128;
 const MAX_LANGUAGE_BYTES: usize = 35;
@@ -30,12 +32,30 @@ pub(crate) struct ListenService {
     pub limits: Limits,
     pub pusher_url: String,
     pub max_in_flight: usize,
+    pub sessions: session::Context,
 }
 
 type Reply<T> = Result<Response<T>, tonic::Status>;
 
 #[tonic::async_trait]
 impl Listen for ListenService {
+    type SessionStream = ReceiverStream<Result<api::SessionEvent, tonic::Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<api::SessionRequest>>,
+    ) -> Reply<Self::SessionStream> {
+        let slot = self.sessions.sessions.enter()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(session::EVENT_BUFFER);
+        tokio::spawn(session::run(
+            self.sessions.clone(),
+            request.into_inner(),
+            tx,
+            slot,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn submit_conversation(
         &self,
         request: Request<api::SubmitConversationRequest>,
@@ -179,46 +199,7 @@ fn validate_submit(
             format!("longer than {MAX_LANGUAGE_BYTES} bytes"),
         ));
     }
-    if request.segments.len() > limits.max_segments {
-        return Err(ApiError::invalid(
-            "segments",
-            format!(
-                "{} segments exceeds the limit of {}",
-                request.segments.len(),
-                limits.max_segments
-            ),
-        ));
-    }
-    for (i, segment) in request.segments.iter().enumerate() {
-        if segment.text.len() > limits.max_segment_bytes {
-            return Err(ApiError::invalid(
-                format!("segments[{i}].text"),
-                format!(
-                    "{} bytes exceeds the limit of {}",
-                    segment.text.len(),
-                    limits.max_segment_bytes
-                ),
-            ));
-        }
-        if segment.speaker.len() > MAX_ID_BYTES {
-            return Err(ApiError::invalid(
-                format!("segments[{i}].speaker"),
-                format!("longer than {MAX_ID_BYTES} bytes"),
-            ));
-        }
-        if !segment.start.is_finite() || segment.start < 0.0 {
-            return Err(ApiError::invalid(
-                format!("segments[{i}].start"),
-                "must be a finite number of seconds >= 0",
-            ));
-        }
-        if !segment.end.is_finite() || segment.end < segment.start {
-            return Err(ApiError::invalid(
-                format!("segments[{i}].end"),
-                "must be a finite number of seconds >= start",
-            ));
-        }
-    }
+    validate_segments("segments", &request.segments, limits, 0)?;
     let has_text = request.segments.iter().any(|s| !s.text.trim().is_empty());
     Ok(NewConversation {
         id: uuid::Uuid::now_v7().to_string(),
@@ -235,8 +216,70 @@ fn validate_submit(
     })
 }
 
+/// Checks a batch of segments joining `already` stored ones. Field names start with `field`
+/// (`segments[3].text`).
+pub(crate) fn validate_segments(
+    field: &str,
+    segments: &[api::Segment],
+    limits: Limits,
+    already: usize,
+) -> Result<(), ApiError> {
+    let total = already + segments.len();
+    if total > limits.max_segments {
+        let reason = if already == 0 {
+            format!(
+                "{} segments exceeds the limit of {}",
+                segments.len(),
+                limits.max_segments
+            )
+        } else {
+            format!(
+                "{} more segments would make {total}, over the limit of {} per conversation; send finish first",
+                segments.len(),
+                limits.max_segments
+            )
+        };
+        return Err(ApiError::invalid(field, reason));
+    }
+    for (i, segment) in segments.iter().enumerate() {
+        if segment.text.len() > limits.max_segment_bytes {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].text"),
+                format!(
+                    "{} bytes exceeds the limit of {}",
+                    segment.text.len(),
+                    limits.max_segment_bytes
+                ),
+            ));
+        }
+        if segment.speaker.len() > MAX_ID_BYTES {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].speaker"),
+                format!("longer than {MAX_ID_BYTES} bytes"),
+            ));
+        }
+        if !segment.start.is_finite() || segment.start < 0.0 {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].start"),
+                "must be a finite number of seconds >= 0",
+            ));
+        }
+        if !segment.end.is_finite() || segment.end < segment.start {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].end"),
+                "must be a finite number of seconds >= start",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Non-empty, bounded, no control characters.
-fn validate_text<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, ApiError> {
+pub(crate) fn validate_text<'a>(
+    field: &str,
+    value: &'a str,
+    max: usize,
+) -> Result<&'a str, ApiError> {
     if value.trim().is_empty() {
         return Err(ApiError::invalid(field, "must not be empty"));
     }
@@ -279,7 +322,7 @@ pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
     }
 }
 
-fn to_proto(c: Conversation) -> api::Conversation {
+pub(crate) fn to_proto(c: Conversation) -> api::Conversation {
     api::Conversation {
         id: c.id,
         uid: c.uid,

@@ -113,6 +113,19 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
     pub max_message_bytes: u32,
 
+    /// Open Session streams, at most; a new one beyond this gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LISTEN_MAX_SESSIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_sessions: u32,
+
+    /// Lowest conversation_timeout_s a session may ask for.
+    #[arg(long, env = "LISTEN_MIN_CONVERSATION_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub min_conversation_timeout: Duration,
+
+    /// How often the sweeper finishes IN_PROGRESS conversations whose deadline passed.
+    #[arg(long, env = "LISTEN_SWEEP_INTERVAL", default_value = "5s", value_parser = parse_positive_duration)]
+    pub sweep_interval: Duration,
+
     /// On SIGTERM, time allowed for in-flight requests to finish before connections are
     /// closed. Keep it below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "LISTEN_SHUTDOWN_GRACE", default_value = "5s", value_parser = shared::cli::parse_duration)]

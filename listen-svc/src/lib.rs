@@ -14,7 +14,9 @@ mod api;
 mod config;
 mod error;
 mod link;
+mod session;
 mod store;
+mod sweeper;
 
 pub use config::{Config, StoreLocation};
 
@@ -90,22 +92,45 @@ pub async fn run(
         lease_ttl: config.lease_ttl,
         max_message_bytes: config.max_message_bytes as usize,
     };
+    let sessions = session::Sessions::new(config.max_sessions as usize, Arc::clone(&store));
+    let on_settled: link::SettledHook = {
+        let sessions = Arc::clone(&sessions);
+        Arc::new(move |id: &str| sessions.settled(id))
+    };
     let (link, link_task) = link::spawn(
         link_config,
         Arc::clone(&store),
         health_reporter.clone(),
-        link_shutdown,
+        on_settled,
+        link_shutdown.clone(),
     );
+    // Sessions end themselves on shutdown (tonic would otherwise wait on their streams).
+    let (stop_sessions, sessions_shutdown) = watch::channel(false);
+    let sweeper = tokio::spawn(sweeper::run(
+        Arc::clone(&store),
+        link.clone(),
+        config.sweep_interval,
+        link_shutdown,
+    ));
 
+    let limits = api::Limits {
+        max_segments: config.max_segments as usize,
+        max_segment_bytes: config.max_segment_bytes as usize,
+    };
     let service = api::ListenService {
-        store,
-        link,
-        limits: api::Limits {
-            max_segments: config.max_segments as usize,
-            max_segment_bytes: config.max_segment_bytes as usize,
-        },
+        store: Arc::clone(&store),
+        link: link.clone(),
+        limits,
         pusher_url: config.pusher_url.clone(),
         max_in_flight: config.max_in_flight as usize,
+        sessions: session::Context {
+            store,
+            link,
+            sessions,
+            limits,
+            min_timeout: config.min_conversation_timeout,
+            shutdown: sessions_shutdown,
+        },
     };
     let (reflection_v1, reflection_v1alpha) = shared::grpc::reflection(&[SERVICE_NAME])?;
     let listen = ListenServer::new(service)
@@ -125,10 +150,12 @@ pub async fn run(
         reporter
             .set_not_serving::<ListenServer<api::ListenService>>()
             .await;
+        let _ = stop_sessions.send(true);
     };
     shared::grpc::serve(router, listener, stopping, config.shutdown_grace).await?;
 
     let _ = stop_link.send(true);
+    let _ = sweeper.await;
     if tokio::time::timeout(Duration::from_secs(10), link_task)
         .await
         .is_err()

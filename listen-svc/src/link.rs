@@ -106,11 +106,15 @@ impl LinkHandle {
     }
 }
 
+/// Called with each conversation the link settled (COMPLETED or FAILED). Must not wait.
+pub(crate) type SettledHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Starts the link task. It runs until `shutdown` turns true, then releases its leases.
 pub(crate) fn spawn(
     config: LinkConfig,
     store: Arc<dyn ConversationStore>,
     health: HealthReporter,
+    on_settled: SettledHook,
     shutdown: watch::Receiver<bool>,
 ) -> (LinkHandle, tokio::task::JoinHandle<()>) {
     let wake = Arc::new(Notify::new());
@@ -128,6 +132,7 @@ pub(crate) fn spawn(
         config,
         store,
         health,
+        on_settled,
         status_tx,
         wake: Arc::clone(&wake),
         events_tx,
@@ -182,6 +187,7 @@ struct Link {
     config: LinkConfig,
     store: Arc<dyn ConversationStore>,
     health: HealthReporter,
+    on_settled: SettledHook,
     status_tx: watch::Sender<LinkSnapshot>,
     wake: Arc<Notify>,
     events_tx: mpsc::Sender<Event>,
@@ -576,6 +582,7 @@ impl Link {
                 Ok(true) => {
                     let attempts = self.pending.remove(&id).map(|e| e.attempt).unwrap_or(0);
                     info!(conversation_id = %id, attempts, outcome, "conversation settled");
+                    (self.on_settled)(&id);
                 }
                 Ok(false) => {
                     self.pending.remove(&id);

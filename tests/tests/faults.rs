@@ -766,7 +766,7 @@ async fn listen_sigkill_with_work_in_flight_resumes_on_restart() {
     })
     .await;
     let client = listen_client(&listen);
-    let ids = submit_many(&client, "crash", 100).await;
+    let ids = submit_many(&client, "crash", 200).await;
     wait_for("work in flight", Duration::from_secs(10), || {
         let mut client = client.clone();
         async move { (link_status(&mut client).await.pending > 0).then_some(()) }
@@ -783,7 +783,7 @@ async fn listen_sigkill_with_work_in_flight_resumes_on_restart() {
         Duration::from_secs(20),
     )
     .await;
-    assert_eq!(done.len(), 100);
+    assert_eq!(done.len(), 200);
 }
 
 /// A slow, jittery network that fragments every write: the link still delivers everything,

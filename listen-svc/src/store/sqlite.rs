@@ -625,7 +625,13 @@ impl ConversationStore for SqliteStore {
             )
             .map_err(unavailable)?
             .query_row(
-                params![id, encode_segments(&segments), segments.len() as i64, has_text(&segments), now_ms],
+                params![
+                    id,
+                    encode_segments(&segments),
+                    segments.len() as i64,
+                    has_text(&segments),
+                    now_ms
+                ],
                 |row| row.get::<_, i64>(0),
             )
             .optional()

@@ -1,0 +1,473 @@
+//! Live sessions against the real listen-svc and pusher-svc binaries.
+
+use std::time::{Duration, Instant};
+use tests::listen::{
+    ConversationStatus, Finish, Segments, SessionEvent, SessionRequest, Start,
+    session_event::Event, session_request::Msg,
+};
+use tests::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming};
+
+/// Sessions may ask for a 1 s silence timeout, and abandoned ones are swept every 200 ms.
+const FAST_SESSIONS: &[&str] = &[
+    "--min-conversation-timeout",
+    "1s",
+    "--sweep-interval",
+    "200ms",
+];
+
+struct Session {
+    tx: mpsc::Sender<SessionRequest>,
+    events: Streaming<SessionEvent>,
+}
+
+impl Session {
+    async fn open(client: &ListenClient) -> Session {
+        let (tx, rx) = mpsc::channel(16);
+        let events = client
+            .clone()
+            .session(ReceiverStream::new(rx))
+            .await
+            .expect("session")
+            .into_inner();
+        Session { tx, events }
+    }
+
+    /// Opens a session and starts it; returns it with its SessionStarted.
+    async fn start(
+        client: &ListenClient,
+        uid: &str,
+        timeout_s: u32,
+    ) -> (Session, tests::listen::SessionStarted) {
+        let mut session = Session::open(client).await;
+        session
+            .send(Msg::Start(Start {
+                uid: uid.into(),
+                language: "en".into(),
+                conversation_timeout_s: timeout_s,
+            }))
+            .await;
+        match session.next().await {
+            Event::SessionStarted(started) => (session, started),
+            other => panic!("expected session_started, got {other:?}"),
+        }
+    }
+
+    async fn send(&self, msg: Msg) {
+        self.tx
+            .send(SessionRequest { msg: Some(msg) })
+            .await
+            .expect("session open");
+    }
+
+    async fn say(&mut self, texts: &[&str]) -> u64 {
+        let segments = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| segment(t, i as f64))
+            .collect();
+        self.send(Msg::Segments(Segments { segments })).await;
+        loop {
+            match self.next().await {
+                Event::SegmentsStored(stored) => return stored.total_segments,
+                Event::ConversationStarted(_) => continue,
+                other => panic!("expected segments_stored, got {other:?}"),
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Event {
+        let message = tokio::time::timeout(Duration::from_secs(20), self.events.message())
+            .await
+            .expect("an event within 20 s")
+            .expect("no stream error")
+            .expect("stream open");
+        message.event.expect("event set")
+    }
+
+    /// The status the stream ends with.
+    async fn error(&mut self) -> tonic::Status {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), self.events.message())
+                .await
+                .expect("ended in time")
+            {
+                Err(status) => return status,
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without an error"),
+            }
+        }
+    }
+}
+
+async fn system(extra: &[&str]) -> (Service, Service) {
+    let pusher_port = free_port();
+    let pusher = start_pusher(pusher_port, &[]).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &with_defaults(FAST_SESSIONS, extra)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    })
+    .await;
+    (pusher, listen)
+}
+
+#[tokio::test]
+async fn segments_then_finish_are_stored_processed_and_reported_to_the_session() {
+    let (_pusher, listen) = system(&[]).await;
+    let client = listen_client(&listen);
+    let (mut session, started) = Session::start(&client, "sam", 0).await;
+    assert!(!started.session_id.is_empty());
+    assert_eq!(started.resumed_conversation_id, "");
+
+    session
+        .send(Msg::Segments(Segments {
+            segments: vec![segment("So, the sprint planning meeting.", 0.0)],
+        }))
+        .await;
+    let Event::ConversationStarted(conversation) = session.next().await else {
+        panic!()
+    };
+    let id = conversation.conversation_id;
+    let Event::SegmentsStored(stored) = session.next().await else {
+        panic!()
+    };
+    assert_eq!(
+        (stored.conversation_id.as_str(), stored.total_segments),
+        (id.as_str(), 1)
+    );
+    assert_eq!(
+        session
+            .say(&["I will write the tickets.", "We need to fix the build."])
+            .await,
+        3
+    );
+    assert_eq!(
+        status_of(&mut client.clone(), &id).await,
+        ConversationStatus::InProgress
+    );
+
+    session.send(Msg::Finish(Finish {})).await;
+    let Event::ProcessingStarted(processing) = session.next().await else {
+        panic!()
+    };
+    assert_eq!(processing.conversation_id, id);
+    let Event::ConversationProcessed(processed) = session.next().await else {
+        panic!()
+    };
+    let conversation = processed.conversation.unwrap();
+    assert_eq!(
+        (conversation.id.as_str(), conversation.status),
+        (id.as_str(), ConversationStatus::Completed as i32)
+    );
+    assert_eq!(conversation.segments.len(), 3);
+    assert_eq!(
+        conversation.structured.unwrap().action_items,
+        ["I will write the tickets", "We need to fix the build"]
+    );
+
+    // The session goes on: the next segments start a new conversation.
+    session
+        .send(Msg::Segments(Segments {
+            segments: vec![segment("Another topic.", 0.0)],
+        }))
+        .await;
+    let Event::ConversationStarted(next) = session.next().await else {
+        panic!()
+    };
+    assert_ne!(next.conversation_id, id);
+}
+
+#[tokio::test]
+async fn silence_finishes_the_conversation() {
+    let (_pusher, listen) = system(&[]).await;
+    let client = listen_client(&listen);
+    let (mut session, _) = Session::start(&client, "quiet", 1).await;
+    session.say(&["Let's call the vendor tomorrow."]).await;
+    let said = Instant::now();
+    let Event::ProcessingStarted(processing) = session.next().await else {
+        panic!()
+    };
+    assert!(
+        said.elapsed() >= Duration::from_millis(900),
+        "finished after {:?}",
+        said.elapsed()
+    );
+    let Event::ConversationProcessed(processed) = session.next().await else {
+        panic!()
+    };
+    assert_eq!(
+        processed.conversation.unwrap().id,
+        processing.conversation_id
+    );
+}
+
+#[tokio::test]
+async fn a_conversation_without_text_is_discarded() {
+    let (_pusher, listen) = system(&[]).await;
+    let client = listen_client(&listen);
+    let (mut session, _) = Session::start(&client, "mute", 0).await;
+    session.say(&["   ", ""]).await;
+    session.send(Msg::Finish(Finish {})).await;
+    let Event::ConversationDiscarded(discarded) = session.next().await else {
+        panic!()
+    };
+    assert_eq!(
+        status_of(&mut client.clone(), &discarded.conversation_id).await,
+        ConversationStatus::Discarded
+    );
+}
+
+#[tokio::test]
+async fn a_new_session_for_the_same_uid_resumes_the_unfinished_conversation() {
+    let (_pusher, listen) = system(&[]).await;
+    let client = listen_client(&listen);
+    let (mut first, _) = Session::start(&client, "resume", 30).await;
+    first.say(&["First half of the story."]).await;
+    drop(first); // the client disconnects mid-conversation
+
+    let (mut second, started) = Session::start(&client, "resume", 30).await;
+    assert!(!started.resumed_conversation_id.is_empty(), "resumed");
+    assert_eq!(
+        second
+            .say(&["Second half.", "I will remember to finish it."])
+            .await,
+        3
+    );
+    second.send(Msg::Finish(Finish {})).await;
+    let Event::ProcessingStarted(processing) = second.next().await else {
+        panic!()
+    };
+    assert_eq!(processing.conversation_id, started.resumed_conversation_id);
+    let conversation = wait_one(
+        &client,
+        &processing.conversation_id,
+        ConversationStatus::Completed,
+        Duration::from_secs(20),
+    )
+    .await;
+    let texts: Vec<String> = conversation.segments.into_iter().map(|s| s.text).collect();
+    assert_eq!(
+        texts,
+        [
+            "First half of the story.",
+            "Second half.",
+            "I will remember to finish it."
+        ]
+    );
+    // A different user does not resume it.
+    let (_other, other) = Session::start(&client, "someone-else", 30).await;
+    assert_eq!(other.resumed_conversation_id, "");
+}
+
+/// The session's listen dies mid-conversation (SIGKILL): every acknowledged segment
+/// survives, and the conversation is finished at its deadline by the sweeper of the
+/// restarted instance and processed.
+#[tokio::test]
+async fn listen_dies_mid_conversation_and_the_sweeper_finishes_it_at_its_deadline() {
+    let (_pusher, mut listen) = system(&[]).await;
+    let client = listen_client(&listen);
+    let (mut session, _) = Session::start(&client, "crash", 2).await;
+    session
+        .send(Msg::Segments(Segments {
+            segments: vec![segment("We should back up the database.", 0.0)],
+        }))
+        .await;
+    let Event::ConversationStarted(started) = session.next().await else {
+        panic!()
+    };
+    let Event::SegmentsStored(_) = session.next().await else {
+        panic!()
+    };
+    assert_eq!(session.say(&["I'll check the restore too."]).await, 2);
+    listen.kill();
+    drop(session);
+
+    listen.restart().await;
+    let client = listen_client(&listen);
+    let conversation = wait_one(
+        &client,
+        &started.conversation_id,
+        ConversationStatus::Completed,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        conversation.segments.len(),
+        2,
+        "every acknowledged segment survived"
+    );
+    let finished = conversation.finished_at.unwrap();
+    let last = conversation.created_at.unwrap();
+    assert!(
+        finished.seconds - last.seconds >= 2,
+        "finished at the deadline, not at once"
+    );
+    assert_eq!(
+        conversation.structured.unwrap().action_items,
+        [
+            "We should back up the database",
+            "I'll check the restore too"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn bad_session_input_gets_a_status_naming_the_field() {
+    let (_pusher, listen) =
+        system(&["--max-segments", "3", "--min-conversation-timeout", "10s"]).await;
+    let client = listen_client(&listen);
+
+    let mut session = Session::open(&client).await;
+    session
+        .send(Msg::Segments(Segments {
+            segments: vec![segment("hi", 0.0)],
+        }))
+        .await;
+    let status = session.error().await;
+    assert_eq!(
+        (status.code(), status.message().starts_with("start")),
+        (Code::InvalidArgument, true),
+        "{status:?}"
+    );
+
+    for (start, field) in [
+        (
+            Start {
+                uid: String::new(),
+                ..Default::default()
+            },
+            "start.uid",
+        ),
+        (
+            Start {
+                uid: "u".into(),
+                conversation_timeout_s: 5,
+                ..Default::default()
+            },
+            "start.conversation_timeout_s",
+        ),
+        (
+            Start {
+                uid: "u".into(),
+                conversation_timeout_s: 100_000,
+                ..Default::default()
+            },
+            "start.conversation_timeout_s",
+        ),
+    ] {
+        let mut session = Session::open(&client).await;
+        session.send(Msg::Start(start)).await;
+        let status = session.error().await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
+    }
+
+    let (mut twice, _) = Session::start(&client, "u", 0).await;
+    twice
+        .send(Msg::Start(Start {
+            uid: "u".into(),
+            ..Default::default()
+        }))
+        .await;
+    assert_eq!(twice.error().await.code(), Code::FailedPrecondition);
+
+    let (mut long, _) = Session::start(&client, "long", 0).await;
+    assert_eq!(long.say(&["one", "two"]).await, 2);
+    long.send(Msg::Segments(Segments {
+        segments: vec![segment("three", 0.0), segment("four", 1.0)],
+    }))
+    .await;
+    let status = long.error().await;
+    assert_eq!(
+        (status.code(), status.message().starts_with("segments")),
+        (Code::InvalidArgument, true),
+        "{status:?}"
+    );
+    // What was acknowledged is still there.
+    let listed = client
+        .clone()
+        .list_conversations(listen::ListConversationsRequest {
+            uid: "long".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.conversations[0].segments.len(), 2);
+}
+
+#[tokio::test]
+async fn sessions_beyond_the_limit_are_refused() {
+    let (_pusher, listen) = system(&["--max-sessions", "1"]).await;
+    let client = listen_client(&listen);
+    let (first, _) = Session::start(&client, "one", 0).await;
+    let status = client
+        .clone()
+        .session(ReceiverStream::new(mpsc::channel(1).1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    drop(first);
+    // The slot frees when the first session ends.
+    wait_for("a free session slot", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let (tx, rx) = mpsc::channel(1);
+            let opened = client
+                .clone()
+                .session(ReceiverStream::new(rx))
+                .await
+                .is_ok();
+            drop(tx);
+            opened.then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_ends_open_sessions_with_unavailable_and_exits() {
+    let (_pusher, mut listen) = system(&[]).await;
+    let client = listen_client(&listen);
+    let (mut session, _) = Session::start(&client, "bye", 30).await;
+    let id = {
+        session
+            .send(Msg::Segments(Segments {
+                segments: vec![segment("Unfinished thought.", 0.0)],
+            }))
+            .await;
+        let Event::ConversationStarted(started) = session.next().await else {
+            panic!()
+        };
+        started.conversation_id
+    };
+    let Event::SegmentsStored(_) = session.next().await else {
+        panic!()
+    };
+    let sigterm = Instant::now();
+    let terminate = tokio::task::spawn_blocking(move || {
+        let status = listen.terminate(Duration::from_secs(15));
+        (listen, status)
+    });
+    let status = session.error().await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("resume"));
+    let (mut listen, exit) = terminate.await.unwrap();
+    assert!(exit.success(), "{exit}");
+    assert!(sigterm.elapsed() < Duration::from_secs(10));
+    // The conversation waits, IN_PROGRESS, for the client to come back.
+    listen.restart().await;
+    assert_eq!(
+        status_of(&mut listen_client(&listen), &id).await,
+        ConversationStatus::InProgress
+    );
+}
