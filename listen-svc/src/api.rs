@@ -180,6 +180,7 @@ impl Listen for ListenService {
             max_in_flight: self.max_in_flight as u32,
             pusher_url: self.pusher_url.clone(),
             acks_ignored: snapshot.acks_ignored,
+            transcripts_dropped: snapshot.transcripts_dropped,
         }))
     }
 }
@@ -335,6 +336,7 @@ pub(crate) fn to_proto(c: Conversation) -> api::Conversation {
         finished_at: c.finished_at_ms.map(timestamp),
         completed_at: c.completed_at_ms.map(timestamp),
         language: c.language,
+        deliveries: c.deliveries,
     }
 }
 

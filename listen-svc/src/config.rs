@@ -113,6 +113,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
     pub max_message_bytes: u32,
 
+    /// Live transcript batches kept for realtime forwarding while the link to pusher is down;
+    /// beyond this the oldest are dropped (and counted). Conversations are not affected.
+    #[arg(long, env = "LISTEN_TRANSCRIPT_BUFFER", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub transcript_buffer: u32,
+
     /// Open Session streams, at most; a new one beyond this gets RESOURCE_EXHAUSTED.
     #[arg(long, env = "LISTEN_MAX_SESSIONS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

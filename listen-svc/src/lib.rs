@@ -91,6 +91,7 @@ pub async fn run(
         heartbeat_interval: config.keepalive_interval,
         lease_ttl: config.lease_ttl,
         max_message_bytes: config.max_message_bytes as usize,
+        transcript_buffer: config.transcript_buffer as usize,
     };
     let sessions = session::Sessions::new(config.max_sessions as usize, Arc::clone(&store));
     let on_settled: link::SettledHook = {

@@ -23,16 +23,18 @@ mod state;
 
 pub(crate) use state::Policy;
 
-use crate::store::{Claimed, ConversationStore, StoreError, now_ms};
+use crate::store::{Claimed, Completion, ConversationStore, StoreError, now_ms};
 use pending::{AckAction, Ignored, Pending};
 use shared::backoff::Backoff;
 use shared::proto::listen::v1::{LINK_HEALTH_NAME, LinkState as Wire};
 use shared::proto::pusher::v1::{
-    Heartbeat, Hello, LinkRequest, LinkResponse, Welcome, link_request, link_response,
-    pusher_client::PusherClient,
+    Heartbeat, Hello, LinkRequest, LinkResponse, TranscriptBatch, Welcome, link_request,
+    link_response, pusher_client::PusherClient,
 };
 use state::LinkState;
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, sleep_until};
@@ -75,6 +77,8 @@ pub(crate) struct LinkConfig {
     pub heartbeat_interval: Duration,
     pub lease_ttl: Duration,
     pub max_message_bytes: usize,
+    /// Live transcript batches buffered while the link is down (oldest dropped beyond).
+    pub transcript_buffer: usize,
 }
 
 /// What the link looks like from outside.
@@ -86,6 +90,7 @@ pub(crate) struct LinkSnapshot {
     pub consecutive_failures: u32,
     pub last_error: String,
     pub acks_ignored: u64,
+    pub transcripts_dropped: u64,
 }
 
 /// The rest of listen's way to the link task.
@@ -93,6 +98,7 @@ pub(crate) struct LinkSnapshot {
 pub(crate) struct LinkHandle {
     wake: Arc<Notify>,
     status: watch::Receiver<LinkSnapshot>,
+    transcripts: Arc<Transcripts>,
 }
 
 impl LinkHandle {
@@ -101,8 +107,51 @@ impl LinkHandle {
         self.wake.notify_one();
     }
 
+    /// Forwards live segments to pusher, best-effort. Never waits.
+    pub(crate) fn forward_transcript(&self, batch: TranscriptBatch) {
+        self.transcripts.push(batch);
+    }
+
     pub(crate) fn snapshot(&self) -> LinkSnapshot {
-        self.status.borrow().clone()
+        let mut snapshot = self.status.borrow().clone();
+        snapshot.transcripts_dropped = self.transcripts.dropped.load(Ordering::Relaxed);
+        snapshot
+    }
+}
+
+/// Live transcript batches on their way to pusher: at most `capacity`; when full (the link is
+/// down or slow) the oldest is dropped and counted. Best-effort by design: the conversation
+/// itself is stored and processed through the durable path whatever happens here.
+pub(crate) struct Transcripts {
+    capacity: usize,
+    queue: std::sync::Mutex<VecDeque<TranscriptBatch>>,
+    dropped: AtomicU64,
+    ready: Notify,
+}
+
+impl Transcripts {
+    fn new(capacity: usize) -> Self {
+        Transcripts {
+            capacity,
+            queue: Default::default(),
+            dropped: AtomicU64::new(0),
+            ready: Notify::new(),
+        }
+    }
+
+    fn push(&self, batch: TranscriptBatch) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() >= self.capacity {
+            queue.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        queue.push_back(batch);
+        drop(queue);
+        self.ready.notify_one();
+    }
+
+    fn take(&self) -> VecDeque<TranscriptBatch> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -125,7 +174,9 @@ pub(crate) fn spawn(
         consecutive_failures: 0,
         last_error: String::new(),
         acks_ignored: 0,
+        transcripts_dropped: 0,
     });
+    let transcripts = Arc::new(Transcripts::new(config.transcript_buffer));
     let (events_tx, events_rx) = mpsc::channel(config.max_in_flight + 16);
     let link = Link {
         pending: Pending::new(config.max_in_flight, config.attempts),
@@ -135,6 +186,7 @@ pub(crate) fn spawn(
         on_settled,
         status_tx,
         wake: Arc::clone(&wake),
+        transcripts: Arc::clone(&transcripts),
         events_tx,
         events_rx,
         shutdown,
@@ -153,6 +205,7 @@ pub(crate) fn spawn(
         LinkHandle {
             wake,
             status: status_rx,
+            transcripts,
         },
         task,
     )
@@ -190,6 +243,7 @@ struct Link {
     on_settled: SettledHook,
     status_tx: watch::Sender<LinkSnapshot>,
     wake: Arc<Notify>,
+    transcripts: Arc<Transcripts>,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     shutdown: watch::Receiver<bool>,
@@ -391,6 +445,8 @@ impl Link {
                 },
                 Some(event) = self.events_rx.recv() => self.on_event(event),
                 _ = self.wake.notified() => self.more_work = true,
+                // Wakes the loop; flush sends what is buffered.
+                _ = self.transcripts.ready.notified() => {}
                 _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => self.expire(),
                 _ = heartbeat.tick() => {
                     if last_heard.elapsed() > silence_limit {
@@ -413,6 +469,21 @@ impl Link {
 
     /// Sends what is due and claims more work if there is room.
     fn flush(&mut self, stream: &Stream) -> Result<(), StreamEnd> {
+        for batch in self.transcripts.take() {
+            let request = LinkRequest {
+                msg: Some(link_request::Msg::Transcript(batch)),
+            };
+            match stream.tx.try_send(request) {
+                Ok(()) => {}
+                // Best-effort: a full stream buffer drops the batch.
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.transcripts.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(StreamEnd::Failed("stream closed".to_string()));
+                }
+            }
+        }
         let now = Instant::now();
         for id in self.pending.due(now) {
             let Some(request) = self.pending.mark_sent(&id, stream.epoch, now) else {
@@ -457,19 +528,19 @@ impl Link {
                 match self.pending.ack(ack, now) {
                     AckAction::Complete {
                         generation,
-                        structured,
+                        processed,
                         attempts,
                     } => {
                         let store = Arc::clone(&self.store);
-                        self.settle(id.clone(), "completed", async move {
+                        let completion = completion_of(processed);
+                        let outcome = if completion.discarded {
+                            "discarded"
+                        } else {
+                            "completed"
+                        };
+                        self.settle(id.clone(), outcome, async move {
                             store
-                                .complete(
-                                    &id,
-                                    generation,
-                                    shared_to_listen(structured),
-                                    attempts,
-                                    now_ms(),
-                                )
+                                .complete(&id, generation, completion, attempts, now_ms())
                                 .await
                         });
                     }
@@ -619,6 +690,7 @@ impl Link {
             consecutive_failures: self.consecutive_failures,
             last_error: self.last_error.clone(),
             acks_ignored: self.acks_ignored,
+            transcripts_dropped: 0, // filled in by LinkHandle::snapshot
         };
         self.status_tx.send_replace(snapshot);
     }
@@ -638,14 +710,29 @@ impl Link {
     }
 }
 
-fn shared_to_listen(
-    s: shared::proto::pusher::v1::Structured,
-) -> shared::proto::listen::v1::Structured {
-    shared::proto::listen::v1::Structured {
-        title: s.title,
-        overview: s.overview,
-        action_items: s.action_items,
-        category: s.category,
+/// Pusher's processed outcome in listen's terms.
+fn completion_of(processed: shared::proto::pusher::v1::Processed) -> Completion {
+    use shared::proto::listen::v1 as api;
+    let s = processed.structured.unwrap_or_default();
+    Completion {
+        structured: api::Structured {
+            title: s.title,
+            overview: s.overview,
+            action_items: s.action_items,
+            category: s.category,
+        },
+        discarded: processed.discarded,
+        deliveries: processed
+            .deliveries
+            .into_iter()
+            .map(|d| api::WebhookDelivery {
+                url: d.url,
+                delivered: d.delivered,
+                attempts: d.attempts,
+                status_code: d.status_code,
+                error: d.error,
+            })
+            .collect(),
     }
 }
 

@@ -204,6 +204,7 @@ async fn fail(tx: &EventTx, status: Status) {
 struct Session {
     ctx: Context,
     tx: EventTx,
+    session_id: String,
     uid: String,
     language: String,
     timeout: Duration,
@@ -251,6 +252,7 @@ impl Session {
         let session = Session {
             ctx,
             tx,
+            session_id: session_id.clone(),
             uid,
             language: start.language,
             timeout,
@@ -356,6 +358,12 @@ impl Session {
                 Some(total) => {
                     current.segments = total as usize;
                     current.deadline = Instant::now() + self.timeout;
+                    self.ctx.link.forward_transcript(transcript_batch(
+                        &self.session_id,
+                        &self.uid,
+                        &current.id,
+                        &segments,
+                    ));
                     let event = SegmentsStored {
                         conversation_id: current.id.clone(),
                         total_segments: total,
@@ -413,4 +421,29 @@ impl Session {
 /// an await, so the caller stays `Send`.
 pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stopping| *stopping).await.map(|_| ());
+}
+
+/// Live segments in pusher's terms, for realtime forwarding.
+fn transcript_batch(
+    session_id: &str,
+    uid: &str,
+    conversation_id: &str,
+    segments: &[shared::proto::listen::v1::Segment],
+) -> shared::proto::pusher::v1::TranscriptBatch {
+    use shared::proto::pusher::v1 as wire;
+    wire::TranscriptBatch {
+        session_id: session_id.to_string(),
+        uid: uid.to_string(),
+        conversation_id: conversation_id.to_string(),
+        segments: segments
+            .iter()
+            .map(|s| wire::Segment {
+                text: s.text.clone(),
+                speaker: s.speaker.clone(),
+                start: s.start,
+                end: s.end,
+                is_user: s.is_user,
+            })
+            .collect(),
+    }
 }

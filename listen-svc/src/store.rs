@@ -94,6 +94,16 @@ pub(crate) struct Conversation {
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
     pub completed_at_ms: Option<i64>,
+    pub deliveries: Vec<api::WebhookDelivery>,
+}
+
+/// A processed conversation's outcome, as pusher reported it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Completion {
+    pub structured: api::Structured,
+    /// The structurer judged it empty or noise: it ends DISCARDED.
+    pub discarded: bool,
+    pub deliveries: Vec<api::WebhookDelivery>,
 }
 
 /// A live conversation to open for a session.
@@ -200,12 +210,13 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
     /// Extends the lease of every PROCESSING row `owner` holds. Returns how many.
     async fn renew(&self, owner: &str, lease_until_ms: i64) -> Result<u64, StoreError>;
 
-    /// PROCESSING -> COMPLETED if `generation` still matches. false: late, duplicate or fenced.
+    /// PROCESSING -> COMPLETED (or DISCARDED, as the completion says) if `generation` still
+    /// matches. false: late, duplicate or fenced.
     async fn complete(
         &self,
         id: &str,
         generation: i64,
-        structured: api::Structured,
+        completion: Completion,
         attempts: u32,
         now_ms: i64,
     ) -> Result<bool, StoreError>;
@@ -266,6 +277,13 @@ pub(crate) fn now_ms() -> i64 {
 pub(crate) struct SegmentList {
     #[prost(message, repeated, tag = "1")]
     pub segments: Vec<api::Segment>,
+}
+
+/// Webhook delivery results as stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct DeliveryList {
+    #[prost(message, repeated, tag = "1")]
+    pub deliveries: Vec<api::WebhookDelivery>,
 }
 
 /// Whether any segment carries text (decides PROCESSING vs DISCARDED).

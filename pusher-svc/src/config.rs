@@ -3,6 +3,7 @@
 use shared::cli::{parse_duration, parse_positive_duration};
 use shared::telemetry::LogFormat;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// pusher-svc turns finished conversations into structured results (title, overview, action
@@ -68,7 +69,119 @@ pub struct Config {
     #[arg(long, env = "PUSHER_ID")]
     pub pusher_id: Option<String>,
 
+    /// Webhook told about each processed conversation (repeatable; in the environment,
+    /// comma-separated).
+    #[arg(long = "webhook", env = "PUSHER_WEBHOOKS", value_delimiter = ',')]
+    pub webhooks: Vec<String>,
+
+    /// File with more webhook URLs, one per line (blank lines and # comments ignored).
+    #[arg(long, env = "PUSHER_WEBHOOK_FILE")]
+    pub webhook_file: Option<PathBuf>,
+
+    /// Secret for the X-Listen-Signature header: v1=hex(HMAC-SHA256(secret, "{timestamp}.{body}")).
+    /// Without it, deliveries are unsigned.
+    #[arg(long, env = "PUSHER_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Time allowed for one webhook attempt (and for each transcript webhook post).
+    #[arg(long, env = "PUSHER_WEBHOOK_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
+    pub webhook_timeout: Duration,
+
+    /// Attempts per webhook delivery (5xx, 408, 429 and timeouts are retried with backoff).
+    #[arg(long, env = "PUSHER_WEBHOOK_MAX_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub webhook_max_attempts: u32,
+
+    /// Deliveries in progress to one webhook endpoint, at most.
+    #[arg(long, env = "PUSHER_WEBHOOK_CONCURRENCY", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub webhook_concurrency: u32,
+
+    /// Webhook receiving live transcript batches as sessions stream them (repeatable;
+    /// best-effort: one attempt, no retries).
+    #[arg(
+        long = "transcript-webhook",
+        env = "PUSHER_TRANSCRIPT_WEBHOOKS",
+        value_delimiter = ','
+    )]
+    pub transcript_webhooks: Vec<String>,
+
+    /// Base URL of an OpenAI-compatible API (e.g. https://api.openai.com/v1) to structure
+    /// conversations with an LLM instead of the built-in structurer. The API key is read from
+    /// the PUSHER_LLM_API_KEY environment variable only (never a flag, so it stays out of
+    /// process listings).
+    #[arg(long, env = "PUSHER_LLM_URL")]
+    pub llm_url: Option<String>,
+
+    /// Model name sent to the LLM API.
+    #[arg(long, env = "PUSHER_LLM_MODEL", default_value = "gpt-4o-mini")]
+    pub llm_model: String,
+
+    /// Time allowed for one LLM call.
+    #[arg(long, env = "PUSHER_LLM_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub llm_timeout: Duration,
+
+    /// Calls per conversation before the failure goes back to listen (which retries later).
+    #[arg(long, env = "PUSHER_LLM_MAX_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub llm_max_attempts: u32,
+
     /// Log line format (RUST_LOG sets the filter, default "info").
     #[arg(long, env = "PUSHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Checks what clap cannot; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        self.webhook_urls()?;
+        for url in &self.transcript_webhooks {
+            check_url("--transcript-webhook", url)?;
+        }
+        if let Some(url) = &self.llm_url {
+            check_url("--llm-url", url)?;
+            if self.llm_model.trim().is_empty() {
+                return Err("--llm-model must not be empty".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// --webhook URLs plus those in --webhook-file, checked.
+    pub fn webhook_urls(&self) -> Result<Vec<String>, String> {
+        let mut urls = self.webhooks.clone();
+        if let Some(path) = &self.webhook_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--webhook-file {}: {e}", path.display()))?;
+            urls.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from),
+            );
+        }
+        for url in &urls {
+            check_url("--webhook", url)?;
+        }
+        Ok(urls)
+    }
+
+    /// The LLM API key, from the environment only.
+    pub fn llm_api_key() -> Option<String> {
+        std::env::var("PUSHER_LLM_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty())
+    }
+}
+
+fn check_url(flag: &str, url: &str) -> Result<(), String> {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => {
+            Ok(())
+        }
+        Ok(_) => Err(format!(
+            "{flag} {url:?}: expected an http:// or https:// URL"
+        )),
+        Err(e) => Err(format!("{flag} {url:?} is not a URL: {e}")),
+    }
 }

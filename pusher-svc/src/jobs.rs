@@ -15,8 +15,7 @@
 
 use crate::processor::{ProcessError, Processor};
 use shared::proto::pusher::v1::{
-    Ack, Failed, LinkResponse, ProcessConversation, Processed, Progress, Structured, ack,
-    link_response,
+    Ack, Failed, LinkResponse, ProcessConversation, Processed, Progress, ack, link_response,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -132,10 +131,10 @@ impl Jobs {
     ) -> Admission {
         let id = request.conversation_id.clone();
         let mut state = self.lock();
-        if let Some(structured) = state.cache.get(&id, Instant::now()) {
+        if let Some(processed) = state.cache.get(&id, Instant::now()) {
             state.stats.cached += 1;
             drop(state);
-            deliver(requester, &id, Outcome::Processed(structured));
+            deliver(requester, &id, Outcome::Processed(processed));
             return Admission::Cached;
         }
         if let Some(requesters) = state.running.get_mut(&id) {
@@ -181,17 +180,17 @@ impl Jobs {
         };
 
         let outcome = match result {
-            Ok(structured) => Outcome::Processed(structured),
+            Ok(processed) => Outcome::Processed(processed),
             Err(error) => Outcome::Failed(error),
         };
         let requesters = {
             let mut state = self.lock();
             match &outcome {
-                Outcome::Processed(structured) => {
+                Outcome::Processed(processed) => {
                     state.stats.succeeded += 1;
                     state
                         .cache
-                        .insert(id.clone(), structured.clone(), Instant::now());
+                        .insert(id.clone(), processed.clone(), Instant::now());
                 }
                 Outcome::Failed(_) => state.stats.failed += 1,
             }
@@ -231,7 +230,7 @@ impl Jobs {
 
 #[derive(Clone, Debug)]
 enum Outcome {
-    Processed(Structured),
+    Processed(Processed),
     Failed(ProcessError),
 }
 
@@ -240,9 +239,7 @@ fn ack_for(id: &str, attempt: u32, outcome: Outcome) -> Ack {
         conversation_id: id.to_string(),
         attempt,
         outcome: Some(match outcome {
-            Outcome::Processed(structured) => ack::Outcome::Processed(Processed {
-                structured: Some(structured),
-            }),
+            Outcome::Processed(processed) => ack::Outcome::Processed(processed),
             Outcome::Failed(error) => ack::Outcome::Failed(Failed {
                 reason: error.reason,
                 retryable: error.retryable,
@@ -297,7 +294,7 @@ async fn deliver_async(requester: Requester, id: &str, outcome: Outcome) {
 struct ResultCache {
     capacity: usize,
     ttl: Duration,
-    entries: HashMap<String, (Structured, Instant)>,
+    entries: HashMap<String, (Processed, Instant)>,
     order: VecDeque<(String, Instant)>,
 }
 
@@ -310,20 +307,18 @@ impl ResultCache {
         }
     }
 
-    fn get(&mut self, id: &str, now: Instant) -> Option<Structured> {
+    fn get(&mut self, id: &str, now: Instant) -> Option<Processed> {
         self.expire(now);
-        self.entries
-            .get(id)
-            .map(|(structured, _)| structured.clone())
+        self.entries.get(id).map(|(processed, _)| processed.clone())
     }
 
-    fn insert(&mut self, id: String, structured: Structured, now: Instant) {
+    fn insert(&mut self, id: String, processed: Processed, now: Instant) {
         if self.capacity == 0 {
             return;
         }
         self.expire(now);
         // A replaced entry leaves a stale order record behind; `pop_oldest` skips it.
-        self.entries.insert(id.clone(), (structured, now));
+        self.entries.insert(id.clone(), (processed, now));
         self.order.push_back((id, now));
         while self.entries.len() > self.capacity {
             self.pop_oldest();

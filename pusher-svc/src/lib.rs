@@ -8,9 +8,12 @@
 
 mod config;
 mod jobs;
+mod llm;
 mod processor;
 mod service;
 mod structurer;
+mod transcripts;
+mod webhook;
 
 pub use config::Config;
 
@@ -34,6 +37,44 @@ pub async fn run(
         .pusher_id
         .clone()
         .unwrap_or_else(|| gethostname_or("pusher"));
+    let client = http_client()?;
+    let structurer: Arc<dyn processor::Structurer> = match &config.llm_url {
+        Some(url) => {
+            info!(%url, model = %config.llm_model, "structuring with an LLM");
+            Arc::new(llm::Llm::new(
+                llm::LlmConfig {
+                    url: url.clone(),
+                    model: config.llm_model.clone(),
+                    api_key: Config::llm_api_key(),
+                    timeout: config.llm_timeout,
+                    max_attempts: config.llm_max_attempts,
+                },
+                client.clone(),
+            ))
+        }
+        None => Arc::new(processor::Builtin {
+            simulated_latency: config.simulated_latency,
+        }),
+    };
+    let webhooks = webhook::Webhooks::new(
+        webhook::WebhookConfig {
+            urls: config.webhook_urls().map_err(anyhow::Error::msg)?,
+            secret: config.webhook_secret.clone(),
+            timeout: config.webhook_timeout,
+            max_attempts: config.webhook_max_attempts,
+            concurrency: config.webhook_concurrency as usize,
+        },
+        client.clone(),
+    );
+    let processor: Arc<dyn processor::Processor> = Arc::new(processor::Pipeline {
+        structurer,
+        webhooks,
+    });
+    let forwarder = transcripts::Forwarder::new(
+        config.transcript_webhooks.clone(),
+        config.webhook_timeout,
+        client,
+    );
     let jobs = Jobs::new(
         JobsConfig {
             max_concurrency: config.max_concurrency as usize,
@@ -43,13 +84,12 @@ pub async fn run(
             progress_interval: config.progress_interval,
             busy_retry_after: config.busy_retry_after,
         },
-        Arc::new(processor::Builtin {
-            simulated_latency: config.simulated_latency,
-        }),
+        processor,
     );
     let (drain_tx, drain_rx) = watch::channel(false);
     let service = service::PusherService {
         jobs,
+        forwarder,
         pusher_id: pusher_id.clone(),
         max_concurrency: config.max_concurrency,
         stream_buffer: 1024,
@@ -94,4 +134,14 @@ fn gethostname_or(fallback: &str) -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| fallback.to_string())
+}
+
+/// The HTTP client for the LLM, webhooks and transcript webhooks. TLS is rustls with ring
+/// (installed here once), so no C/cmake build of aws-lc-rs is needed.
+pub(crate) fn http_client() -> reqwest::Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("pusher-svc/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .build()
 }

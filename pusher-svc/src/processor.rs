@@ -1,7 +1,9 @@
-//! The processing step behind every job.
+//! The processing pipeline behind every job: structure, then discard or tell integrations.
 
 use crate::structurer;
-use shared::proto::pusher::v1::{ProcessConversation, Structured};
+use crate::webhook::Webhooks;
+use shared::proto::pusher::v1::{ProcessConversation, Processed, Structured};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a conversation could not be processed, and whether trying again may help.
@@ -21,10 +23,24 @@ impl ProcessError {
     }
 }
 
-/// Turns a finished conversation into its structured result.
+/// Turns a finished conversation into its outcome.
 #[async_trait::async_trait]
 pub(crate) trait Processor: Send + Sync + 'static {
-    async fn process(&self, request: &ProcessConversation) -> Result<Structured, ProcessError>;
+    async fn process(&self, request: &ProcessConversation) -> Result<Processed, ProcessError>;
+}
+
+/// A structurer's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Structure {
+    pub structured: Structured,
+    /// Empty or noise: the conversation ends DISCARDED.
+    pub discard: bool,
+}
+
+/// The first step: title, overview, action items, category, and whether to discard.
+#[async_trait::async_trait]
+pub(crate) trait Structurer: Send + Sync + 'static {
+    async fn structure(&self, request: &ProcessConversation) -> Result<Structure, ProcessError>;
 }
 
 /// The built-in deterministic structurer, optionally preceded by a simulated latency (to
@@ -34,11 +50,41 @@ pub(crate) struct Builtin {
 }
 
 #[async_trait::async_trait]
-impl Processor for Builtin {
-    async fn process(&self, request: &ProcessConversation) -> Result<Structured, ProcessError> {
+impl Structurer for Builtin {
+    async fn structure(&self, request: &ProcessConversation) -> Result<Structure, ProcessError> {
         if !self.simulated_latency.is_zero() {
             tokio::time::sleep(self.simulated_latency).await;
         }
         Ok(structurer::structure(&request.segments))
+    }
+}
+
+/// structure -> discard, or deliver to webhooks. A webhook that fails never fails the
+/// conversation: its result travels in the outcome.
+pub(crate) struct Pipeline {
+    pub structurer: Arc<dyn Structurer>,
+    pub webhooks: Webhooks,
+}
+
+#[async_trait::async_trait]
+impl Processor for Pipeline {
+    async fn process(&self, request: &ProcessConversation) -> Result<Processed, ProcessError> {
+        let Structure {
+            structured,
+            discard,
+        } = self.structurer.structure(request).await?;
+        if discard {
+            return Ok(Processed {
+                structured: Some(structured),
+                discarded: true,
+                deliveries: Vec::new(),
+            });
+        }
+        let deliveries = self.webhooks.deliver(request, &structured).await;
+        Ok(Processed {
+            structured: Some(structured),
+            discarded: false,
+            deliveries,
+        })
     }
 }

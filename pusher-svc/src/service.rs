@@ -6,6 +6,7 @@
 //! peer reading. On shutdown every stream is told `Draining` and its read loop ends.
 
 use crate::jobs::{Admission, Jobs, Requester, StreamTx};
+use crate::transcripts::Forwarder;
 use shared::proto::pusher::v1::{
     Ack, Busy, Draining, Heartbeat, LinkRequest, LinkResponse, ProcessConversation, Welcome,
     link_request, link_response, pusher_server::Pusher,
@@ -18,6 +19,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 pub(crate) struct PusherService {
     pub jobs: Arc<Jobs>,
+    pub forwarder: Arc<Forwarder>,
     pub pusher_id: String,
     pub max_concurrency: u32,
     pub stream_buffer: usize,
@@ -42,6 +44,7 @@ impl Pusher for PusherService {
         let (tx, rx) = mpsc::channel(self.stream_buffer);
         let stream = StreamLoop {
             jobs: Arc::clone(&self.jobs),
+            forwarder: Arc::clone(&self.forwarder),
             tx,
             welcome: Welcome {
                 pusher_id: self.pusher_id.clone(),
@@ -102,6 +105,7 @@ fn validate(request: &ProcessConversation, max_segments: usize) -> Result<(), St
 
 struct StreamLoop {
     jobs: Arc<Jobs>,
+    forwarder: Arc<Forwarder>,
     tx: StreamTx,
     welcome: Welcome,
     max_segments: usize,
@@ -139,6 +143,7 @@ impl StreamLoop {
                     self.send(link_response::Msg::Welcome(self.welcome.clone()))
                         .await;
                 }
+                link_request::Msg::Transcript(batch) => self.forwarder.forward(batch),
                 link_request::Msg::Heartbeat(Heartbeat { seq }) => {
                     self.send(link_response::Msg::Heartbeat(Heartbeat { seq }))
                         .await;

@@ -9,7 +9,10 @@
 //!   deduplicated case-insensitively, at most 10, in order.
 //! - **category**: the category whose keywords occur most often (work, finance, health,
 //!   travel, education, family, shopping), ties broken in that order; "other" if none occur.
+//! - **discard**: fewer than 3 words that are not fillers in the whole transcript ("uh",
+//!   "hmm, okay", "yeah yeah"): noise, not a conversation.
 
+use crate::processor::Structure;
 use shared::proto::pusher::v1::{Segment, Structured};
 use std::collections::{HashMap, HashSet};
 
@@ -18,7 +21,8 @@ const OVERVIEW_SENTENCES: usize = 3;
 const MAX_ACTION_ITEMS: usize = 10;
 
 const FILLERS: &[&str] = &[
-    "so", "um", "uh", "okay", "ok", "well", "like", "yeah", "hey", "hi", "and",
+    "hmm", "mm", "ah", "oh", "huh", "mhm", "so", "um", "uh", "okay", "ok", "well", "like", "yeah",
+    "hey", "hi", "and",
 ];
 
 const COMMITMENTS: &[&str] = &[
@@ -106,8 +110,27 @@ const STOP_WORDS: &[&str] = &[
     "could", "should", "about", "what", "there", "here", "from", "by", "as", "up", "out", "all",
 ];
 
-/// Structures a transcript. Never fails: an empty transcript gets an untitled result.
-pub(crate) fn structure(segments: &[Segment]) -> Structured {
+/// Fewer non-filler words than this in the whole transcript, and it is discarded as noise.
+const MIN_WORDS: usize = 3;
+
+/// Structures a transcript and judges whether it is worth keeping. Never fails.
+pub(crate) fn structure(segments: &[Segment]) -> Structure {
+    let words: usize = segments
+        .iter()
+        .map(|s| {
+            words(&s.text)
+                .filter(|w| !FILLERS.contains(&w.as_str()))
+                .count()
+        })
+        .sum();
+    Structure {
+        structured: structured(segments),
+        discard: words < MIN_WORDS,
+    }
+}
+
+/// Title, overview, action items and category. An empty transcript gets an untitled result.
+fn structured(segments: &[Segment]) -> Structured {
     let sentences = sentences(segments);
     Structured {
         title: title(&sentences),
@@ -294,7 +317,7 @@ mod tests {
 
     #[test]
     fn work_meeting() {
-        let out = structure(&transcript(&[
+        let out = structured(&transcript(&[
             "So, the release planning meeting for the mobile project.",
             "The client moved the deadline to Friday. The release needs QA sign-off first.",
             "I will update the release notes tonight.",
@@ -325,7 +348,7 @@ mod tests {
 
     #[test]
     fn errands_with_mixed_commitments() {
-        let out = structure(&transcript(&[
+        let out = structured(&transcript(&[
             "um hey, did you call the doctor about the appointment?",
             "Yes. Remember to pick up the medicine after work.",
             "Let's also buy groceries on the way. Don't forget to get milk!",
@@ -347,7 +370,7 @@ mod tests {
 
     #[test]
     fn commitment_inside_a_word_is_not_one() {
-        let out = structure(&transcript(&[
+        let out = structured(&transcript(&[
             "The village will host it. Toilets need cleaning.",
         ]));
         assert!(out.action_items.is_empty(), "{:?}", out.action_items);
@@ -356,7 +379,7 @@ mod tests {
     #[test]
     fn empty_and_punctuation_only_transcripts_are_untitled() {
         for segments in [vec![], transcript(&["", "  ", "...", "?!"])] {
-            let out = structure(&segments);
+            let out = structured(&segments);
             assert_eq!(out.title, "Untitled conversation");
             assert_eq!(out.overview, "");
             assert!(out.action_items.is_empty());
@@ -367,18 +390,26 @@ mod tests {
     #[test]
     fn output_is_deterministic() {
         let input = transcript(&["We should plan the trip. The flight and hotel are booked."]);
-        let first = structure(&input);
+        let first = structured(&input);
         for _ in 0..10 {
-            assert_eq!(structure(&input), first);
+            assert_eq!(structured(&input), first);
         }
         assert_eq!(first.category, "travel");
     }
 
     #[test]
     fn long_first_sentence_is_cut_to_eight_words() {
-        let out = structure(&transcript(&[
+        let out = structured(&transcript(&[
             "okay one two three four five six seven eight nine ten",
         ]));
         assert_eq!(out.title, "One two three four five six seven eight");
+    }
+
+    #[test]
+    fn noise_is_discarded_and_talk_is_kept() {
+        assert!(structure(&transcript(&["uh", "hmm, okay"])).discard);
+        assert!(structure(&transcript(&[])).discard);
+        assert!(structure(&transcript(&["yeah yeah", "okay so"])).discard);
+        assert!(!structure(&transcript(&["Call the bank", "tomorrow"])).discard);
     }
 }

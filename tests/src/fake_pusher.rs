@@ -165,6 +165,7 @@ impl Pusher for Service {
                     link_request::Msg::Heartbeat(beat) => {
                         send(&tx, link_response::Msg::Heartbeat(beat)).await
                     }
+                    link_request::Msg::Transcript(_) => {}
                     link_request::Msg::Process(process) => {
                         let behaviour = {
                             let mut state = state.lock().unwrap();
@@ -250,6 +251,7 @@ fn processed(id: &str, attempt: u32) -> Ack {
                 title: format!("fake result for {id}"),
                 ..Default::default()
             }),
+            ..Default::default()
         })),
     }
 }

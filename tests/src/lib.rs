@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fake_pusher;
+pub mod http;
 pub mod postgres;
 pub mod proxy;
 

@@ -18,7 +18,7 @@
 
 use super::Attempts;
 use crate::store::Claimed;
-use shared::proto::pusher::v1::{Ack, ProcessConversation, Segment, Structured, ack};
+use shared::proto::pusher::v1::{Ack, ProcessConversation, Processed, Segment, ack};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,10 +49,10 @@ pub(crate) enum EntryState {
 /// What to do about an ack.
 #[derive(Debug, PartialEq)]
 pub(crate) enum AckAction {
-    /// Write COMPLETED with this result.
+    /// Write the processed outcome (COMPLETED, or DISCARDED if pusher says so).
     Complete {
         generation: i64,
-        structured: Structured,
+        processed: Processed,
         attempts: u32,
     },
     /// Write FAILED with this reason.
@@ -239,7 +239,7 @@ impl Pending {
                 entry.state = EntryState::Settling;
                 AckAction::Complete {
                     generation: entry.generation,
-                    structured: processed.structured.unwrap_or_default(),
+                    processed,
                     attempts: entry.attempt,
                 }
             }

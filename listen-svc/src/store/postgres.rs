@@ -8,8 +8,9 @@
 //! - Migrations run under an advisory lock, so replicas starting together apply them once.
 
 use super::{
-    Claimed, Conversation, ConversationStore, ListFilter, NewConversation, NewLive, Resumable,
-    RetryOutcome, SegmentList, Status, StoreError, Submitted, has_text,
+    Claimed, Completion, Conversation, ConversationStore, DeliveryList, ListFilter,
+    NewConversation, NewLive, Resumable, RetryOutcome, SegmentList, Status, StoreError, Submitted,
+    has_text,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prost::Message;
@@ -28,10 +29,11 @@ const MIGRATION_LOCK: i64 = 0x6c69_7374_656e;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_conversations.sql"),
     include_str!("../../migrations/postgres/0002_live_conversations.sql"),
+    include_str!("../../migrations/postgres/0003_deliveries.sql"),
 ];
 
 const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
-                       created_at_ms, finished_at_ms, completed_at_ms";
+                       created_at_ms, finished_at_ms, completed_at_ms, deliveries";
 
 pub(crate) struct PostgresStore {
     pool: Pool,
@@ -156,6 +158,13 @@ fn conversation_from_row(row: &Row) -> Result<Conversation, StoreError> {
         created_at_ms: row.try_get(8).map_err(corrupt)?,
         finished_at_ms: row.try_get(9).map_err(corrupt)?,
         completed_at_ms: row.try_get(10).map_err(corrupt)?,
+        deliveries: row
+            .try_get::<_, Option<Vec<u8>>>(11)
+            .map_err(corrupt)?
+            .map(|b| DeliveryList::decode(b.as_slice()).map(|l| l.deliveries))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("deliveries of {id}: {e}")))?
+            .unwrap_or_default(),
         id,
     })
 }
@@ -357,22 +366,29 @@ impl ConversationStore for PostgresStore {
         &self,
         id: &str,
         generation: i64,
-        structured: api::Structured,
+        completion: Completion,
         attempts: u32,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let client = self.client().await?;
+        let deliveries = DeliveryList {
+            deliveries: completion.deliveries,
+        }
+        .encode_to_vec();
         client
             .execute(
-                "UPDATE conversations SET status = 'completed', structured = $3, attempts = $4, \
-                 completed_at_ms = $5, last_error = NULL, owner = NULL, lease_expires_at_ms = NULL \
+                "UPDATE conversations SET status = CASE WHEN $6 THEN 'discarded' ELSE 'completed' END, \
+                 structured = $3, attempts = $4, completed_at_ms = $5, deliveries = $7, last_error = NULL, \
+                 owner = NULL, lease_expires_at_ms = NULL \
                  WHERE id = $1 AND generation = $2 AND status = 'processing'",
                 &[
                     &id,
                     &generation,
-                    &structured.encode_to_vec(),
+                    &completion.structured.encode_to_vec(),
                     &(attempts as i64),
                     &now_ms,
+                    &completion.discarded,
+                    &deliveries,
                 ],
             )
             .await

@@ -12,8 +12,9 @@
 //!   automatic checkpoints are off on the writer so its commits never pay for them.
 
 use super::{
-    Claimed, Conversation, ConversationStore, ListFilter, NewConversation, NewLive, Resumable,
-    RetryOutcome, SegmentList, Status, StoreError, Submitted, has_text,
+    Claimed, Completion, Conversation, ConversationStore, DeliveryList, ListFilter,
+    NewConversation, NewLive, Resumable, RetryOutcome, SegmentList, Status, StoreError, Submitted,
+    has_text,
 };
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
@@ -33,10 +34,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_conversations.sql"),
     include_str!("../../migrations/sqlite/0002_live_conversations.sql"),
+    include_str!("../../migrations/sqlite/0003_deliveries.sql"),
 ];
 
 const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
-                       created_at_ms, finished_at_ms, completed_at_ms";
+                       created_at_ms, finished_at_ms, completed_at_ms, deliveries";
 
 /// Runs inside the write transaction; returns what to tell the caller once the commit's
 /// outcome is known.
@@ -266,6 +268,16 @@ fn decode_segments(id: &str, blob: &[u8]) -> Result<Vec<api::Segment>, StoreErro
         .map_err(|e| StoreError::Corrupt(format!("segments of {id}: {e}")))
 }
 
+fn decode_deliveries(
+    id: &str,
+    blob: Option<Vec<u8>>,
+) -> Result<Vec<api::WebhookDelivery>, StoreError> {
+    blob.map(|b| DeliveryList::decode(b.as_slice()).map(|l| l.deliveries))
+        .transpose()
+        .map(Option::unwrap_or_default)
+        .map_err(|e| StoreError::Corrupt(format!("deliveries of {id}: {e}")))
+}
+
 fn conversation_from_row(row: &Row<'_>) -> Result<Conversation, StoreError> {
     let get = |e: rusqlite::Error| StoreError::Corrupt(e.to_string());
     let id: String = row.get(0).map_err(get)?;
@@ -287,6 +299,7 @@ fn conversation_from_row(row: &Row<'_>) -> Result<Conversation, StoreError> {
         created_at_ms: row.get(8).map_err(get)?,
         finished_at_ms: row.get(9).map_err(get)?,
         completed_at_ms: row.get(10).map_err(get)?,
+        deliveries: decode_deliveries(&id, row.get::<_, Option<Vec<u8>>>(11).map_err(get)?)?,
         id,
     })
 }
@@ -528,24 +541,27 @@ impl ConversationStore for SqliteStore {
         &self,
         id: &str,
         generation: i64,
-        structured: api::Structured,
+        completion: Completion,
         attempts: u32,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let id = id.to_string();
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE conversations SET status = 'completed', structured = ?3, attempts = ?4, \
-                 completed_at_ms = ?5, last_error = NULL, owner = NULL, lease_expires_at_ms = NULL \
+                "UPDATE conversations SET status = CASE WHEN ?6 THEN 'discarded' ELSE 'completed' END, \
+                 structured = ?3, attempts = ?4, completed_at_ms = ?5, deliveries = ?7, last_error = NULL, \
+                 owner = NULL, lease_expires_at_ms = NULL \
                  WHERE id = ?1 AND generation = ?2 AND status = 'processing'",
             )
             .map_err(unavailable)?
             .execute(params![
                 id,
                 generation,
-                structured.encode_to_vec(),
+                completion.structured.encode_to_vec(),
                 attempts,
-                now_ms
+                now_ms,
+                completion.discarded,
+                DeliveryList { deliveries: completion.deliveries }.encode_to_vec(),
             ])
             .map(|n| n == 1)
             .map_err(unavailable)

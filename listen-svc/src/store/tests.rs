@@ -101,6 +101,7 @@ conformance!(
     data_survives_reopening,
     a_failing_operation_does_not_undo_others,
     corrupt_rows_are_reported_not_misread,
+    discarded_completions_and_delivery_results_are_stored,
     live_conversation_appends_in_order_and_finishes_to_processing,
     live_conversation_without_text_is_discarded,
     only_unexpired_live_conversations_are_resumable,
@@ -281,7 +282,7 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture
     // The old owner is fenced off: its outcome does not land, the new owner's does.
     assert!(
         !f.store
-            .complete(&id, 1, api::Structured::default(), 1, 5)
+            .complete(&id, 1, Completion::default(), 1, 5)
             .await
             .unwrap()
     );
@@ -289,7 +290,7 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture
     let generation = taken.iter().find(|c| c.id == id).unwrap().generation;
     assert!(
         f.store
-            .complete(&id, generation, api::Structured::default(), 1, 5)
+            .complete(&id, generation, Completion::default(), 1, 5)
             .await
             .unwrap()
     );
@@ -315,19 +316,22 @@ async fn completion_is_idempotent(f: Fixture) {
     };
     assert!(
         f.store
-            .complete(&id, claimed[0].generation, structured.clone(), 2, 77)
+            .complete(
+                &id,
+                claimed[0].generation,
+                Completion {
+                    structured: structured.clone(),
+                    ..Default::default()
+                },
+                2,
+                77
+            )
             .await
             .unwrap()
     );
     assert!(
         !f.store
-            .complete(
-                &id,
-                claimed[0].generation,
-                api::Structured::default(),
-                3,
-                78
-            )
+            .complete(&id, claimed[0].generation, Completion::default(), 3, 78)
             .await
             .unwrap(),
         "duplicate"
@@ -819,4 +823,71 @@ async fn expired_live_conversations_are_finished_at_their_deadline(f: Fixture) {
         "each once"
     );
     assert_eq!(f.store.claim("a", 0, LEASE, 10).await.unwrap().len(), 1);
+}
+
+async fn discarded_completions_and_delivery_results_are_stored(f: Fixture) {
+    let kept = f
+        .store
+        .submit(new("u", None, Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
+    let noise = f
+        .store
+        .submit(new("u", None, Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
+    let claimed = f.store.claim("a", 0, LEASE, 10).await.unwrap();
+    let deliveries = vec![
+        api::WebhookDelivery {
+            url: "http://a/hook".into(),
+            delivered: true,
+            attempts: 1,
+            status_code: 200,
+            error: String::new(),
+        },
+        api::WebhookDelivery {
+            url: "http://b/hook".into(),
+            delivered: false,
+            attempts: 3,
+            status_code: 503,
+            error: "gave up".into(),
+        },
+    ];
+    let completion = Completion {
+        structured: api::Structured {
+            title: "T".into(),
+            ..Default::default()
+        },
+        discarded: false,
+        deliveries: deliveries.clone(),
+    };
+    assert!(
+        f.store
+            .complete(&kept, claimed[0].generation, completion, 1, 10)
+            .await
+            .unwrap()
+    );
+    let discard = Completion {
+        discarded: true,
+        ..Default::default()
+    };
+    assert!(
+        f.store
+            .complete(&noise, claimed[1].generation, discard, 1, 10)
+            .await
+            .unwrap()
+    );
+
+    let kept = f.store.get(&kept).await.unwrap().unwrap();
+    assert_eq!(
+        (kept.status, kept.deliveries),
+        (Status::Completed, deliveries)
+    );
+    let noise = f.store.get(&noise).await.unwrap().unwrap();
+    assert_eq!(
+        (noise.status, noise.deliveries.len()),
+        (Status::Discarded, 0)
+    );
 }

@@ -1,4 +1,5 @@
 use super::*;
+use shared::proto::pusher::v1::Structured;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
@@ -21,13 +22,16 @@ impl Gated {
 
 #[async_trait::async_trait]
 impl Processor for Gated {
-    async fn process(&self, request: &ProcessConversation) -> Result<Structured, ProcessError> {
+    async fn process(&self, request: &ProcessConversation) -> Result<Processed, ProcessError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.release.notified().await;
         match &self.fail {
             Some(error) => Err(error.clone()),
-            None => Ok(Structured {
-                title: format!("title of {}", request.conversation_id),
+            None => Ok(Processed {
+                structured: Some(Structured {
+                    title: format!("title of {}", request.conversation_id),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
         }
@@ -129,6 +133,7 @@ async fn finished_result_is_served_from_the_cache() {
     assert_eq!(ack.attempt, 7);
     let Some(ack::Outcome::Processed(Processed {
         structured: Some(s),
+        ..
     })) = ack.outcome
     else {
         panic!()
@@ -269,8 +274,11 @@ async fn dropped_stream_does_not_cancel_the_job() {
 fn cache_is_bounded_by_size_and_age() {
     let mut cache = ResultCache::new(2, Duration::from_secs(10));
     let t0 = Instant::now();
-    let s = |t: &str| Structured {
-        title: t.into(),
+    let s = |t: &str| Processed {
+        structured: Some(Structured {
+            title: t.into(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     cache.insert("a".into(), s("a"), t0);
@@ -279,7 +287,12 @@ fn cache_is_bounded_by_size_and_age() {
     assert_eq!(cache.len(), 2, "oldest evicted at capacity");
     assert!(cache.get("a", t0 + Duration::from_secs(2)).is_none());
     assert_eq!(
-        cache.get("b", t0 + Duration::from_secs(2)).unwrap().title,
+        cache
+            .get("b", t0 + Duration::from_secs(2))
+            .unwrap()
+            .structured
+            .unwrap()
+            .title,
         "b"
     );
     assert!(
@@ -290,7 +303,12 @@ fn cache_is_bounded_by_size_and_age() {
     // Re-inserting a key refreshes it rather than leaving it to expire early.
     cache.insert("c".into(), s("c2"), t0 + Duration::from_secs(11));
     assert_eq!(
-        cache.get("c", t0 + Duration::from_secs(20)).unwrap().title,
+        cache
+            .get("c", t0 + Duration::from_secs(20))
+            .unwrap()
+            .structured
+            .unwrap()
+            .title,
         "c2"
     );
     let mut disabled = ResultCache::new(0, Duration::from_secs(10));

@@ -1,6 +1,6 @@
 use super::*;
 use shared::backoff::Backoff;
-use shared::proto::pusher::v1::{Failed, Processed};
+use shared::proto::pusher::v1::{Failed, Processed, Structured};
 
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -47,6 +47,7 @@ fn processed(id: &str, attempt: u32) -> Ack {
                 title: "T".into(),
                 ..Default::default()
             }),
+            ..Default::default()
         })),
     }
 }
@@ -122,16 +123,14 @@ fn processed_ack_completes_with_the_result() {
     assert_eq!(send_due(&mut p, now), vec![("a".to_string(), 1)]);
     let AckAction::Complete {
         generation,
-        structured,
+        processed: outcome,
         attempts,
     } = p.ack(processed("a", 1), now)
     else {
         panic!()
     };
-    assert_eq!(
-        (generation, structured.title.as_str(), attempts),
-        (1, "T", 1)
-    );
+    let title = outcome.structured.unwrap().title;
+    assert_eq!((generation, title.as_str(), attempts), (1, "T", 1));
     assert_eq!(
         p.ack(processed("a", 1), now),
         AckAction::Ignore(Ignored::Duplicate)
