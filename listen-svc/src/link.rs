@@ -198,6 +198,7 @@ pub(crate) fn spawn(
         acks_ignored: 0,
         more_work: true,
         claiming: false,
+        draining: false,
         serving: None,
     };
     let task = tokio::spawn(link.run());
@@ -258,6 +259,8 @@ struct Link {
     more_work: bool,
     /// A claim is outstanding (at most one at a time).
     claiming: bool,
+    /// The current stream's pusher said Draining.
+    draining: bool,
     /// What the link health service last reported.
     serving: Option<bool>,
 }
@@ -294,13 +297,16 @@ impl Link {
                         if stream.epoch > 1 {
                             self.reconnects += 1;
                         }
+                        self.draining = false;
                         let replayed = self.pending.replay(now);
                         info!(epoch = stream.epoch, pusher_id = %welcome.pusher_id, replayed, "link connected");
                         self.more_work = true;
                         match self.serve(stream, &mut maintenance).await {
                             StreamEnd::Shutdown => break,
                             StreamEnd::Drained => {
-                                info!("pusher is draining; reconnecting");
+                                info!(
+                                    "draining pusher closed the stream; reconnecting to replay what is left"
+                                );
                                 self.state = self.state.drained();
                             }
                             StreamEnd::Failed(reason) => self.connection_failed(reason),
@@ -440,6 +446,7 @@ impl Link {
                             return end;
                         }
                     }
+                                        Some(Err(_)) | None if self.draining => return StreamEnd::Drained,
                     Some(Err(status)) => return StreamEnd::Failed(format!("stream error: {status}")),
                     None => return StreamEnd::Failed("pusher closed the stream".to_string()),
                 },
@@ -469,6 +476,10 @@ impl Link {
 
     /// Sends what is due and claims more work if there is room.
     fn flush(&mut self, stream: &Stream) -> Result<(), StreamEnd> {
+        if self.draining {
+            // Nothing new for a draining pusher; what is due waits for the next stream.
+            return Ok(());
+        }
         for batch in self.transcripts.take() {
             let request = LinkRequest {
                 msg: Some(link_request::Msg::Transcript(batch)),
@@ -573,7 +584,12 @@ impl Link {
                 self.pending
                     .busy(&busy.conversation_id, busy.attempt, retry_after, now);
             }
-            link_response::Msg::Draining(_) => return Some(StreamEnd::Drained),
+            link_response::Msg::Draining(_) => {
+                info!(
+                    "pusher is draining: no new work on this stream; waiting for its in-flight acks"
+                );
+                self.draining = true;
+            }
             link_response::Msg::Heartbeat(_) | link_response::Msg::Welcome(_) => {}
         }
         None

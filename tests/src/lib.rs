@@ -73,6 +73,7 @@ where
 pub struct Service {
     name: &'static str,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     pub addr: SocketAddr,
     log: PathBuf,
     child: Option<Child>,
@@ -84,6 +85,7 @@ impl Service {
         let mut service = Service {
             name,
             args,
+            envs: Vec::new(),
             addr,
             log,
             child: None,
@@ -107,6 +109,7 @@ impl Service {
                     .unwrap_or_else(|_| "info,listen_svc=debug,pusher_svc=debug".into()),
             )
             .env_remove("LISTEN_STORE")
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -234,12 +237,30 @@ impl Drop for Service {
 
 /// Starts pusher-svc on `port` with extra flags, and waits for it to be healthy.
 pub async fn start_pusher(port: u16, extra: &[&str]) -> Service {
+    start_pusher_with_env(port, extra, &[]).await
+}
+
+/// [`start_pusher`] with environment variables (secrets that have no flag).
+pub async fn start_pusher_with_env(port: u16, extra: &[&str], envs: &[(&str, &str)]) -> Service {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut args = vec!["--listen-addr".to_string(), addr.to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut service = Service::spawn("pusher-svc", addr, args, dir.path().join("pusher.log"));
-    service._dir = Some(dir);
+    let log = dir.path().join("pusher.log");
+    let envs = envs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut service = Service {
+        name: "pusher-svc",
+        args,
+        envs,
+        addr,
+        log,
+        child: None,
+        _dir: Some(dir),
+    };
+    service.start_process();
     service.wait_healthy("").await;
     service
 }

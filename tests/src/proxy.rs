@@ -58,6 +58,12 @@ pub struct Proxy {
 impl Proxy {
     /// Listens on a free loopback port and forwards to `target`.
     pub async fn start(target: SocketAddr) -> Proxy {
+        Proxy::start_failover(vec![target]).await
+    }
+
+    /// Like [`Proxy::start`], but each new connection goes to the first of `targets` that
+    /// accepts it: several replicas behind one address.
+    pub async fn start_failover(targets: Vec<SocketAddr>) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (mode, mode_rx) = watch::channel(Mode::Pass);
@@ -65,7 +71,7 @@ impl Proxy {
         let task = tokio::spawn(accept_loop(
             listener,
             addr,
-            target,
+            Arc::new(targets),
             mode_rx,
             Arc::clone(&accepted),
         ));
@@ -100,7 +106,7 @@ impl Drop for Proxy {
 async fn accept_loop(
     listener: TcpListener,
     addr: SocketAddr,
-    target: SocketAddr,
+    targets: Arc<Vec<SocketAddr>>,
     mut mode: watch::Receiver<Mode>,
     accepted: Arc<AtomicU64>,
 ) {
@@ -123,7 +129,7 @@ async fn accept_loop(
             accept = active.accept() => {
                 let Ok((client, _)) = accept else { continue };
                 accepted.fetch_add(1, Ordering::SeqCst);
-                connections.spawn(connection(client, target, mode.clone()));
+                connections.spawn(connection(client, Arc::clone(&targets), mode.clone()));
             }
             changed = mode.changed() => if changed.is_err() { return },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -141,12 +147,23 @@ async fn rebind(addr: SocketAddr) -> TcpListener {
     panic!("proxy cannot re-bind {addr}");
 }
 
-async fn connection(mut client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<Mode>) {
+async fn connection(
+    mut client: TcpStream,
+    targets: Arc<Vec<SocketAddr>>,
+    mut mode: watch::Receiver<Mode>,
+) {
     if *mode.borrow() == Mode::Reset {
         reset(client);
         return;
     }
-    let Ok(mut server) = TcpStream::connect(target).await else {
+    let mut server = None;
+    for target in targets.iter() {
+        if let Ok(stream) = TcpStream::connect(target).await {
+            server = Some(stream);
+            break;
+        }
+    }
+    let Some(mut server) = server else {
         reset(client);
         return;
     };
