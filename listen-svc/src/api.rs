@@ -63,6 +63,14 @@ impl Listen for ListenService {
         let request = request.into_inner();
         let new = validate_submit(request, self.limits)?;
         let submitted = self.store.submit(new).await.map_err(ApiError::from)?;
+        if submitted.created {
+            let status = if submitted.status == Status::Processing {
+                "processing"
+            } else {
+                "discarded"
+            };
+            metrics::counter!("listen_conversations_total", "status" => status).increment(1);
+        }
         if submitted.created && submitted.status == Status::Processing {
             self.link.wake();
         }

@@ -137,6 +137,10 @@ pub struct Config {
     #[arg(long, env = "LISTEN_SHUTDOWN_GRACE", default_value = "5s", value_parser = shared::cli::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Address for Prometheus metrics (GET /metrics), or `off`.
+    #[arg(long, env = "LISTEN_ADMIN_ADDR", default_value = "0.0.0.0:9464", value_parser = shared::metrics::parse_admin_addr)]
+    pub admin_addr: shared::metrics::AdminAddr,
+
     /// Log line format (RUST_LOG sets the filter, default "info").
     #[arg(long, env = "LISTEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

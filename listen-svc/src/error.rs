@@ -32,16 +32,21 @@ impl From<ApiError> for Status {
     fn from(error: ApiError) -> Status {
         match &error {
             ApiError::Invalid { .. } => {
+                metrics::counter!("listen_rejected_requests_total", "code" => "invalid_argument")
+                    .increment(1);
                 info!(%error, "rejected invalid request");
                 Status::invalid_argument(error.to_string())
             }
             ApiError::NotFound(_) => Status::not_found(error.to_string()),
             ApiError::NotRetryable { .. } => Status::failed_precondition(error.to_string()),
             ApiError::Store(StoreError::Unavailable(detail)) => {
+                metrics::counter!("listen_store_errors_total", "kind" => "unavailable")
+                    .increment(1);
                 warn!(%detail, "store unavailable");
                 Status::unavailable("the conversation store is unavailable; retry later")
             }
             ApiError::Store(StoreError::Corrupt(detail)) => {
+                metrics::counter!("listen_store_errors_total", "kind" => "corrupt").increment(1);
                 error!(%detail, "stored data is corrupt");
                 Status::internal("a stored conversation could not be read")
             }

@@ -144,6 +144,7 @@ impl Transcripts {
         if queue.len() >= self.capacity {
             queue.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("listen_transcripts_dropped_total").increment(1);
         }
         queue.push_back(batch);
         drop(queue);
@@ -296,6 +297,7 @@ impl Link {
                         self.consecutive_failures = 0;
                         if stream.epoch > 1 {
                             self.reconnects += 1;
+                            metrics::counter!("listen_link_reconnects_total").increment(1);
                         }
                         self.draining = false;
                         let replayed = self.pending.replay(now);
@@ -342,6 +344,7 @@ impl Link {
 
     fn connection_failed(&mut self, reason: String) {
         self.consecutive_failures += 1;
+        metrics::counter!("listen_link_failures_total").increment(1);
         let now = Instant::now();
         self.state = self
             .state
@@ -489,6 +492,7 @@ impl Link {
                 // Best-effort: a full stream buffer drops the batch.
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     self.transcripts.dropped.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("listen_transcripts_dropped_total").increment(1);
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     return Err(StreamEnd::Failed("stream closed".to_string()));
@@ -501,6 +505,10 @@ impl Link {
                 continue;
             };
             debug!(conversation_id = %id, attempt = request.attempt, "sending to pusher");
+            metrics::counter!("listen_link_sent_total").increment(1);
+            if request.attempt > 1 {
+                metrics::counter!("listen_link_resent_total").increment(1);
+            }
             match stream.tx.try_send(LinkRequest {
                 msg: Some(link_request::Msg::Process(request)),
             }) {
@@ -536,7 +544,19 @@ impl Link {
         match response.msg? {
             link_response::Msg::Ack(ack) => {
                 let (id, attempt) = (ack.conversation_id.clone(), ack.attempt);
-                match self.pending.ack(ack, now) {
+                if let Some(sent_at) = self.pending.sent_at(&id, attempt) {
+                    metrics::histogram!("listen_link_ack_latency_seconds")
+                        .record(now.duration_since(sent_at).as_secs_f64());
+                }
+                let action = self.pending.ack(ack, now);
+                let result = match &action {
+                    AckAction::Complete { .. } => "processed",
+                    AckAction::Fail { .. } => "failed",
+                    AckAction::Resend { .. } => "retry",
+                    AckAction::Ignore(_) => "ignored",
+                };
+                metrics::counter!("listen_link_acks_total", "result" => result).increment(1);
+                match action {
                     AckAction::Complete {
                         generation,
                         processed,
@@ -579,6 +599,7 @@ impl Link {
                     .progress(&progress.conversation_id, progress.attempt, now);
             }
             link_response::Msg::Busy(busy) => {
+                metrics::counter!("listen_link_busy_total").increment(1);
                 let retry_after =
                     Duration::from_millis(u64::from(busy.retry_after_ms).clamp(10, 60_000));
                 self.pending
@@ -669,6 +690,8 @@ impl Link {
                 Ok(true) => {
                     let attempts = self.pending.remove(&id).map(|e| e.attempt).unwrap_or(0);
                     info!(conversation_id = %id, attempts, outcome, "conversation settled");
+                    metrics::counter!("listen_conversations_total", "status" => outcome)
+                        .increment(1);
                     (self.on_settled)(&id);
                 }
                 Ok(false) => {
@@ -687,6 +710,15 @@ impl Link {
 
     fn renew_leases(&self) {
         let store = Arc::clone(&self.store);
+        // The queued gauge rides on the same tick.
+        let pending = self.pending.len() as u64;
+        let counter = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            if let Ok(processing) = counter.count_processing().await {
+                metrics::gauge!("listen_link_queued")
+                    .set(processing.saturating_sub(pending) as f64);
+            }
+        });
         let owner = self.config.instance_id.clone();
         let lease_ttl = self.config.lease_ttl.as_millis() as i64;
         tokio::spawn(async move {
@@ -699,6 +731,9 @@ impl Link {
     async fn publish(&mut self) {
         let connected = matches!(self.state, LinkState::Connected { .. });
         self.publish_state(connected).await;
+        metrics::gauge!("listen_link_state").set(self.state.to_wire() as i32 as f64);
+        metrics::gauge!("listen_link_up").set(if connected { 1.0 } else { 0.0 });
+        metrics::gauge!("listen_link_pending").set(self.pending.len() as f64);
         let snapshot = LinkSnapshot {
             state: self.state.to_wire(),
             pending: self.pending.len(),

@@ -10,6 +10,11 @@ async fn main() -> anyhow::Result<()> {
         cli::exit_config_error(reason);
     }
     shared::telemetry::init(config.log_format, "info");
+    if let Some(addr) = config.admin_addr.0
+        && let Err(reason) = shared::metrics::install(addr)
+    {
+        cli::exit_config_error(reason);
+    }
     let listener = match tokio::net::TcpListener::bind(config.listen_addr).await {
         Ok(listener) => listener,
         Err(error) => cli::exit_config_error(format!(

@@ -57,7 +57,9 @@ pub(crate) struct Slot(Arc<Sessions>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.lock().open -= 1;
+        let mut state = self.0.lock();
+        state.open -= 1;
+        metrics::gauge!("listen_sessions_open").set(state.open as f64);
     }
 }
 
@@ -88,6 +90,7 @@ impl Sessions {
             )));
         }
         state.open += 1;
+        metrics::gauge!("listen_sessions_open").set(state.open as f64);
         Ok(Slot(Arc::clone(self)))
     }
 

@@ -32,6 +32,8 @@ pub(crate) async fn run(
                         .iter()
                         .filter(|(_, s)| *s == Status::Processing)
                         .count();
+                    metrics::counter!("listen_sweeper_finished_total")
+                        .increment(finished.len() as u64);
                     if !finished.is_empty() {
                         info!(
                             finished = finished.len(),

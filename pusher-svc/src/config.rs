@@ -126,6 +126,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=20))]
     pub llm_max_attempts: u32,
 
+    /// Address for Prometheus metrics (GET /metrics), or `off`.
+    #[arg(long, env = "PUSHER_ADMIN_ADDR", default_value = "0.0.0.0:9465", value_parser = shared::metrics::parse_admin_addr)]
+    pub admin_addr: shared::metrics::AdminAddr,
+
     /// Log line format (RUST_LOG sets the filter, default "info").
     #[arg(long, env = "PUSHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -133,6 +133,7 @@ impl Jobs {
         let mut state = self.lock();
         if let Some(processed) = state.cache.get(&id, Instant::now()) {
             state.stats.cached += 1;
+            metrics::counter!("pusher_jobs_cached_total").increment(1);
             drop(state);
             deliver(requester, &id, Outcome::Processed(processed));
             return Admission::Cached;
@@ -140,16 +141,20 @@ impl Jobs {
         if let Some(requesters) = state.running.get_mut(&id) {
             requesters.push(requester);
             state.stats.attached += 1;
+            metrics::counter!("pusher_jobs_attached_total").increment(1);
             return Admission::Attached;
         }
         if state.running.len() >= self.config.max_concurrency + self.config.max_queued {
             state.stats.busy += 1;
+            metrics::counter!("pusher_jobs_busy_total").increment(1);
             return Admission::Busy {
                 retry_after: self.config.busy_retry_after,
             };
         }
         state.running.insert(id.clone(), vec![requester]);
         state.stats.started += 1;
+        metrics::counter!("pusher_jobs_started_total").increment(1);
+        metrics::gauge!("pusher_jobs_running").set(state.running.len() as f64);
         drop(state);
 
         let span = info_span!("job", conversation_id = %id, attempt = request.attempt);
@@ -188,14 +193,22 @@ impl Jobs {
             match &outcome {
                 Outcome::Processed(processed) => {
                     state.stats.succeeded += 1;
+                    metrics::counter!("pusher_jobs_total", "result" => "succeeded").increment(1);
                     state
                         .cache
                         .insert(id.clone(), processed.clone(), Instant::now());
                 }
-                Outcome::Failed(_) => state.stats.failed += 1,
+                Outcome::Failed(_) => {
+                    state.stats.failed += 1;
+                    metrics::counter!("pusher_jobs_total", "result" => "failed").increment(1);
+                }
             }
-            state.running.remove(&id).unwrap_or_default()
+            let requesters = state.running.remove(&id).unwrap_or_default();
+            metrics::gauge!("pusher_jobs_running").set(state.running.len() as f64);
+            requesters
         };
+        metrics::histogram!("pusher_processing_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         match &outcome {
             Outcome::Processed(_) => debug!(
                 elapsed_ms = started.elapsed().as_millis() as u64,

@@ -7,6 +7,11 @@ use shared::cli;
 async fn main() -> anyhow::Result<()> {
     let config: Config = cli::parse();
     shared::telemetry::init(config.log_format, "info");
+    if let Some(addr) = config.admin_addr.0
+        && let Err(reason) = shared::metrics::install(addr)
+    {
+        cli::exit_config_error(reason);
+    }
     let listener = match tokio::net::TcpListener::bind(config.listen_addr).await {
         Ok(listener) => listener,
         Err(error) => cli::exit_config_error(format!(

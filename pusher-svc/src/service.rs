@@ -114,6 +114,12 @@ struct StreamLoop {
 
 impl StreamLoop {
     async fn run(mut self, mut inbound: Streaming<LinkRequest>) {
+        metrics::gauge!("pusher_streams_open").increment(1.0);
+        self.serve(&mut inbound).await;
+        metrics::gauge!("pusher_streams_open").decrement(1.0);
+    }
+
+    async fn serve(&mut self, inbound: &mut Streaming<LinkRequest>) {
         let mut greeted = false;
         loop {
             let message = tokio::select! {

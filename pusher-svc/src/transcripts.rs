@@ -77,6 +77,7 @@ impl Forwarder {
         .expect("serializing plain data cannot fail");
         for url in &self.urls {
             let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+                metrics::counter!("pusher_transcripts_dropped_total").increment(1);
                 let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 debug!(%url, dropped, "transcript forwarding saturated; batch dropped");
                 continue;
@@ -94,10 +95,12 @@ impl Forwarder {
                     Ok(response) if response.status().is_success() => {}
                     Ok(response) => {
                         forwarder.dropped.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("pusher_transcripts_dropped_total").increment(1);
                         debug!(%url, status = response.status().as_u16(), "transcript webhook refused a batch");
                     }
                     Err(error) => {
                         forwarder.dropped.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("pusher_transcripts_dropped_total").increment(1);
                         debug!(%url, %error, "transcript webhook unreachable");
                     }
                 }

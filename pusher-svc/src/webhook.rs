@@ -158,10 +158,13 @@ impl Webhooks {
         };
         for attempt in 1..=self.max_attempts {
             result.attempts = attempt;
+            metrics::counter!("pusher_webhook_attempts_total").increment(1);
             match self.attempt(endpoint, key, body).await {
                 Ok(status) if (200..300).contains(&status) => {
                     debug!(url = %endpoint.url, attempt, status, "webhook delivered");
                     result.delivered = true;
+                    metrics::counter!("pusher_webhook_deliveries_total", "result" => "delivered")
+                        .increment(1);
                     result.status_code = status.into();
                     result.error.clear();
                     return result;
@@ -180,6 +183,7 @@ impl Webhooks {
             }
         }
         warn!(url = %endpoint.url, attempts = result.attempts, error = %result.error, "webhook gave up");
+        metrics::counter!("pusher_webhook_deliveries_total", "result" => "gave_up").increment(1);
         result.error = format!(
             "gave up after {} attempts: {}",
             result.attempts, result.error

@@ -4,6 +4,7 @@
 //! - [`grpc`]: health and reflection services scoped to one server's own services.
 //! - [`backoff`]: the jittered exponential backoff policy used for reconnects and retries.
 //! - [`telemetry`]: `tracing` set-up (text or JSON).
+//! - [`metrics`]: the Prometheus `/metrics` listener on `--admin-addr`.
 //! - [`shutdown`]: the SIGTERM/SIGINT future handed to each service's `run()`.
 //! - [`cli`]: parsing helpers for flags and the exit code for bad configuration.
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod grpc;
+pub mod metrics;
 pub mod proto;
 pub mod shutdown;
 pub mod telemetry;

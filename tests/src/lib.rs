@@ -75,6 +75,8 @@ pub struct Service {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     pub addr: SocketAddr,
+    /// Where its /metrics is served.
+    pub admin: SocketAddr,
     log: PathBuf,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
@@ -82,10 +84,12 @@ pub struct Service {
 
 impl Service {
     fn spawn(name: &'static str, addr: SocketAddr, args: Vec<String>, log: PathBuf) -> Service {
+        let admin = admin_of(&args);
         let mut service = Service {
             name,
             args,
             envs: Vec::new(),
+            admin,
             addr,
             log,
             child: None,
@@ -245,8 +249,12 @@ pub async fn start_pusher_with_env(port: u16, extra: &[&str], envs: &[(&str, &st
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut args = vec!["--listen-addr".to_string(), addr.to_string()];
-    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(with_defaults(
+        &["--admin-addr", &format!("127.0.0.1:{}", free_port())],
+        extra,
+    ));
     let log = dir.path().join("pusher.log");
+    let admin = admin_of(&args);
     let envs = envs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -256,6 +264,7 @@ pub async fn start_pusher_with_env(port: u16, extra: &[&str], envs: &[(&str, &st
         args,
         envs,
         addr,
+        admin,
         log,
         child: None,
         _dir: Some(dir),
@@ -302,7 +311,13 @@ pub async fn start_listen(options: ListenOptions<'_>) -> Service {
     if !options.extra.contains(&"--instance-id") {
         args.extend(["--instance-id".to_string(), "listen-test".to_string()]);
     }
-    args.extend(with_defaults(FAST_LINK, options.extra));
+    let admin = format!("127.0.0.1:{}", free_port());
+    let defaults: Vec<&str> = FAST_LINK
+        .iter()
+        .copied()
+        .chain(["--admin-addr", admin.as_str()])
+        .collect();
+    args.extend(with_defaults(&defaults, options.extra));
     let mut service = Service::spawn("listen-svc", addr, args, dir.path().join("listen.log"));
     service._dir = Some(dir);
     service.wait_healthy("").await;
@@ -499,4 +514,51 @@ pub fn with_defaults(defaults: &[&str], overrides: &[&str]) -> Vec<String> {
         }
     }
     out
+}
+
+/// The --admin-addr among `args`.
+fn admin_of(args: &[String]) -> SocketAddr {
+    args.iter()
+        .position(|a| a == "--admin-addr")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap())
+}
+
+impl Service {
+    /// GET /metrics on the admin port (plain HTTP/1.0 over a socket).
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin)
+            .await
+            .expect("admin port");
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(
+            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+            "{response}"
+        );
+        response
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// The value of one metric line (`name` including any `{labels}`), 0 if absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
 }

@@ -710,3 +710,109 @@ async fn both_services_exit_cleanly_on_sigterm_with_the_link_open() {
     assert!(listen.terminate(Duration::from_secs(10)).success());
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn prometheus_metrics_are_served_and_move() {
+    let pusher_port = free_port();
+    let pusher = start_pusher(pusher_port, &[]).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+    let id = client
+        .submit_conversation(talk("metrics", "k"))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    wait_one(&client, &id, ConversationStatus::Completed, SETTLE).await;
+    let _ = client
+        .get_conversation(listen::GetConversationRequest {
+            conversation_id: "bad".into(),
+        })
+        .await;
+
+    // The link gauges are published by the link loop; give it its next turn.
+    wait_for("link gauges", Duration::from_secs(5), || async {
+        (listen.metric("listen_link_up").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        listen.metric("listen_link_state").await,
+        LinkState::Connected as i32 as f64
+    );
+    assert_eq!(listen.metric("listen_link_sent_total").await, 1.0);
+    assert_eq!(
+        listen
+            .metric("listen_link_acks_total{result=\"processed\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        listen
+            .metric("listen_conversations_total{status=\"processing\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        listen
+            .metric("listen_conversations_total{status=\"completed\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        listen
+            .metric("listen_rejected_requests_total{code=\"invalid_argument\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        listen.metric("listen_link_ack_latency_seconds_count").await,
+        1.0
+    );
+    let text = listen.metrics().await;
+    assert!(
+        text.contains("listen_link_ack_latency_seconds_bucket{le=\"0.005\"}"),
+        "histogram buckets:\n{text}"
+    );
+
+    assert_eq!(pusher.metric("pusher_jobs_started_total").await, 1.0);
+    assert_eq!(
+        pusher
+            .metric("pusher_jobs_total{result=\"succeeded\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(pusher.metric("pusher_streams_open").await, 1.0);
+    assert_eq!(
+        pusher
+            .metric("pusher_processing_duration_seconds_count")
+            .await,
+        1.0
+    );
+
+    // Moving: a second conversation moves the counters.
+    let id = client
+        .submit_conversation(talk("metrics", "k2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    wait_one(&client, &id, ConversationStatus::Completed, SETTLE).await;
+    assert_eq!(
+        pusher
+            .metric("pusher_jobs_total{result=\"succeeded\"}")
+            .await,
+        2.0
+    );
+    wait_for("settled counter", Duration::from_secs(5), || async {
+        (listen
+            .metric("listen_conversations_total{status=\"completed\"}")
+            .await
+            == 2.0)
+            .then_some(())
+    })
+    .await;
+}

@@ -184,6 +184,18 @@ impl Pending {
         }
     }
 
+    /// When the attempt in flight was sent, if `attempt` is it (for ack latency).
+    pub(crate) fn sent_at(&self, id: &str, attempt: u32) -> Option<Instant> {
+        match self.entries.get(id) {
+            Some(Entry {
+                attempt: current,
+                state: EntryState::InFlight { sent_at, .. },
+                ..
+            }) if *current == attempt => Some(*sent_at),
+            _ => None,
+        }
+    }
+
     /// `Progress` for the attempt in flight pushes its deadline out by a full ack timeout.
     pub(crate) fn progress(&mut self, id: &str, attempt: u32, now: Instant) -> bool {
         match self.entries.get_mut(id) {
