@@ -193,6 +193,14 @@ impl Listen for ListenService {
     }
 }
 
+#[cfg(test)]
+pub(crate) fn validate_submit_for_fuzz(
+    request: api::SubmitConversationRequest,
+    limits: Limits,
+) -> Result<NewConversation, ApiError> {
+    validate_submit(request, limits)
+}
+
 fn validate_submit(
     request: api::SubmitConversationRequest,
     limits: Limits,

@@ -13,6 +13,8 @@
 mod api;
 mod config;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod link;
 mod session;
 mod store;
