@@ -124,6 +124,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_sessions: u32,
 
+    /// Open Session streams per uid, at most; beyond it Start gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LISTEN_MAX_SESSIONS_PER_UID", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_sessions_per_uid: u32,
+
     /// Lowest conversation_timeout_s a session may ask for.
     #[arg(long, env = "LISTEN_MIN_CONVERSATION_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub min_conversation_timeout: Duration,

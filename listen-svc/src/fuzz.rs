@@ -107,7 +107,7 @@ fn same_segments(a: &[api::Segment], b: &[api::Segment]) -> bool {
             x.text == y.text
                 && x.speaker == y.speaker
                 && x.is_user == y.is_user
-                                && same_f64(x.start, y.start)
+                && same_f64(x.start, y.start)
                 && same_f64(x.end, y.end)
         })
 }

@@ -95,7 +95,11 @@ pub async fn run(
         max_message_bytes: config.max_message_bytes as usize,
         transcript_buffer: config.transcript_buffer as usize,
     };
-    let sessions = session::Sessions::new(config.max_sessions as usize, Arc::clone(&store));
+    let sessions = session::Sessions::new(
+        config.max_sessions as usize,
+        config.max_sessions_per_uid as usize,
+        Arc::clone(&store),
+    );
     let on_settled: link::SettledHook = {
         let sessions = Arc::clone(&sessions);
         Arc::new(move |id: &str| sessions.settled(id))

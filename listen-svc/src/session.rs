@@ -42,6 +42,7 @@ pub(crate) type EventTx = mpsc::Sender<Result<SessionEvent, Status>>;
 /// Open sessions and the conversations they are waiting on.
 pub(crate) struct Sessions {
     max_sessions: usize,
+    max_per_uid: usize,
     store: Arc<dyn ConversationStore>,
     state: Mutex<State>,
 }
@@ -49,7 +50,27 @@ pub(crate) struct Sessions {
 #[derive(Default)]
 struct State {
     open: usize,
+    /// Open sessions per uid (entries removed at zero, so bounded by `open`).
+    per_uid: HashMap<String, usize>,
     waiting: HashMap<String, EventTx>,
+}
+
+/// Holds one of a uid's session slots; frees it when dropped.
+struct UidSlot {
+    sessions: Arc<Sessions>,
+    uid: String,
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut state = self.sessions.lock();
+        if let Some(open) = state.per_uid.get_mut(&self.uid) {
+            *open -= 1;
+            if *open == 0 {
+                state.per_uid.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// Holds a session slot; frees it when dropped.
@@ -64,11 +85,33 @@ impl Drop for Slot {
 }
 
 impl Sessions {
-    pub(crate) fn new(max_sessions: usize, store: Arc<dyn ConversationStore>) -> Arc<Self> {
+    pub(crate) fn new(
+        max_sessions: usize,
+        max_per_uid: usize,
+        store: Arc<dyn ConversationStore>,
+    ) -> Arc<Self> {
         Arc::new(Sessions {
             max_sessions,
+            max_per_uid,
             store,
             state: Mutex::default(),
+        })
+    }
+
+    /// Counts a session against its uid, or RESOURCE_EXHAUSTED beyond `--max-sessions-per-uid`.
+    fn enter_uid(self: &Arc<Self>, uid: &str) -> Result<UidSlot, Status> {
+        let mut state = self.lock();
+        let open = state.per_uid.entry(uid.to_string()).or_default();
+        if *open >= self.max_per_uid {
+            return Err(Status::resource_exhausted(format!(
+                "start.uid: {uid} already has {} open sessions, the limit (--max-sessions-per-uid)",
+                self.max_per_uid
+            )));
+        }
+        *open += 1;
+        Ok(UidSlot {
+            sessions: Arc::clone(self),
+            uid: uid.to_string(),
         })
     }
 
@@ -214,6 +257,7 @@ struct Session {
     current: Option<Current>,
     /// Conversations this session finished and waits on for outcomes.
     watched: HashSet<String>,
+    _uid_slot: UidSlot,
 }
 
 impl Session {
@@ -240,6 +284,10 @@ impl Session {
             Ok(ok) => ok,
             Err(error) => return Err((tx, error.into())),
         };
+        let uid_slot = match ctx.sessions.enter_uid(&uid) {
+            Ok(slot) => slot,
+            Err(status) => return Err((tx, status)),
+        };
         let resumable = match ctx.store.find_resumable(&uid, now_ms()).await {
             Ok(resumable) => resumable,
             Err(error) => return Err((tx, ApiError::from(error).into())),
@@ -261,6 +309,7 @@ impl Session {
             timeout,
             current,
             watched: HashSet::new(),
+            _uid_slot: uid_slot,
         };
         let resumed_conversation_id = session
             .current

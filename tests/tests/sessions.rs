@@ -471,3 +471,41 @@ async fn sigterm_ends_open_sessions_with_unavailable_and_exits() {
         ConversationStatus::InProgress
     );
 }
+
+#[tokio::test]
+async fn sessions_per_uid_are_bounded() {
+    let (_pusher, listen) = system(&["--max-sessions-per-uid", "2"]).await;
+    let client = listen_client(&listen);
+    let (_a, _) = Session::start(&client, "busy", 0).await;
+    let (b, _) = Session::start(&client, "busy", 0).await;
+    let mut third = Session::open(&client).await;
+    third
+        .send(Msg::Start(Start {
+            uid: "busy".into(),
+            ..Default::default()
+        }))
+        .await;
+    let status = third.error().await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().starts_with("start.uid"),
+        "{}",
+        status.message()
+    );
+    let (_other, _) = Session::start(&client, "someone-else", 0).await;
+    drop(b);
+    wait_for("a freed slot for the uid", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let mut session = Session::open(&client).await;
+            session
+                .send(Msg::Start(Start {
+                    uid: "busy".into(),
+                    ..Default::default()
+                }))
+                .await;
+            matches!(session.events.message().await, Ok(Some(_))).then_some(())
+        }
+    })
+    .await;
+}
