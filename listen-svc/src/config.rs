@@ -146,6 +146,30 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADMIN_ADDR", default_value = "0.0.0.0:9464", value_parser = shared::metrics::parse_admin_addr)]
     pub admin_addr: shared::metrics::AdminAddr,
 
+    /// CA (PEM) that signed pusher's certificate; required with an https:// --pusher-url.
+    #[arg(long, env = "LISTEN_PUSHER_TLS_CA")]
+    pub pusher_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) presented to pusher (mutual TLS), with --pusher-tls-key.
+    #[arg(long, env = "LISTEN_PUSHER_TLS_CERT")]
+    pub pusher_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) for --pusher-tls-cert.
+    #[arg(long, env = "LISTEN_PUSHER_TLS_KEY")]
+    pub pusher_tls_key: Option<PathBuf>,
+
+    /// Name to verify pusher's certificate against, when it differs from the URL's host.
+    #[arg(long, env = "LISTEN_PUSHER_TLS_DOMAIN")]
+    pub pusher_tls_domain: Option<String>,
+
+    /// Certificate chain (PEM) for listen's own public port; with --tls-key it speaks TLS only.
+    #[arg(long, env = "LISTEN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, env = "LISTEN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
     /// Log line format (RUST_LOG sets the filter, default "info").
     #[arg(long, env = "LISTEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -173,17 +197,25 @@ impl Config {
                 )
             })?;
         match (url.scheme_str(), url.authority()) {
-            (Some("http"), Some(_)) => {}
-            (Some("https"), _) => {
-                return Err("--pusher-url: https (TLS) is not supported yet; use http://".into());
+            (Some("http"), Some(_)) => {
+                if self.pusher_tls_ca.is_some()
+                    || self.pusher_tls_cert.is_some()
+                    || self.pusher_tls_key.is_some()
+                {
+                    return Err("--pusher-tls-* need an https:// --pusher-url".into());
+                }
+            }
+            (Some("https"), Some(_)) => {
+                self.pusher_tls()?;
             }
             _ => {
                 return Err(format!(
-                    "--pusher-url {:?}: expected http://host:port",
+                    "--pusher-url {:?}: expected http://host:port or https://host:port",
                     self.pusher_url
                 ));
             }
         }
+        self.server_tls()?;
         if self.reconnect_initial > self.reconnect_max || self.retry_initial > self.reconnect_max {
             return Err(
                 "--reconnect-initial and --retry-initial must not exceed --reconnect-max".into(),
@@ -198,6 +230,35 @@ impl Config {
             return Err("--instance-id must be 1 to 128 bytes".into());
         }
         Ok(())
+    }
+
+    /// TLS towards pusher, for an https:// --pusher-url.
+    pub fn pusher_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+        if !self.pusher_url.starts_with("https://") {
+            return Ok(None);
+        }
+        let ca = self
+            .pusher_tls_ca
+            .as_deref()
+            .ok_or("an https:// --pusher-url needs --pusher-tls-ca")?;
+        shared::tls::client(
+            ca,
+            self.pusher_tls_cert.as_deref(),
+            self.pusher_tls_key.as_deref(),
+            self.pusher_tls_domain.as_deref(),
+            ["--pusher-tls-ca", "--pusher-tls-cert", "--pusher-tls-key"],
+        )
+        .map(Some)
+    }
+
+    /// TLS for listen's own public port, if configured.
+    pub fn server_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+        shared::tls::server(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            None,
+            ["--tls-cert", "--tls-key", "--tls-client-ca"],
+        )
     }
 
     pub fn store_location(&self) -> Result<StoreLocation, String> {

@@ -94,6 +94,7 @@ pub async fn run(
         lease_ttl: config.lease_ttl,
         max_message_bytes: config.max_message_bytes as usize,
         transcript_buffer: config.transcript_buffer as usize,
+        tls: config.pusher_tls().map_err(anyhow::Error::msg)?,
     };
     let sessions = session::Sessions::new(
         config.max_sessions as usize,
@@ -146,7 +147,11 @@ pub async fn run(
 
     let addr = listener.local_addr()?;
     info!(%addr, %instance_id, pusher_url = %config.pusher_url, store = %redact(&config.store), "listen-svc serving");
-    let router = shared::grpc::server_builder(Default::default())
+    let mut builder = shared::grpc::server_builder(Default::default());
+    if let Some(tls) = config.server_tls().map_err(anyhow::Error::msg)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

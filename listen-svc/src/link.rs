@@ -79,6 +79,8 @@ pub(crate) struct LinkConfig {
     pub max_message_bytes: usize,
     /// Live transcript batches buffered while the link is down (oldest dropped beyond).
     pub transcript_buffer: usize,
+    /// TLS (usually mutual) towards pusher, for an https:// URL.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// What the link looks like from outside.
@@ -368,6 +370,12 @@ impl Link {
             .http2_keep_alive_interval(self.config.keepalive_interval)
             .keep_alive_timeout(self.config.keepalive_timeout)
             .keep_alive_while_idle(true);
+        let endpoint = match &self.config.tls {
+            Some(tls) => endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| format!("TLS configuration for {url}: {}", error_chain(&e)))?,
+            None => endpoint,
+        };
         let channel = endpoint
             .connect()
             .await

@@ -130,6 +130,19 @@ pub struct Config {
     #[arg(long, env = "PUSHER_ADMIN_ADDR", default_value = "0.0.0.0:9465", value_parser = shared::metrics::parse_admin_addr)]
     pub admin_addr: shared::metrics::AdminAddr,
 
+    /// Server certificate chain (PEM). With --tls-key, the gRPC port speaks TLS only.
+    #[arg(long, env = "PUSHER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key for --tls-cert (PEM).
+    #[arg(long, env = "PUSHER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA (PEM) that must have signed every client's certificate: mutual TLS. Clients without
+    /// such a certificate, and plaintext clients, are refused.
+    #[arg(long, env = "PUSHER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Log line format (RUST_LOG sets the filter, default "info").
     #[arg(long, env = "PUSHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -138,6 +151,7 @@ pub struct Config {
 impl Config {
     /// Checks what clap cannot; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
+        self.server_tls()?;
         self.webhook_urls()?;
         for url in &self.transcript_webhooks {
             check_url("--transcript-webhook", url)?;
@@ -168,6 +182,16 @@ impl Config {
             check_url("--webhook", url)?;
         }
         Ok(urls)
+    }
+
+    /// TLS for the gRPC port, if configured.
+    pub fn server_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+        shared::tls::server(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+            ["--tls-cert", "--tls-key", "--tls-client-ca"],
+        )
     }
 
     /// The LLM API key, from the environment only.

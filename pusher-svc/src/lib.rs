@@ -109,7 +109,15 @@ pub async fn run(
     let addr = listener.local_addr()?;
     info!(%addr, %pusher_id, max_concurrency = config.max_concurrency, "pusher-svc serving");
 
-    let router = shared::grpc::server_builder(Default::default())
+    let mut builder = shared::grpc::server_builder(Default::default());
+    if let Some(tls) = config.server_tls().map_err(anyhow::Error::msg)? {
+        info!(
+            mutual = config.tls_client_ca.is_some(),
+            "gRPC port speaks TLS"
+        );
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -6,6 +6,9 @@ use shared::cli;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = cli::parse();
+    if let Err(reason) = config.validate() {
+        cli::exit_config_error(reason);
+    }
     shared::telemetry::init(config.log_format, "info");
     if let Some(addr) = config.admin_addr.0
         && let Err(reason) = shared::metrics::install(addr)

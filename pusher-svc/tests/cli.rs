@@ -34,6 +34,13 @@ fn bad_configuration_exits_64_with_a_one_line_reason() {
         (&["--listen-addr", "not-an-address"][..], "--listen-addr"),
         (&["--max-concurrency", "0"][..], "--max-concurrency"),
         (&["--result-cache-ttl", "0s"][..], "--result-cache-ttl"),
+        (&["--webhook", "not a url"][..], "--webhook"),
+        (
+            &["--webhook-file", "/nonexistent/hooks.txt"][..],
+            "--webhook-file",
+        ),
+        (&["--llm-url", "ftp://llm"][..], "--llm-url"),
+        (&["--tls-key", "/tmp/key.pem"][..], "--tls-cert"),
     ] {
         let output = pusher_svc(args);
         assert_eq!(output.status.code(), Some(64), "{args:?}");

@@ -6,6 +6,7 @@
 //! - [`telemetry`]: `tracing` set-up (text or JSON).
 //! - [`metrics`]: the Prometheus `/metrics` listener on `--admin-addr`.
 //! - [`shutdown`]: the SIGTERM/SIGINT future handed to each service's `run()`.
+//! - [`tls`]: server and client TLS from PEM files (mutual TLS between listen and pusher).
 //! - [`cli`]: parsing helpers for flags and the exit code for bad configuration.
 #![forbid(unsafe_code)]
 
@@ -16,3 +17,4 @@ pub mod metrics;
 pub mod proto;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;

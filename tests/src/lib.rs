@@ -77,6 +77,8 @@ pub struct Service {
     pub addr: SocketAddr,
     /// Where its /metrics is served.
     pub admin: SocketAddr,
+    /// TLS the harness uses to reach it (health checks), if it speaks TLS.
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
     log: PathBuf,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
@@ -90,6 +92,7 @@ impl Service {
             args,
             envs: Vec::new(),
             admin,
+            client_tls: None,
             addr,
             log,
             child: None,
@@ -168,10 +171,18 @@ impl Service {
 
     /// A channel to the service.
     pub fn channel(&self) -> Channel {
-        Endpoint::from_shared(self.url())
-            .unwrap()
-            .connect_timeout(Duration::from_secs(2))
-            .connect_lazy()
+        match &self.client_tls {
+            None => Endpoint::from_shared(self.url())
+                .unwrap()
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy(),
+            Some(tls) => Endpoint::from_shared(format!("https://{}", self.addr))
+                .unwrap()
+                .tls_config(tls.clone())
+                .unwrap()
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy(),
+        }
     }
 
     /// Health of `service` ("" for the server as a whole), or None if unreachable.
@@ -246,6 +257,24 @@ pub async fn start_pusher(port: u16, extra: &[&str]) -> Service {
 
 /// [`start_pusher`] with environment variables (secrets that have no flag).
 pub async fn start_pusher_with_env(port: u16, extra: &[&str], envs: &[(&str, &str)]) -> Service {
+    start_pusher_full(port, extra, envs, None).await
+}
+
+/// A pusher speaking TLS; the harness reaches it with `client_tls`.
+pub async fn start_pusher_tls(
+    port: u16,
+    extra: &[&str],
+    client_tls: tonic::transport::ClientTlsConfig,
+) -> Service {
+    start_pusher_full(port, extra, &[], Some(client_tls)).await
+}
+
+async fn start_pusher_full(
+    port: u16,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
+) -> Service {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut args = vec!["--listen-addr".to_string(), addr.to_string()];
@@ -265,6 +294,7 @@ pub async fn start_pusher_with_env(port: u16, extra: &[&str], envs: &[(&str, &st
         envs,
         addr,
         admin,
+        client_tls,
         log,
         child: None,
         _dir: Some(dir),
