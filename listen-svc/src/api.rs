@@ -2,6 +2,7 @@
 //!
 //! Submit commits to the store and wakes the link; it never waits on pusher.
 
+use crate::auth;
 use crate::error::ApiError;
 use crate::link::LinkHandle;
 use crate::session;
@@ -45,10 +46,12 @@ impl Listen for ListenService {
         &self,
         request: Request<Streaming<api::SessionRequest>>,
     ) -> Reply<Self::SessionStream> {
+        let caller = auth::caller(&request)?;
         let slot = self.sessions.sessions.enter()?;
         let (tx, rx) = tokio::sync::mpsc::channel(session::EVENT_BUFFER);
         tokio::spawn(session::run(
             self.sessions.clone(),
+            caller,
             request.into_inner(),
             tx,
             slot,
@@ -60,8 +63,10 @@ impl Listen for ListenService {
         &self,
         request: Request<api::SubmitConversationRequest>,
     ) -> Reply<api::SubmitConversationResponse> {
+        let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let new = validate_submit(request, self.limits)?;
+        caller.require("uid", &new.uid)?;
         let submitted = self.store.submit(new).await.map_err(ApiError::from)?;
         if submitted.created {
             let status = if submitted.status == Status::Processing {
@@ -84,6 +89,7 @@ impl Listen for ListenService {
         &self,
         request: Request<api::GetConversationRequest>,
     ) -> Reply<api::Conversation> {
+        let caller = auth::caller(&request)?;
         let id = validate_id("conversation_id", &request.into_inner().conversation_id)?;
         let conversation = self
             .store
@@ -91,6 +97,7 @@ impl Listen for ListenService {
             .await
             .map_err(ApiError::from)?
             .ok_or(ApiError::NotFound(id))?;
+        caller.require("conversation_id", &conversation.uid)?;
         Ok(Response::new(to_proto(conversation)))
     }
 
@@ -98,10 +105,16 @@ impl Listen for ListenService {
         &self,
         request: Request<api::ListConversationsRequest>,
     ) -> Reply<api::ListConversationsResponse> {
+        let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let uid = match request.uid.as_str() {
-            "" => None,
-            uid => Some(validate_text("uid", uid, MAX_ID_BYTES)?.to_string()),
+            // A user lists its own conversations; services and open mode may list everyone's.
+            "" => caller.own_uid().map(String::from),
+            uid => {
+                let uid = validate_text("uid", uid, MAX_ID_BYTES)?.to_string();
+                caller.require("uid", &uid)?;
+                Some(uid)
+            }
         };
         let status = match api::ConversationStatus::try_from(request.status) {
             Ok(status) => Status::from_proto(status),
@@ -150,7 +163,17 @@ impl Listen for ListenService {
         &self,
         request: Request<api::RetryConversationRequest>,
     ) -> Reply<api::Conversation> {
+        let caller = auth::caller(&request)?;
         let id = validate_id("conversation_id", &request.into_inner().conversation_id)?;
+        if caller.own_uid().is_some() {
+            let owner = self
+                .store
+                .get(&id)
+                .await
+                .map_err(ApiError::from)?
+                .ok_or_else(|| ApiError::NotFound(id.clone()))?;
+            caller.require("conversation_id", &owner.uid)?;
+        }
         match self.store.retry(&id).await.map_err(ApiError::from)? {
             RetryOutcome::Retried(conversation) => {
                 self.link.wake();
@@ -167,8 +190,13 @@ impl Listen for ListenService {
 
     async fn get_link_status(
         &self,
-        _request: Request<api::GetLinkStatusRequest>,
+        request: Request<api::GetLinkStatusRequest>,
     ) -> Reply<api::LinkStatus> {
+        if let Some(uid) = auth::caller(&request)?.own_uid() {
+            return Err(tonic::Status::permission_denied(format!(
+                "the link status is for services (token scope --auth-service-scope); {uid:?} is a user"
+            )));
+        }
         let snapshot = self.link.snapshot();
         // The link's own state is reported even when the store cannot be counted.
         let (queued, last_error) = match self.store.count_processing().await {

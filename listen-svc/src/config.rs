@@ -170,6 +170,47 @@ pub struct Config {
     #[arg(long, env = "LISTEN_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
+    /// HS256 secret (at least 32 bytes) for bearer tokens on the Listen API. With it, or with
+    /// --auth-jwks-file, every Listen call needs `authorization: Bearer <JWT>` whose `sub` is
+    /// the caller's uid. Prefer the environment variable: flags show in process listings.
+    #[arg(long, env = "LISTEN_AUTH_JWT_SECRET", hide_env_values = true)]
+    pub auth_jwt_secret: Option<String>,
+
+    /// JWKS file (JSON) of RS256 public keys for bearer tokens.
+    #[arg(long, env = "LISTEN_AUTH_JWKS_FILE")]
+    pub auth_jwks_file: Option<PathBuf>,
+
+    /// Required `iss` of bearer tokens, if set.
+    #[arg(long, env = "LISTEN_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+
+    /// Required `aud` of bearer tokens, if set.
+    #[arg(long, env = "LISTEN_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+
+    /// Scope (in `scope` or `scp`) that lets a token act for any uid: for services.
+    #[arg(
+        long,
+        env = "LISTEN_AUTH_SERVICE_SCOPE",
+        default_value = "listen:service"
+    )]
+    pub auth_service_scope: String,
+
+    /// HTTP/2 streams one client connection may have open at once.
+    #[arg(long, env = "LISTEN_MAX_CONCURRENT_STREAMS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_streams: u32,
+
+    /// HTTP/2 streams a client may make this server reset for its protocol errors before its
+    /// connection is closed (a guard against reset floods).
+    #[arg(long, env = "LISTEN_MAX_LOCAL_ERROR_RESETS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_local_error_resets: u32,
+
+    /// Time a unary call may take before it is cancelled (streams are not cut by it).
+    #[arg(long, env = "LISTEN_REQUEST_TIMEOUT", default_value = "30s", value_parser = shared::cli::parse_positive_duration)]
+    pub request_timeout: Duration,
+
     /// Log line format (RUST_LOG sets the filter, default "info").
     #[arg(long, env = "LISTEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -216,6 +257,7 @@ impl Config {
             }
         }
         self.server_tls()?;
+        crate::auth::Authenticator::from_config(&self.auth_config())?;
         if self.reconnect_initial > self.reconnect_max || self.retry_initial > self.reconnect_max {
             return Err(
                 "--reconnect-initial and --retry-initial must not exceed --reconnect-max".into(),
@@ -249,6 +291,16 @@ impl Config {
             ["--pusher-tls-ca", "--pusher-tls-cert", "--pusher-tls-key"],
         )
         .map(Some)
+    }
+
+    pub(crate) fn auth_config(&self) -> crate::auth::AuthConfig {
+        crate::auth::AuthConfig {
+            jwt_secret: self.auth_jwt_secret.clone(),
+            jwks_file: self.auth_jwks_file.clone(),
+            issuer: self.auth_issuer.clone(),
+            audience: self.auth_audience.clone(),
+            service_scope: self.auth_service_scope.clone(),
+        }
     }
 
     /// TLS for listen's own public port, if configured.

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod auth;
 mod config;
 mod error;
 #[cfg(test)]
@@ -141,13 +142,37 @@ pub async fn run(
         },
     };
     let (reflection_v1, reflection_v1alpha) = shared::grpc::reflection(&[SERVICE_NAME])?;
-    let listen = ListenServer::new(service)
-        .max_decoding_message_size(config.max_message_bytes as usize)
-        .max_encoding_message_size(config.max_message_bytes as usize);
+    let authenticator = auth::Authenticator::from_config(&config.auth_config())
+        .map_err(anyhow::Error::msg)?
+        .map(Arc::new);
+    // Only the Listen service is behind the interceptor: health and reflection stay open.
+    let authenticate = move |mut request: tonic::Request<()>| {
+        let caller = match &authenticator {
+            None => auth::Caller::Anyone,
+            Some(authenticator) => authenticator.authenticate(
+                request
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok()),
+            )?,
+        };
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    };
+    let listen = tonic::service::interceptor::InterceptedService::new(
+        ListenServer::new(service)
+            .max_decoding_message_size(config.max_message_bytes as usize)
+            .max_encoding_message_size(config.max_message_bytes as usize),
+        authenticate,
+    );
 
     let addr = listener.local_addr()?;
     info!(%addr, %instance_id, pusher_url = %config.pusher_url, store = %redact(&config.store), "listen-svc serving");
-    let mut builder = shared::grpc::server_builder(Default::default());
+    let mut builder = shared::grpc::server_builder(shared::grpc::ServerLimits {
+        max_concurrent_streams: config.max_concurrent_streams,
+        max_local_error_reset_streams: config.max_local_error_resets as usize,
+        request_timeout: config.request_timeout,
+    });
     if let Some(tls) = config.server_tls().map_err(anyhow::Error::msg)? {
         builder = builder.tls_config(tls)?;
     }

@@ -14,6 +14,7 @@
 //! GetConversation).
 
 use crate::api::{Limits, to_proto, validate_segments, validate_text};
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::link::LinkHandle;
 use crate::store::{ConversationStore, NewLive, Status as Lifecycle, now_ms};
@@ -208,6 +209,7 @@ struct Current {
 /// Runs one session until the client closes it, an error ends it, or listen shuts down.
 pub(crate) async fn run(
     ctx: Context,
+    caller: Caller,
     mut inbound: Streaming<SessionRequest>,
     tx: EventTx,
     _slot: Slot,
@@ -232,7 +234,7 @@ pub(crate) async fn run(
             .await;
         }
     };
-    let mut session = match Session::begin(ctx, start, tx).await {
+    let mut session = match Session::begin(ctx, &caller, start, tx).await {
         Ok(session) => session,
         Err((tx, status)) => return fail(&tx, status).await,
     };
@@ -261,7 +263,12 @@ struct Session {
 }
 
 impl Session {
-    async fn begin(ctx: Context, start: Start, tx: EventTx) -> Result<Session, (EventTx, Status)> {
+    async fn begin(
+        ctx: Context,
+        caller: &Caller,
+        start: Start,
+        tx: EventTx,
+    ) -> Result<Session, (EventTx, Status)> {
         let checked = (|| {
             let uid = validate_text("start.uid", &start.uid, 128)?.to_string();
             let timeout_s = match start.conversation_timeout_s {
@@ -284,6 +291,9 @@ impl Session {
             Ok(ok) => ok,
             Err(error) => return Err((tx, error.into())),
         };
+        if let Err(status) = caller.require("start.uid", &uid) {
+            return Err((tx, status));
+        }
         let uid_slot = match ctx.sessions.enter_uid(&uid) {
             Ok(slot) => slot,
             Err(status) => return Err((tx, status)),

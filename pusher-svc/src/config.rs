@@ -143,6 +143,21 @@ pub struct Config {
     #[arg(long, env = "PUSHER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// HTTP/2 streams one client connection may have open at once.
+    #[arg(long, env = "PUSHER_MAX_CONCURRENT_STREAMS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_concurrent_streams: u32,
+
+    /// HTTP/2 streams a client may make this server reset for its protocol errors before its
+    /// connection is closed (a guard against reset floods).
+    #[arg(long, env = "PUSHER_MAX_LOCAL_ERROR_RESETS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_local_error_resets: u32,
+
+    /// Time a unary call may take before it is cancelled (streams are not cut by it).
+    #[arg(long, env = "PUSHER_REQUEST_TIMEOUT", default_value = "5m", value_parser = shared::cli::parse_positive_duration)]
+    pub request_timeout: Duration,
+
     /// Log line format (RUST_LOG sets the filter, default "info").
     #[arg(long, env = "PUSHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

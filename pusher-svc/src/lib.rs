@@ -109,7 +109,11 @@ pub async fn run(
     let addr = listener.local_addr()?;
     info!(%addr, %pusher_id, max_concurrency = config.max_concurrency, "pusher-svc serving");
 
-    let mut builder = shared::grpc::server_builder(Default::default());
+    let mut builder = shared::grpc::server_builder(shared::grpc::ServerLimits {
+        max_concurrent_streams: config.max_concurrent_streams,
+        max_local_error_reset_streams: config.max_local_error_resets as usize,
+        request_timeout: config.request_timeout,
+    });
     if let Some(tls) = config.server_tls().map_err(anyhow::Error::msg)? {
         info!(
             mutual = config.tls_client_ca.is_some(),

@@ -39,6 +39,9 @@ pub struct ServerLimits {
     /// HTTP/2 streams a peer may make us reset for its errors before the connection is closed
     /// (tonic otherwise passes no limit).
     pub max_local_error_reset_streams: usize,
+    /// Time a handler has to produce its response (unary calls; streaming handlers answer at
+    /// once and are not cut by it). Clients may ask for less with grpc-timeout.
+    pub request_timeout: std::time::Duration,
 }
 
 impl Default for ServerLimits {
@@ -46,6 +49,7 @@ impl Default for ServerLimits {
         ServerLimits {
             max_concurrent_streams: 1024,
             max_local_error_reset_streams: 1024,
+            request_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -54,6 +58,7 @@ impl Default for ServerLimits {
 pub fn server_builder(limits: ServerLimits) -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
+        .timeout(limits.request_timeout)
         .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
         // Detects dead peers on long-lived streams from the server side too.
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))

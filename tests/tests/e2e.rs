@@ -816,3 +816,61 @@ async fn prometheus_metrics_are_served_and_move() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn oversized_messages_and_slow_unary_calls_get_precise_statuses() {
+    let pusher_port = free_port();
+    let pusher = start_pusher(
+        pusher_port,
+        &["--simulated-latency", "2s", "--request-timeout", "300ms"],
+    )
+    .await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &["--max-message-bytes", "4096"],
+    })
+    .await;
+    let mut client = listen_client(&listen);
+
+    let mut big = talk("big", "k");
+    big.segments[0].text = "x".repeat(8_000);
+    let status = client.submit_conversation(big).await.unwrap_err();
+    // tonic's code for an over-limit message (grpc-go says RESOURCE_EXHAUSTED); the message
+    // names the limit.
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("the limit is: 4096 bytes"),
+        "{}",
+        status.message()
+    );
+    let listed = client
+        .list_conversations(listen::ListConversationsRequest {
+            uid: "big".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.conversations.is_empty(), "nothing stored");
+
+    let started = Instant::now();
+    let request = pusher::ProcessConversation {
+        conversation_id: "slow-1".into(),
+        attempt: 1,
+        segments: vec![pusher::Segment {
+            text: "I will wait.".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let status = pusher_client(&pusher).process(request).await.unwrap_err();
+    eprintln!("request timeout: {status:?}");
+    assert!(
+        matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "cut at the timeout, not after the job"
+    );
+}

@@ -10,12 +10,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
 
-/// Sessions may ask for a 1 s silence timeout, and abandoned ones are swept every 200 ms.
+/// Sessions may ask for a 1 s silence timeout, abandoned ones are swept every 200 ms, and
+/// unary calls time out after 1 s (which must not cut the streams).
 const FAST_SESSIONS: &[&str] = &[
     "--min-conversation-timeout",
     "1s",
     "--sweep-interval",
     "200ms",
+    "--request-timeout",
+    "1s",
 ];
 
 struct Session {
@@ -508,4 +511,14 @@ async fn sessions_per_uid_are_bounded() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_session_outlives_the_request_timeout() {
+    let (_pusher, listen) = system(&[]).await;
+    let client = listen_client(&listen);
+    let (mut session, _) = Session::start(&client, "long-lived", 30).await;
+    // Time passing is the point here: the stream stays open across 2.5 request timeouts.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(session.say(&["Still here."]).await, 1);
 }

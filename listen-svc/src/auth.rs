@@ -1,0 +1,200 @@
+//! Bearer-token authentication for the public Listen API.
+//!
+//! When enabled (`--auth-jwt-secret` for HS256 and/or `--auth-jwks-file` for RS256), every
+//! Listen call needs `authorization: Bearer <JWT>` with an `exp`; the token's `sub` is the
+//! caller's uid, and a caller may only read or write that uid's conversations. A token whose
+//! `scope` (space-separated) or `scp` (array) holds `--auth-service-scope` belongs to a service,
+//! which may act for any uid. Health and reflection stay open (they are other services).
+//! Missing or invalid tokens get UNAUTHENTICATED; acting for another uid, PERMISSION_DENIED.
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::Deserialize;
+use std::path::Path;
+use tonic::Status;
+use tracing::info;
+
+/// Who is calling, as the interceptor established it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// Authentication is off: anyone may act for any uid.
+    Anyone,
+    User(String),
+    Service(String),
+}
+
+impl Caller {
+    pub(crate) fn may_act_for(&self, uid: &str) -> bool {
+        match self {
+            Caller::Anyone | Caller::Service(_) => true,
+            Caller::User(own) => own == uid,
+        }
+    }
+
+    /// PERMISSION_DENIED unless the caller may act for `uid`; `field` names where uid came from.
+    pub(crate) fn require(&self, field: &str, uid: &str) -> Result<(), Status> {
+        if self.may_act_for(uid) {
+            return Ok(());
+        }
+        let Caller::User(own) = self else {
+            unreachable!("only users are limited")
+        };
+        Err(Status::permission_denied(format!(
+            "{field}: the token's subject {own:?} may not act for uid {uid:?}"
+        )))
+    }
+
+    /// The uid a plain user is limited to; None for services and when auth is off.
+    pub(crate) fn own_uid(&self) -> Option<&str> {
+        match self {
+            Caller::User(uid) => Some(uid),
+            _ => None,
+        }
+    }
+}
+
+/// The caller attached to a request by the interceptor. Fails closed if it is missing.
+pub(crate) fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::internal("request was not authenticated"))
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AuthConfig {
+    pub jwt_secret: Option<String>,
+    pub jwks_file: Option<std::path::PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub service_scope: String,
+}
+
+pub(crate) struct Authenticator {
+    hs256: Option<DecodingKey>,
+    /// (kid, key) for RS256.
+    rs256: Vec<(Option<String>, DecodingKey)>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    service_scope: String,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    scp: Option<Vec<String>>,
+}
+
+impl Authenticator {
+    /// None when neither a secret nor a JWKS file is configured (auth off).
+    pub(crate) fn from_config(config: &AuthConfig) -> Result<Option<Self>, String> {
+        if config.jwt_secret.is_none() && config.jwks_file.is_none() {
+            return Ok(None);
+        }
+        let hs256 = match &config.jwt_secret {
+            Some(secret) if secret.len() < 32 => {
+                return Err("--auth-jwt-secret must be at least 32 bytes".into());
+            }
+            Some(secret) => Some(DecodingKey::from_secret(secret.as_bytes())),
+            None => None,
+        };
+        let rs256 = match &config.jwks_file {
+            Some(path) => load_jwks(path)?,
+            None => Vec::new(),
+        };
+        info!(
+            hs256 = hs256.is_some(),
+            rs256_keys = rs256.len(),
+            "bearer-token auth enabled"
+        );
+        Ok(Some(Authenticator {
+            hs256,
+            rs256,
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            service_scope: config.service_scope.clone(),
+        }))
+    }
+
+    /// Checks an `authorization` header value.
+    pub(crate) fn authenticate(&self, header: Option<&str>) -> Result<Caller, Status> {
+        let header = header
+            .ok_or_else(|| Status::unauthenticated("authorization: a bearer token is required"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization: expected \"Bearer <token>\""))?;
+        let invalid = |reason: String| {
+            Status::unauthenticated(format!("authorization: invalid token: {reason}"))
+        };
+        let head = decode_header(token).map_err(|e| invalid(e.to_string()))?;
+        let mut validation = Validation::new(head.alg);
+        validation.leeway = 30;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        match &self.audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        let keys: Vec<&DecodingKey> = match head.alg {
+            Algorithm::HS256 => self.hs256.iter().collect(),
+            Algorithm::RS256 => self
+                .rs256
+                .iter()
+                .filter(|(kid, _)| head.kid.is_none() || kid.is_none() || *kid == head.kid)
+                .map(|(_, key)| key)
+                .collect(),
+            other => return Err(invalid(format!("algorithm {other:?} is not accepted"))),
+        };
+        if keys.is_empty() {
+            return Err(invalid(format!("no key configured for {:?}", head.alg)));
+        }
+        let mut last = String::new();
+        for key in keys {
+            match decode::<Claims>(token, key, &validation) {
+                Ok(data) => {
+                    let claims = data.claims;
+                    if claims.sub.trim().is_empty() {
+                        return Err(invalid("empty sub".into()));
+                    }
+                    let scopes = claims
+                        .scope
+                        .iter()
+                        .flat_map(|s| s.split_whitespace().map(String::from))
+                        .chain(claims.scp.into_iter().flatten());
+                    let service = scopes.into_iter().any(|s| s == self.service_scope);
+                    return Ok(if service {
+                        Caller::Service(claims.sub)
+                    } else {
+                        Caller::User(claims.sub)
+                    });
+                }
+                Err(error) => last = error.to_string(),
+            }
+        }
+        Err(invalid(last))
+    }
+}
+
+fn load_jwks(path: &Path) -> Result<Vec<(Option<String>, DecodingKey)>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--auth-jwks-file {}: {e}", path.display()))?;
+    let set: JwkSet = serde_json::from_str(&text)
+        .map_err(|e| format!("--auth-jwks-file {}: not a JWKS: {e}", path.display()))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| format!("--auth-jwks-file {}: {e}", path.display()))?;
+        keys.push((jwk.common.key_id.clone(), key));
+    }
+    if keys.is_empty() {
+        return Err(format!("--auth-jwks-file {}: no keys", path.display()));
+    }
+    Ok(keys)
+}
