@@ -131,10 +131,22 @@ impl TestPostgres {
     }
 
     pub async fn create_database(&self, name: &str) {
-        let (client, connection) =
-            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
-                .await
-                .expect("connect to the test server");
+        // The port opens before the server accepts sessions ("the database system is starting
+        // up"), so readiness is a real connection, within a deadline.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (client, connection) = loop {
+            match tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await {
+                Ok(connected) => break connected,
+                Err(error) if Instant::now() < deadline => {
+                    let _ = error;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!(
+                    "cannot connect to the test server on port {}: {error}",
+                    self.port
+                ),
+            }
+        };
         let task = tokio::spawn(connection);
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))
