@@ -30,8 +30,12 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Path of a workspace binary built next to the running test executable.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test>-<hash> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/<test>-<hash> (tests) or target/<profile>/<bin> (bench) ->
+    // target/<profile>/<name>
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -110,11 +114,7 @@ impl Service {
             .unwrap();
         let child = Command::new(binary(self.name))
             .args(&self.args)
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_RUST_LOG")
-                    .unwrap_or_else(|_| "info,listen_svc=debug,pusher_svc=debug".into()),
-            )
+            .env("RUST_LOG", log_filter())
             .env_remove("LISTEN_STORE")
             .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -591,4 +591,75 @@ impl Service {
             })
             .unwrap_or(0.0)
     }
+}
+
+static LOG_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets RUST_LOG for every service started from now on (benchmarks want quiet services).
+pub fn set_log_filter(filter: &str) {
+    let _ = LOG_FILTER.set(filter.to_string());
+}
+
+/// RUST_LOG for started services: [`set_log_filter`], else $TEST_RUST_LOG, else debug for ours.
+fn log_filter() -> String {
+    LOG_FILTER
+        .get()
+        .cloned()
+        .or_else(|| std::env::var("TEST_RUST_LOG").ok())
+        .unwrap_or_else(|| "info,listen_svc=debug,pusher_svc=debug".into())
+}
+
+impl Service {
+    /// Resident set size of the process, in KiB (Linux /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Starts any workspace binary serving gRPC health on `addr`, and waits until it is healthy.
+pub async fn start_binary(name: &'static str, addr: SocketAddr, args: Vec<String>) -> Service {
+    let dir = tempfile::tempdir().unwrap();
+    let mut service = Service::spawn(name, addr, args, dir.path().join(format!("{name}.log")));
+    service._dir = Some(dir);
+    service.wait_healthy("").await;
+    service
+}
+
+/// Builds listen-svc and pusher-svc with the cargo running this program, in its profile, so a
+/// `cargo run -p tests --bin ...` finds them next to itself. Returns that directory.
+pub fn build_services() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut build = Command::new(cargo);
+    build
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "listen-svc",
+            "-p",
+            "pusher-svc",
+            "--manifest-path",
+        ])
+        .arg(&manifest);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    println!("building listen-svc and pusher-svc ...");
+    let status = build.status().expect("run cargo build");
+    if !status.success() {
+        eprintln!("error: building the services failed");
+        std::process::exit(1);
+    }
+    std::env::current_exe()
+        .expect("current_exe")
+        .parent()
+        .expect("bin dir")
+        .to_path_buf()
 }

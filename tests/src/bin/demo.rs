@@ -3,7 +3,7 @@
 //! PROCESSING to COMPLETED with its structured result, and keeps both running for grpcurl
 //! until Ctrl-C (or exits at once with `--exit`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tests::listen::{self, ConversationStatus, LinkState};
@@ -89,7 +89,7 @@ async fn main() {
     let mut args = parse_args();
     args.listen_addr = with_free_port(&args.listen_addr);
     args.pusher_addr = with_free_port(&args.pusher_addr);
-    let bin_dir = build_services();
+    let bin_dir = tests::build_services();
     std::fs::create_dir_all("data").expect("create ./data");
 
     let mut running = Running(Vec::new());
@@ -205,27 +205,6 @@ async fn main() {
     );
     let _ = tokio::signal::ctrl_c().await;
     println!();
-}
-
-/// Builds both service binaries with the cargo that runs this demo, in the same profile.
-fn build_services() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "listen-svc", "-p", "pusher-svc"]);
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    println!("building listen-svc and pusher-svc ...");
-    let status = build.status().expect("run cargo build");
-    if !status.success() {
-        eprintln!("error: building the services failed");
-        std::process::exit(1);
-    }
-    std::env::current_exe()
-        .expect("current_exe")
-        .parent()
-        .expect("bin dir")
-        .to_path_buf()
 }
 
 fn spawn(bin_dir: &Path, name: &str, args: &[&str]) -> Child {

@@ -1,0 +1,267 @@
+//! `loadgen`: a ghz-like load generator for listen-svc, pusher-svc and the echo baseline.
+//!
+//! `loadgen --target 127.0.0.1:50051 --rpc submit --concurrency 50 --requests 20000`
+//! prints requests/s, latency percentiles, errors by status code, and its own CPU use (so a
+//! saturated load generator is visible). `--json` prints one JSON object instead. Every run
+//! is bounded: by `--requests` and by `--duration` (default 60 s), whichever ends first.
+
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tests::{listen, pusher};
+use tonic::transport::Endpoint;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Rpc {
+    Submit,
+    Process,
+    Health,
+}
+
+struct Args {
+    target: String,
+    rpc: Rpc,
+    concurrency: usize,
+    requests: u64,
+    duration: Duration,
+    payload: usize,
+    connections: usize,
+    json: bool,
+}
+
+fn usage(error: &str) -> ! {
+    eprintln!(
+        "error: {error}\n\nusage: loadgen --target HOST:PORT --rpc submit|process|health [--concurrency 50] \
+         [--requests N] [--duration 60s] [--payload 1024] [--connections 1] [--json]"
+    );
+    std::process::exit(64)
+}
+
+fn parse() -> Args {
+    let mut args = Args {
+        target: String::new(),
+        rpc: Rpc::Submit,
+        concurrency: 50,
+        requests: u64::MAX,
+        duration: Duration::from_secs(60),
+        payload: 1024,
+        connections: 1,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
+        };
+        match flag.as_str() {
+            "--target" => args.target = value(),
+            "--rpc" => {
+                args.rpc = match value().as_str() {
+                    "submit" => Rpc::Submit,
+                    "process" => Rpc::Process,
+                    "health" => Rpc::Health,
+                    other => usage(&format!("unknown --rpc {other}")),
+                }
+            }
+            "--concurrency" => {
+                args.concurrency = value()
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --concurrency"))
+            }
+            "--requests" => {
+                args.requests = value().parse().unwrap_or_else(|_| usage("bad --requests"))
+            }
+            "--duration" => args.duration = humantime_like(&value()),
+            "--payload" => {
+                args.payload = value().parse().unwrap_or_else(|_| usage("bad --payload"))
+            }
+            "--connections" => {
+                args.connections = value()
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --connections"))
+            }
+            "--json" => args.json = true,
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    if args.target.is_empty() {
+        usage("--target is required");
+    }
+    if args.concurrency == 0 || args.connections == 0 {
+        usage("--concurrency and --connections must be at least 1");
+    }
+    args
+}
+
+fn humantime_like(value: &str) -> Duration {
+    shared::cli::parse_duration(value).unwrap_or_else(|e| usage(&format!("bad --duration: {e}")))
+}
+
+/// What one run measured.
+pub struct Report {
+    pub ok: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub elapsed: Duration,
+    pub latencies: Vec<Duration>,
+    pub cpu_seconds: f64,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse();
+    let report = run(&args).await;
+    let mut latencies = report.latencies.clone();
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let rps = report.ok as f64 / report.elapsed.as_secs_f64();
+    let cpu = 100.0 * report.cpu_seconds / report.elapsed.as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "rpc": format!("{:?}", args.rpc).to_lowercase(), "target": args.target, "concurrency": args.concurrency,
+                "ok": report.ok, "errors": report.errors, "seconds": report.elapsed.as_secs_f64(), "rps": rps,
+                "p50_ms": ms(pct(0.50)), "p90_ms": ms(pct(0.90)), "p99_ms": ms(pct(0.99)), "max_ms": ms(latencies.last().copied().unwrap_or_default()),
+                "loadgen_cpu_percent": cpu,
+            })
+        );
+    } else {
+        println!(
+            "{:?} x{} on {}: {} ok in {:.2}s = {:.0} rps | p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms | errors {:?} | loadgen CPU {:.0}%",
+            args.rpc,
+            args.concurrency,
+            args.target,
+            report.ok,
+            report.elapsed.as_secs_f64(),
+            rps,
+            ms(pct(0.50)),
+            ms(pct(0.90)),
+            ms(pct(0.99)),
+            ms(latencies.last().copied().unwrap_or_default()),
+            report.errors,
+            cpu
+        );
+    }
+}
+
+async fn run(args: &Args) -> Report {
+    let mut channels = Vec::new();
+    for _ in 0..args.connections {
+        let channel = Endpoint::from_shared(format!("http://{}", args.target))
+            .unwrap_or_else(|e| usage(&format!("bad --target: {e}")))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .unwrap_or_else(|e| {
+                eprintln!("error: cannot connect to {}: {e}", args.target);
+                std::process::exit(1)
+            });
+        channels.push(channel);
+    }
+    let tickets = Arc::new(AtomicU64::new(0));
+    let run_id = std::process::id();
+    let text = "x".repeat(args.payload);
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..args.concurrency {
+        let channel = channels[worker % channels.len()].clone();
+        let (tickets, text, rpc, limit) =
+            (Arc::clone(&tickets), text.clone(), args.rpc, args.requests);
+        workers.spawn(async move {
+            let mut listen = listen::listen_client::ListenClient::new(channel.clone());
+            let mut pusher = pusher::pusher_client::PusherClient::new(channel.clone());
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let mut latencies = Vec::new();
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            loop {
+                let n = tickets.fetch_add(1, Ordering::Relaxed);
+                if n >= limit || Instant::now() >= deadline {
+                    return (latencies, errors);
+                }
+                let sent = Instant::now();
+                let result = match rpc {
+                    Rpc::Submit => listen
+                        .submit_conversation(listen::SubmitConversationRequest {
+                            uid: format!("load-{worker}"),
+                            idempotency_key: format!("{run_id}-{n}"),
+                            language: "en".into(),
+                            segments: vec![listen::Segment {
+                                text: text.clone(),
+                                speaker: "SPEAKER_0".into(),
+                                start: 0.0,
+                                end: 1.0,
+                                is_user: true,
+                            }],
+                        })
+                        .await
+                        .map(|_| ()),
+                    Rpc::Process => pusher
+                        .process(pusher::ProcessConversation {
+                            conversation_id: format!("load-{run_id}-{n}"),
+                            attempt: 1,
+                            segments: vec![pusher::Segment {
+                                text: text.clone(),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                    Rpc::Health => health
+                        .check(tonic_health::pb::HealthCheckRequest {
+                            service: String::new(),
+                        })
+                        .await
+                        .map(|_| ()),
+                };
+                match result {
+                    Ok(()) => latencies.push(sent.elapsed()),
+                    Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
+                }
+            }
+        });
+    }
+    let mut report = Report {
+        ok: 0,
+        errors: BTreeMap::new(),
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+        cpu_seconds: 0.0,
+    };
+    while let Some(done) = workers.join_next().await {
+        let (latencies, errors) = done.expect("worker");
+        report.ok += latencies.len() as u64;
+        report.latencies.extend(latencies);
+        for (code, count) in errors {
+            *report.errors.entry(code).or_default() += count;
+        }
+    }
+    report.elapsed = started.elapsed();
+    report.cpu_seconds = cpu_seconds() - cpu_before;
+    report
+}
+
+/// User + system CPU seconds of this process (Linux /proc; 100 ticks per second, the usual
+/// USER_HZ). 0 elsewhere.
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+            let ticks: f64 =
+                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
+}
