@@ -663,3 +663,15 @@ pub fn build_services() -> PathBuf {
         .expect("bin dir")
         .to_path_buf()
 }
+
+/// Waits until listen's link has left CONNECTED (a fault was noticed), or panics naming `what`.
+pub async fn wait_link_down(client: &ListenClient, what: &str, timeout: Duration) {
+    wait_for(what, timeout, || {
+        let mut client = client.clone();
+        async move {
+            (link_status(&mut client).await.state != listen::LinkState::Connected as i32)
+                .then_some(())
+        }
+    })
+    .await
+}

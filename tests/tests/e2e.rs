@@ -263,13 +263,7 @@ async fn pusher_killed_with_work_in_flight_then_restarted_completes_everything()
     pusher.kill();
 
     // While pusher is gone: submits still answer at once and everything stays PROCESSING.
-    wait_for("link to notice", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move {
-            (link_status(&mut client).await.state != LinkState::Connected as i32).then_some(())
-        }
-    })
-    .await;
+    wait_link_down(&client, "link to notice", Duration::from_secs(10)).await;
     for i in 60..70 {
         let started = Instant::now();
         ids.push(

@@ -145,15 +145,10 @@ async fn lost_ack_is_recovered_from_the_result_cache() {
     })
     .await;
     // Listen notices the silent stream and gives it up.
-    wait_for(
+    wait_link_down(
+        &client,
         "link to drop the silent stream",
         Duration::from_secs(10),
-        || {
-            let mut client = client.clone();
-            async move {
-                (link_status(&mut client).await.state != LinkState::Connected as i32).then_some(())
-            }
-        },
     )
     .await;
     assert_eq!(
@@ -200,13 +195,7 @@ async fn half_open_connection_is_detected_and_replayed() {
     proxy.set(Mode::BLACKHOLE);
     let blackholed = Instant::now();
     let ids = submit_many(&client, "halfopen", 10).await;
-    wait_for("half-open detection", Duration::from_secs(15), || {
-        let mut client = client.clone();
-        async move {
-            (link_status(&mut client).await.state != LinkState::Connected as i32).then_some(())
-        }
-    })
-    .await;
+    wait_link_down(&client, "half-open detection", Duration::from_secs(15)).await;
     let detected = blackholed.elapsed();
     eprintln!("half-open connection detected after {detected:?} (keepalive 1 s + 1 s)");
     // 1 s interval + 1 s timeout, plus one heartbeat tick and polling slack.
@@ -274,13 +263,7 @@ async fn pusher_down_never_slows_listen_and_queued_work_completes() {
     let before = latencies(&client, &listen, "up", 100).await;
     proxy.set(Mode::BLACKHOLE);
     // Measure while listen knows pusher is gone, not just while bytes are in flight.
-    wait_for("the outage to be noticed", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move {
-            (link_status(&mut client).await.state != LinkState::Connected as i32).then_some(())
-        }
-    })
-    .await;
+    wait_link_down(&client, "the outage to be noticed", Duration::from_secs(10)).await;
     let during = latencies(&client, &listen, "down", 300).await;
     eprintln!(
         "p99 submit {:?} -> {:?}, health {:?} -> {:?} (pusher up -> down)",
@@ -648,13 +631,7 @@ async fn stale_ack_after_reconnect_changes_nothing() {
     fake.send_stale_ack_on_connect(&id, 1);
     fake.set(Behaviour::Normal);
     proxy.set(Mode::Reset);
-    wait_for("the reset to land", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move {
-            (link_status(&mut client).await.state != LinkState::Connected as i32).then_some(())
-        }
-    })
-    .await;
+    wait_link_down(&client, "the reset to land", Duration::from_secs(10)).await;
     proxy.set(Mode::Pass);
 
     let conversation = wait_one(
