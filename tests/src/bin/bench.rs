@@ -268,7 +268,15 @@ async fn main() {
     })
     .await;
     let mut client = listen_client(&listen);
-    tokio::time::sleep(Duration::from_millis(500)).await; // let the link settle before the baseline
+    // Baseline once the link is up, so its own start-up is not counted as in-flight memory.
+    wait_for("link connected", Duration::from_secs(30), || {
+        let mut client = client.clone();
+        async move {
+            (link_status(&mut client).await.state == listen::LinkState::Connected as i32)
+                .then_some(())
+        }
+    })
+    .await;
     let rss_idle = listen.rss_kib();
     loadgen(listen.addr, "submit", 50, sizes.in_flight * 3);
     let status = wait_for("pending at its bound", Duration::from_secs(60), || {
