@@ -286,6 +286,55 @@ pub(crate) struct DeliveryList {
     pub deliveries: Vec<api::WebhookDelivery>,
 }
 
+/// The stored encodings, shared by every store: protobuf blobs, and the status as text.
+impl Status {
+    /// Parses a stored status; anything else means the row is corrupt.
+    pub(crate) fn parse_stored(id: &str, text: &str) -> Result<Status, StoreError> {
+        Status::parse(text).ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {text:?}")))
+    }
+}
+
+pub(crate) fn encode_segments(segments: &[api::Segment]) -> Vec<u8> {
+    use prost::Message;
+    SegmentList {
+        segments: segments.to_vec(),
+    }
+    .encode_to_vec()
+}
+
+pub(crate) fn decode_segments(id: &str, blob: &[u8]) -> Result<Vec<api::Segment>, StoreError> {
+    use prost::Message;
+    SegmentList::decode(blob)
+        .map(|list| list.segments)
+        .map_err(|e| StoreError::Corrupt(format!("segments of {id}: {e}")))
+}
+
+pub(crate) fn decode_structured(
+    id: &str,
+    blob: Option<Vec<u8>>,
+) -> Result<Option<api::Structured>, StoreError> {
+    use prost::Message;
+    blob.map(|b| api::Structured::decode(b.as_slice()))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("result of {id}: {e}")))
+}
+
+pub(crate) fn encode_deliveries(deliveries: Vec<api::WebhookDelivery>) -> Vec<u8> {
+    use prost::Message;
+    DeliveryList { deliveries }.encode_to_vec()
+}
+
+pub(crate) fn decode_deliveries(
+    id: &str,
+    blob: Option<Vec<u8>>,
+) -> Result<Vec<api::WebhookDelivery>, StoreError> {
+    use prost::Message;
+    blob.map(|b| DeliveryList::decode(b.as_slice()).map(|l| l.deliveries))
+        .transpose()
+        .map(Option::unwrap_or_default)
+        .map_err(|e| StoreError::Corrupt(format!("deliveries of {id}: {e}")))
+}
+
 /// Whether any segment carries text (decides PROCESSING vs DISCARDED).
 pub(crate) fn has_text(segments: &[api::Segment]) -> bool {
     segments.iter().any(|s| !s.text.trim().is_empty())

@@ -8,9 +8,9 @@
 //! - Migrations run under an advisory lock, so replicas starting together apply them once.
 
 use super::{
-    Claimed, Completion, Conversation, ConversationStore, DeliveryList, ListFilter,
-    NewConversation, NewLive, Resumable, RetryOutcome, SegmentList, Status, StoreError, Submitted,
-    has_text,
+    Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
+    Resumable, RetryOutcome, Status, StoreError, Submitted, decode_deliveries, decode_segments,
+    decode_structured, encode_deliveries, encode_segments, has_text,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prost::Message;
@@ -125,13 +125,6 @@ fn unavailable(error: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(detail)
 }
 
-fn encode_segments(segments: &[api::Segment]) -> Vec<u8> {
-    SegmentList {
-        segments: segments.to_vec(),
-    }
-    .encode_to_vec()
-}
-
 fn conversation_from_row(row: &Row) -> Result<Conversation, StoreError> {
     let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(e.to_string());
     let id: String = row.try_get(0).map_err(corrupt)?;
@@ -141,15 +134,9 @@ fn conversation_from_row(row: &Row) -> Result<Conversation, StoreError> {
     Ok(Conversation {
         uid: row.try_get(1).map_err(corrupt)?,
         language: row.try_get(2).map_err(corrupt)?,
-        status: Status::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))?,
-        segments: SegmentList::decode(segments.as_slice())
-            .map(|list| list.segments)
-            .map_err(|e| StoreError::Corrupt(format!("segments of {id}: {e}")))?,
-        structured: structured
-            .map(|b| api::Structured::decode(b.as_slice()))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(format!("result of {id}: {e}")))?,
+        status: Status::parse_stored(&id, &status)?,
+        segments: decode_segments(&id, &segments)?,
+        structured: decode_structured(&id, structured)?,
         attempts: row
             .try_get::<_, i64>(6)
             .map_err(corrupt)?
@@ -158,13 +145,7 @@ fn conversation_from_row(row: &Row) -> Result<Conversation, StoreError> {
         created_at_ms: row.try_get(8).map_err(corrupt)?,
         finished_at_ms: row.try_get(9).map_err(corrupt)?,
         completed_at_ms: row.try_get(10).map_err(corrupt)?,
-        deliveries: row
-            .try_get::<_, Option<Vec<u8>>>(11)
-            .map_err(corrupt)?
-            .map(|b| DeliveryList::decode(b.as_slice()).map(|l| l.deliveries))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(format!("deliveries of {id}: {e}")))?
-            .unwrap_or_default(),
+        deliveries: decode_deliveries(&id, row.try_get(11).map_err(corrupt)?)?,
         id,
     })
 }
@@ -211,8 +192,7 @@ impl ConversationStore for PostgresStore {
             .await
             .map_err(unavailable)?;
         let (id, status): (String, String) = (row.get(0), row.get(1));
-        let status = Status::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))?;
+        let status = Status::parse_stored(&id, &status)?;
         Ok(Submitted {
             id,
             status,
@@ -283,11 +263,7 @@ impl ConversationStore for PostgresStore {
             None => RetryOutcome::NotFound,
             Some(row) => {
                 let status: String = row.get(0);
-                RetryOutcome::NotFailed(
-                    Status::parse(&status).ok_or_else(|| {
-                        StoreError::Corrupt(format!("status of {id}: {status:?}"))
-                    })?,
-                )
+                RetryOutcome::NotFailed(Status::parse_stored(id, &status)?)
             }
         })
     }
@@ -325,9 +301,7 @@ impl ConversationStore for PostgresStore {
                 Claimed {
                     uid: row.get(1),
                     language: row.get(2),
-                    segments: SegmentList::decode(segments.as_slice())
-                        .map(|list| list.segments)
-                        .map_err(|e| StoreError::Corrupt(format!("segments of {id}: {e}")))?,
+                    segments: decode_segments(&id, &segments)?,
                     finished_at_ms: row.get(4),
                     generation: row.get(5),
                     attempts: row.get::<_, i64>(7).clamp(0, u32::MAX as i64) as u32,
@@ -371,10 +345,7 @@ impl ConversationStore for PostgresStore {
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let client = self.client().await?;
-        let deliveries = DeliveryList {
-            deliveries: completion.deliveries,
-        }
-        .encode_to_vec();
+        let deliveries = encode_deliveries(completion.deliveries);
         client
             .execute(
                 "UPDATE conversations SET status = CASE WHEN $6 THEN 'discarded' ELSE 'completed' END, \
@@ -482,8 +453,7 @@ impl ConversationStore for PostgresStore {
             .map_err(unavailable)?;
         row.map(|r| {
             let status: String = r.get(0);
-            Status::parse(&status)
-                .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))
+            Status::parse_stored(id, &status)
         })
         .transpose()
     }
@@ -533,8 +503,7 @@ impl ConversationStore for PostgresStore {
         rows.iter()
             .map(|r| {
                 let (id, status): (String, String) = (r.get(0), r.get(1));
-                let status = Status::parse(&status)
-                    .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))?;
+                let status = Status::parse_stored(&id, &status)?;
                 Ok((id, status))
             })
             .collect()

@@ -14,9 +14,9 @@
 //!   automatic checkpoints are off on the writer so its commits never pay for them.
 
 use super::{
-    Claimed, Completion, Conversation, ConversationStore, DeliveryList, ListFilter,
-    NewConversation, NewLive, Resumable, RetryOutcome, SegmentList, Status, StoreError, Submitted,
-    has_text,
+    Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
+    Resumable, RetryOutcome, Status, StoreError, Submitted, decode_deliveries, decode_segments,
+    decode_structured, encode_deliveries, encode_segments, has_text,
 };
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
@@ -290,29 +290,6 @@ fn unavailable(error: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
 
-fn encode_segments(segments: &[api::Segment]) -> Vec<u8> {
-    SegmentList {
-        segments: segments.to_vec(),
-    }
-    .encode_to_vec()
-}
-
-fn decode_segments(id: &str, blob: &[u8]) -> Result<Vec<api::Segment>, StoreError> {
-    SegmentList::decode(blob)
-        .map(|list| list.segments)
-        .map_err(|e| StoreError::Corrupt(format!("segments of {id}: {e}")))
-}
-
-fn decode_deliveries(
-    id: &str,
-    blob: Option<Vec<u8>>,
-) -> Result<Vec<api::WebhookDelivery>, StoreError> {
-    blob.map(|b| DeliveryList::decode(b.as_slice()).map(|l| l.deliveries))
-        .transpose()
-        .map(Option::unwrap_or_default)
-        .map_err(|e| StoreError::Corrupt(format!("deliveries of {id}: {e}")))
-}
-
 fn conversation_from_row(row: &Row<'_>) -> Result<Conversation, StoreError> {
     let get = |e: rusqlite::Error| StoreError::Corrupt(e.to_string());
     let id: String = row.get(0).map_err(get)?;
@@ -322,13 +299,9 @@ fn conversation_from_row(row: &Row<'_>) -> Result<Conversation, StoreError> {
     Ok(Conversation {
         uid: row.get(1).map_err(get)?,
         language: row.get(2).map_err(get)?,
-        status: Status::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))?,
+        status: Status::parse_stored(&id, &status)?,
         segments: decode_segments(&id, &segments)?,
-        structured: structured
-            .map(|b| api::Structured::decode(b.as_slice()))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(format!("result of {id}: {e}")))?,
+        structured: decode_structured(&id, structured)?,
         attempts: row.get::<_, i64>(6).map_err(get)?.clamp(0, u32::MAX as i64) as u32,
         last_error: row.get(7).map_err(get)?,
         created_at_ms: row.get(8).map_err(get)?,
@@ -371,11 +344,7 @@ fn finish_one(
         .query_row(params![id, queue_seq, finished_at_ms], |row| row.get(0))
         .optional()
         .map_err(unavailable)?;
-    status
-        .map(|s| {
-            Status::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {s:?}")))
-        })
-        .transpose()
+    status.map(|s| Status::parse_stored(id, &s)).transpose()
 }
 
 fn next_queue_seq(conn: &Connection) -> Result<i64, StoreError> {
@@ -401,8 +370,7 @@ impl ConversationStore for SqliteStore {
                     .optional()
                     .map_err(unavailable)?;
                 if let Some((id, status)) = existing {
-                    let status = Status::parse(&status)
-                        .ok_or_else(|| StoreError::Corrupt(format!("status of {id}: {status:?}")))?;
+                    let status = Status::parse_stored(&id, &status)?;
                     return Ok(Submitted { id, status, created: false });
                 }
             }
@@ -596,7 +564,7 @@ impl ConversationStore for SqliteStore {
                 attempts,
                 now_ms,
                 completion.discarded,
-                DeliveryList { deliveries: completion.deliveries }.encode_to_vec(),
+                encode_deliveries(completion.deliveries),
             ])
             .map(|n| n == 1)
             .map_err(unavailable)
