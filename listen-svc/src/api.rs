@@ -217,6 +217,21 @@ impl Listen for ListenService {
             pusher_url: self.pusher_url.clone(),
             acks_ignored: snapshot.acks_ignored,
             transcripts_dropped: snapshot.transcripts_dropped,
+            endpoints: snapshot
+                .endpoints
+                .into_iter()
+                .map(|e| api::EndpointStatus {
+                    address: e.address,
+                    state: e.state as i32,
+                    pending: e.pending as u32,
+                    reconnects: e.reconnects,
+                    consecutive_failures: e.consecutive_failures,
+                    last_error: e.last_error,
+                    draining: e.draining,
+                    retiring: e.retiring,
+                    pusher_id: e.pusher_id,
+                })
+                .collect(),
         }))
     }
 }

@@ -18,13 +18,29 @@ pub struct Config {
     #[arg(long, env = "LISTEN_LISTEN_ADDR", default_value = "0.0.0.0:50051")]
     pub listen_addr: SocketAddr,
 
-    /// pusher-svc's address, http://host:port.
+    /// pusher-svc's address. http://HOST:PORT or https://HOST:PORT: one stream (to whichever
+    /// pod a ClusterIP Service picks). dns:///HOST:PORT: one stream per address HOST resolves
+    /// to, re-resolved every --pusher-resolve-interval; give it a headless Service,
+    /// dns:///pusher-headless.NAMESPACE.svc.cluster.local:50052, so every pusher replica gets
+    /// work. dns://DNS_SERVER_IP[:PORT]/HOST:PORT asks that nameserver directly.
     #[arg(
         long,
         env = "LISTEN_PUSHER_URL",
         default_value = "http://127.0.0.1:50052"
     )]
     pub pusher_url: String,
+
+    /// How often a dns: --pusher-url is looked up again (pusher replicas that appear get a
+    /// stream; those that disappear hand their pending work to the others). A failing
+    /// stream also triggers a lookup, at most every 5 s.
+    #[arg(long, env = "LISTEN_PUSHER_RESOLVE_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
+    pub pusher_resolve_interval: Duration,
+
+    /// Most pusher endpoints (streams) kept for a dns: --pusher-url; further addresses are
+    /// ignored, with a warning. Memory: up to this times --max-in-flight pending requests.
+    #[arg(long, env = "LISTEN_MAX_PUSHER_ENDPOINTS", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=1_024))]
+    pub max_pusher_endpoints: u32,
 
     /// Conversation store: sqlite://PATH (embedded; the file and its directory are created if
     /// missing) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (shared by several listen
@@ -36,8 +52,8 @@ pub struct Config {
     )]
     pub store: String,
 
-    /// Conversations sent to pusher and not yet acknowledged, at most. Further work waits,
-    /// durably, in the store.
+    /// Conversations sent to pusher and not yet acknowledged, at most, per pusher endpoint.
+    /// Further work waits, durably, in the store.
     #[arg(long, env = "LISTEN_MAX_IN_FLIGHT", default_value_t = 512,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_in_flight: u32,
@@ -146,7 +162,8 @@ pub struct Config {
     #[arg(long, env = "LISTEN_ADMIN_ADDR", default_value = "0.0.0.0:9464", value_parser = shared::metrics::parse_admin_addr)]
     pub admin_addr: shared::metrics::AdminAddr,
 
-    /// CA (PEM) that signed pusher's certificate; required with an https:// --pusher-url.
+    /// CA (PEM) that signed pusher's certificate; required with an https:// --pusher-url, and
+    /// turns TLS on for a dns: one.
     #[arg(long, env = "LISTEN_PUSHER_TLS_CA")]
     pub pusher_tls_ca: Option<PathBuf>,
 
@@ -228,34 +245,7 @@ impl Config {
     /// Checks what clap cannot; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         self.store_location()?;
-        let url = self
-            .pusher_url
-            .parse::<tonic::transport::Uri>()
-            .map_err(|e| {
-                format!(
-                    "--pusher-url {:?} is not a URL: {e} (expected http://host:port)",
-                    self.pusher_url
-                )
-            })?;
-        match (url.scheme_str(), url.authority()) {
-            (Some("http"), Some(_)) => {
-                if self.pusher_tls_ca.is_some()
-                    || self.pusher_tls_cert.is_some()
-                    || self.pusher_tls_key.is_some()
-                {
-                    return Err("--pusher-tls-* need an https:// --pusher-url".into());
-                }
-            }
-            (Some("https"), Some(_)) => {
-                self.pusher_tls()?;
-            }
-            _ => {
-                return Err(format!(
-                    "--pusher-url {:?}: expected http://host:port or https://host:port",
-                    self.pusher_url
-                ));
-            }
-        }
+        self.pusher_tls()?;
         self.server_tls()?;
         crate::auth::Authenticator::from_config(&self.auth_config())?;
         if self.reconnect_initial > self.reconnect_max || self.retry_initial > self.reconnect_max {
@@ -274,20 +264,41 @@ impl Config {
         Ok(())
     }
 
-    /// TLS towards pusher, for an https:// --pusher-url.
+    /// Where pusher is; the error names --pusher-url.
+    pub fn pusher_target(&self) -> Result<crate::link::Target, String> {
+        crate::link::Target::parse(&self.pusher_url)
+    }
+
+    /// TLS towards pusher: for an https:// --pusher-url (which needs --pusher-tls-ca), or a
+    /// dns: one with --pusher-tls-ca (checked against the DNS name unless
+    /// --pusher-tls-domain says otherwise).
     pub fn pusher_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
-        if !self.pusher_url.starts_with("https://") {
-            return Ok(None);
-        }
-        let ca = self
-            .pusher_tls_ca
-            .as_deref()
-            .ok_or("an https:// --pusher-url needs --pusher-tls-ca")?;
+        let target = self.pusher_target()?;
+        let any_tls_flag = self.pusher_tls_ca.is_some()
+            || self.pusher_tls_cert.is_some()
+            || self.pusher_tls_key.is_some();
+        let ca = match (&target, self.pusher_tls_ca.as_deref()) {
+            (crate::link::Target::Url { url, .. }, ca) if url.starts_with("https://") => {
+                ca.ok_or("an https:// --pusher-url needs --pusher-tls-ca")?
+            }
+            (crate::link::Target::Url { .. }, _) if any_tls_flag => {
+                return Err(
+                    "--pusher-tls-* need an https:// or dns: --pusher-url (http:// is plaintext)"
+                        .into(),
+                );
+            }
+            (crate::link::Target::Dns { .. }, Some(ca)) => ca,
+            (crate::link::Target::Dns { .. }, None) if any_tls_flag => {
+                return Err("--pusher-tls-cert and --pusher-tls-key need --pusher-tls-ca".into());
+            }
+            _ => return Ok(None),
+        };
+        let domain = self.pusher_tls_domain.as_deref().or(target.host());
         shared::tls::client(
             ca,
             self.pusher_tls_cert.as_deref(),
             self.pusher_tls_key.as_deref(),
-            self.pusher_tls_domain.as_deref(),
+            domain,
             ["--pusher-tls-ca", "--pusher-tls-cert", "--pusher-tls-key"],
         )
         .map(Some)
@@ -371,6 +382,15 @@ mod tests {
             (&["--store", "postgres://u@h:notaport/db"][..], "--store"),
             (&["--pusher-url", "not a url"][..], "--pusher-url"),
             (&["--pusher-url", "ftp://host:1"][..], "--pusher-url"),
+            (&["--pusher-url", "dns:///pusher"][..], "--pusher-url"),
+            (
+                &["--pusher-url", "http://p:1", "--pusher-tls-ca", "ca.pem"][..],
+                "--pusher-tls",
+            ),
+            (
+                &["--pusher-url", "dns:///p:1", "--pusher-tls-cert", "c.pem"][..],
+                "--pusher-tls-ca",
+            ),
             (&["--reconnect-initial", "1m"][..], "--reconnect-initial"),
         ] {
             let error = parse(args).validate().unwrap_err();

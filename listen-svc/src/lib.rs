@@ -71,7 +71,9 @@ pub async fn run(
         ..Backoff::RECONNECT
     };
     let link_config = LinkConfig {
-        pusher_url: config.pusher_url.clone(),
+        target: config.pusher_target().map_err(anyhow::Error::msg)?,
+        resolve_interval: config.pusher_resolve_interval,
+        max_endpoints: config.max_pusher_endpoints as usize,
         instance_id: instance_id.clone(),
         max_in_flight: config.max_in_flight as usize,
         attempts: Attempts {

@@ -1,29 +1,41 @@
-//! The link to pusher: one task owns the stream, the pending map and the state machine.
+//! The link to pusher: one task owns every stream, every pending window and every state
+//! machine.
 //!
 //! Everyone else talks to it through a [`LinkHandle`]: `wake()` after committing new work
-//! (never waits), and a `watch` snapshot for status. The task:
+//! (never waits), and a `watch` snapshot for status. The link keeps one *lane* per pusher
+//! endpoint: one endpoint for an `http(s)://` URL, one per resolved address for a `dns:`
+//! URL ([`target`]), re-resolved every `resolve_interval`. Each lane has its own stream,
+//! [`state`] machine (backoff, degraded, half-open) and bounded [`pending`] window. The task:
 //!
-//! 1. opens a Connect stream (Hello -> Welcome) when the [`state`] machine says so, and backs
-//!    off, degrades and probes when it cannot;
-//! 2. on every established stream, replays all of [`pending`] with a fresh retry budget;
-//! 3. claims PROCESSING rows from the store, only as many as there are free pending slots
-//!    (so work beyond `max_in_flight` stays queued in the store), and sends them;
-//! 4. matches Ack / Progress / Busy to pending entries, writes outcomes to the store with the
-//!    fencing generation it claimed under (store writes run as their own tasks and report
-//!    back, so a slow store never stalls the stream), and re-sends on ack deadlines;
-//! 5. renews its leases, and releases them on shutdown so another instance can take over.
+//! 1. opens a Connect stream (Hello -> Welcome) on each lane whose state machine says so,
+//!    each in its own task, so a slow endpoint never holds up the others;
+//! 2. on every established stream, replays that lane's window with a fresh retry budget;
+//! 3. claims PROCESSING rows from the store, only as many as there are free slots on lanes
+//!    that take work (so work beyond them stays queued in the store), and gives each to the
+//!    lane with the fewest pending (ties: round-robin);
+//! 4. moves work off lanes that cannot send it (stream down, draining, endpoint gone from
+//!    DNS) onto lanes that can, when there are any; a conversation is in one window at a time;
+//! 5. matches Ack / Progress / Busy to the lane's window, writes outcomes to the store with
+//!    the fencing generation it claimed under (store writes run as their own tasks and report
+//!    back, so a slow store never stalls a stream), and re-sends on ack deadlines;
+//! 6. renews its leases, and releases them on shutdown so another instance can take over.
 //!
-//! Channels: the stream's outbound buffer holds `2 × max_in_flight + 64` messages (a full
-//! buffer re-queues the send shortly, no attempt spent); internal events hold
-//! `max_in_flight + 16` (each pending entry has at most one store write outstanding, plus one
-//! claim), and their senders wait rather than drop.
+//! Bounds: each window holds `max_in_flight`, and there are at most `max_endpoints` lanes.
+//! Each stream's outbound buffer holds `2 × max_in_flight + 64` messages (a full buffer
+//! re-queues the send shortly, no attempt spent). Internal events hold
+//! `max_endpoints × (max_in_flight + 1) + 16` (each pending entry has at most one store write
+//! outstanding, plus one claim, one lookup and one connect per lane), and their senders wait
+//! rather than drop.
 
 mod pending;
 mod state;
+mod target;
 
 pub(crate) use state::Policy;
+pub use target::Target;
 
 use crate::store::{Claimed, Completion, ConversationStore, StoreError, now_ms};
+use metrics::{Counter, Gauge, Histogram};
 use pending::{AckAction, Ignored, Pending};
 use shared::backoff::Backoff;
 use shared::proto::listen::v1::{LINK_HEALTH_NAME, LinkState as Wire};
@@ -33,14 +45,16 @@ use shared::proto::pusher::v1::{
 };
 use state::LinkState;
 use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use target::Resolver;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, sleep_until};
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
+use tokio_stream::{Stream, StreamExt, StreamMap};
 use tonic::transport::Endpoint;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -52,6 +66,8 @@ const CLAIM_BATCH: usize = 256;
 const REQUEUE_DELAY: Duration = Duration::from_millis(50);
 /// Delay before re-sending an entry whose outcome could not be written.
 const SETTLE_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// A lane that fails triggers a fresh DNS lookup (its pod may have moved), at most this often.
+const MIN_RERESOLVE: Duration = Duration::from_secs(5);
 
 /// The retry budget per conversation and stream.
 #[derive(Clone, Copy, Debug)]
@@ -64,35 +80,58 @@ pub(crate) struct Attempts {
 
 #[derive(Clone, Debug)]
 pub(crate) struct LinkConfig {
-    pub pusher_url: String,
+    pub target: Target,
+    /// How often a `dns:` target is looked up again.
+    pub resolve_interval: Duration,
+    /// Most endpoints (lanes) kept; further addresses are ignored, with a warning.
+    pub max_endpoints: usize,
     pub instance_id: String,
+    /// Per lane.
     pub max_in_flight: usize,
     pub attempts: Attempts,
     pub policy: Policy,
     pub connect_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
-    /// App-level heartbeat period; the stream is declared dead after
+    /// App-level heartbeat period; a stream is declared dead after
     /// `keepalive_interval + keepalive_timeout` without any message from pusher.
     pub heartbeat_interval: Duration,
     pub lease_ttl: Duration,
     pub max_message_bytes: usize,
     /// Live transcript batches buffered while the link is down (oldest dropped beyond).
     pub transcript_buffer: usize,
-    /// TLS (usually mutual) towards pusher, for an https:// URL.
+    /// TLS (usually mutual) towards pusher, for an https:// URL or a dns: URL with a CA.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
-/// What the link looks like from outside.
+/// What the link looks like from outside: the whole, then each endpoint.
 #[derive(Clone, Debug)]
 pub(crate) struct LinkSnapshot {
+    /// The most alive of the endpoints' states (CONNECTED if any is).
+    pub state: Wire,
+    pub pending: usize,
+    pub reconnects: u64,
+    /// The fewest among the endpoints (0 when any is connected).
+    pub consecutive_failures: u32,
+    pub last_error: String,
+    pub acks_ignored: u64,
+    pub transcripts_dropped: u64,
+    pub endpoints: Vec<EndpointSnapshot>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct EndpointSnapshot {
+    pub address: String,
     pub state: Wire,
     pub pending: usize,
     pub reconnects: u64,
     pub consecutive_failures: u32,
     pub last_error: String,
-    pub acks_ignored: u64,
-    pub transcripts_dropped: u64,
+    /// Its pusher said Draining: no new work goes there.
+    pub draining: bool,
+    /// Gone from DNS: its work moves to the others, then it is dropped.
+    pub retiring: bool,
+    pub pusher_id: String,
 }
 
 /// The rest of listen's way to the link task.
@@ -178,12 +217,14 @@ pub(crate) fn spawn(
         last_error: String::new(),
         acks_ignored: 0,
         transcripts_dropped: 0,
+        endpoints: Vec::new(),
     });
     let transcripts = Arc::new(Transcripts::new(config.transcript_buffer));
-    let (events_tx, events_rx) = mpsc::channel(config.max_in_flight + 16);
-    let link = Link {
-        pending: Pending::new(config.max_in_flight, config.attempts),
-        config,
+    let (events_tx, events_rx) =
+        mpsc::channel(config.max_endpoints * (config.max_in_flight + 1) + 16);
+    let resolver = Resolver::for_target(&config.target, config.connect_timeout).map(Arc::new);
+    let mut link = Link {
+        config: Arc::new(config),
         store,
         health,
         on_settled,
@@ -193,17 +234,24 @@ pub(crate) fn spawn(
         events_tx,
         events_rx,
         shutdown,
-        state: LinkState::INITIAL,
+        resolver,
+        resolving: false,
+        last_resolve: None,
+        lanes: Vec::new(),
+        inbound: StreamMap::new(),
+        next_lane: 0,
         epoch: 0,
-        reconnects: 0,
-        consecutive_failures: 0,
+        heartbeat_seq: 0,
         last_error: String::new(),
         acks_ignored: 0,
         more_work: true,
         claiming: false,
-        draining: false,
         serving: None,
     };
+    if let Target::Url { url, endpoint } = &link.config.target {
+        let (url, endpoint) = (url.clone(), endpoint.clone());
+        link.lanes.push(Lane::new(endpoint, url, &link.config));
+    }
     let task = tokio::spawn(link.run());
     (
         LinkHandle {
@@ -225,23 +273,152 @@ enum Event {
         outcome: &'static str,
         result: Result<bool, StoreError>,
     },
+    Opened {
+        endpoint: String,
+        epoch: u64,
+        result: Result<Box<Opened>, String>,
+    },
+    Resolved(Result<Vec<SocketAddr>, String>),
 }
 
 /// Why a stream ended.
 enum StreamEnd {
     Failed(String),
     Drained,
-    Shutdown,
 }
 
-struct Stream {
+/// A stream that passed the handshake.
+struct Opened {
+    tx: mpsc::Sender<LinkRequest>,
+    inbound: tonic::Streaming<LinkResponse>,
+    welcome: Welcome,
+}
+
+/// What a lane's stream yields; `End` once it is over.
+enum Incoming {
+    Message(LinkResponse),
+    Error(tonic::Status),
+    End,
+}
+
+type InboundStream = Pin<Box<dyn Stream<Item = Incoming> + Send>>;
+
+/// An established stream (its inbound half lives in [`Link::inbound`] under `epoch`).
+struct Conn {
     epoch: u64,
     tx: mpsc::Sender<LinkRequest>,
-    inbound: Streaming<LinkResponse>,
+    last_heard: Instant,
+    /// Its pusher said Draining.
+    draining: bool,
+    pusher_id: String,
+}
+
+/// One pusher endpoint: its stream, state machine and pending window.
+struct Lane {
+    /// `host:port` or `ip:port`; the `endpoint` metric label.
+    endpoint: String,
+    uri: String,
+    state: LinkState,
+    pending: Pending,
+    conn: Option<Conn>,
+    /// A connect task is out.
+    opening: bool,
+    /// Gone from DNS: takes no new work; dropped once its window is empty.
+    retiring: bool,
+    streams: u64,
+    reconnects: u64,
+    consecutive_failures: u32,
+    last_error: String,
+    metrics: LaneMetrics,
+}
+
+/// The lane's series, registered once (labels are not re-hashed per message).
+struct LaneMetrics {
+    state: Gauge,
+    up: Gauge,
+    pending: Gauge,
+    sent: Counter,
+    resent: Counter,
+    busy: Counter,
+    reconnects: Counter,
+    failures: Counter,
+    acks: [Counter; 4],
+    ack_latency: Histogram,
+}
+
+impl LaneMetrics {
+    fn new(endpoint: &str) -> Self {
+        let label = || [("endpoint", endpoint.to_string())];
+        let ack = |result: &'static str| metrics::counter!("listen_link_acks_total", "endpoint" => endpoint.to_string(), "result" => result);
+        LaneMetrics {
+            state: metrics::gauge!("listen_link_endpoint_state", &label()),
+            up: metrics::gauge!("listen_link_endpoint_up", &label()),
+            pending: metrics::gauge!("listen_link_endpoint_pending", &label()),
+            sent: metrics::counter!("listen_link_sent_total", &label()),
+            resent: metrics::counter!("listen_link_resent_total", &label()),
+            busy: metrics::counter!("listen_link_busy_total", &label()),
+            reconnects: metrics::counter!("listen_link_reconnects_total", &label()),
+            failures: metrics::counter!("listen_link_failures_total", &label()),
+            acks: [
+                ack("processed"),
+                ack("failed"),
+                ack("retry"),
+                ack("ignored"),
+            ],
+            ack_latency: metrics::histogram!("listen_link_ack_latency_seconds", &label()),
+        }
+    }
+}
+
+impl Lane {
+    fn new(endpoint: String, uri: String, config: &LinkConfig) -> Self {
+        Lane {
+            metrics: LaneMetrics::new(&endpoint),
+            endpoint,
+            uri,
+            state: LinkState::INITIAL,
+            pending: Pending::new(config.max_in_flight, config.attempts),
+            conn: None,
+            opening: false,
+            retiring: false,
+            streams: 0,
+            reconnects: 0,
+            consecutive_failures: 0,
+            last_error: String::new(),
+        }
+    }
+
+    /// Claimed and moved work may be given to this lane.
+    fn takes_work(&self) -> bool {
+        matches!(&self.conn, Some(conn) if !conn.draining) && !self.retiring
+    }
+
+    /// Its due entries go on the wire.
+    fn sends(&self) -> bool {
+        matches!(&self.conn, Some(conn) if !conn.draining)
+    }
+
+    fn snapshot(&self) -> EndpointSnapshot {
+        EndpointSnapshot {
+            address: self.endpoint.clone(),
+            state: self.state.to_wire(),
+            pending: self.pending.len(),
+            reconnects: self.reconnects,
+            consecutive_failures: self.consecutive_failures,
+            last_error: self.last_error.clone(),
+            draining: self.conn.as_ref().is_some_and(|c| c.draining),
+            retiring: self.retiring,
+            pusher_id: self
+                .conn
+                .as_ref()
+                .map(|c| c.pusher_id.clone())
+                .unwrap_or_default(),
+        }
+    }
 }
 
 struct Link {
-    config: LinkConfig,
+    config: Arc<LinkConfig>,
     store: Arc<dyn ConversationStore>,
     health: HealthReporter,
     on_settled: SettledHook,
@@ -251,19 +428,25 @@ struct Link {
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     shutdown: watch::Receiver<bool>,
-    pending: Pending,
-    state: LinkState,
+    /// For a `dns:` target.
+    resolver: Option<Arc<Resolver>>,
+    /// A lookup is out.
+    resolving: bool,
+    last_resolve: Option<Instant>,
+    lanes: Vec<Lane>,
+    /// Every established stream's inbound half, by epoch.
+    inbound: StreamMap<u64, InboundStream>,
+    /// Where the round-robin among equally loaded lanes starts next.
+    next_lane: usize,
+    /// Streams opened so far, on all lanes (each stream's Hello carries its own).
     epoch: u64,
-    reconnects: u64,
-    consecutive_failures: u32,
+    heartbeat_seq: u64,
     last_error: String,
     acks_ignored: u64,
     /// The store may hold claimable rows.
     more_work: bool,
     /// A claim is outstanding (at most one at a time).
     claiming: bool,
-    /// The current stream's pusher said Draining.
-    draining: bool,
     /// What the link health service last reported.
     serving: Option<bool>,
 }
@@ -281,55 +464,45 @@ impl Link {
         }
         let mut maintenance = tokio::time::interval(self.config.lease_ttl / 3);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate: a dns: target is looked up at once.
+        let mut resolve = tokio::time::interval(self.config.resolve_interval);
+        resolve.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let dns = self.resolver.is_some();
         loop {
-            self.publish().await;
             if *self.shutdown.borrow() {
                 break;
             }
-            if self.state.wants_connect() {
-                let mut shutdown = self.shutdown.clone();
-                let opened = tokio::select! {
-                    opened = self.open_stream() => opened,
-                    _ = shutdown.changed() => break,
-                };
-                match opened {
-                    Ok((stream, welcome)) => {
-                        let now = Instant::now();
-                        self.state = self.state.connected(stream.epoch, now);
-                        self.consecutive_failures = 0;
-                        if stream.epoch > 1 {
-                            self.reconnects += 1;
-                            metrics::counter!("listen_link_reconnects_total").increment(1);
-                        }
-                        self.draining = false;
-                        let replayed = self.pending.replay(now);
-                        info!(epoch = stream.epoch, pusher_id = %welcome.pusher_id, replayed, "link connected");
-                        self.more_work = true;
-                        match self.serve(stream, &mut maintenance).await {
-                            StreamEnd::Shutdown => break,
-                            StreamEnd::Drained => {
-                                info!(
-                                    "draining pusher closed the stream; reconnecting to replay what is left"
-                                );
-                                self.state = self.state.drained();
-                            }
-                            StreamEnd::Failed(reason) => self.connection_failed(reason),
-                        }
-                    }
-                    Err(reason) => self.connection_failed(reason),
-                }
-                continue;
-            }
-            // Backoff or Degraded: wait for the timer, still settling outcomes and renewing.
-            let deadline = self.state.deadline().unwrap_or_else(Instant::now);
+            self.start_connects();
+            self.flush();
+            self.publish().await;
+            let timer = self.next_timer();
+            let forwarding = self.lanes.iter().any(Lane::takes_work);
             tokio::select! {
-                _ = sleep_until(deadline) => self.state = self.state.timer_elapsed(Instant::now()),
-                Some(event) = self.events_rx.recv() => self.on_event(event),
-                _ = maintenance.tick() => self.renew_leases(),
+                biased;
                 _ = self.shutdown.changed() => break,
+                Some((epoch, incoming)) = self.inbound.next(), if !self.inbound.is_empty() => {
+                    self.on_incoming(epoch, incoming);
+                }
+                Some(event) = self.events_rx.recv() => self.on_event(event),
+                _ = self.wake.notified() => self.more_work = true,
+                // Wakes the loop; flush sends what is buffered.
+                _ = self.transcripts.ready.notified(), if forwarding => {}
+                _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => self.on_timer(),
+                _ = heartbeat.tick() => self.heartbeat(),
+                _ = maintenance.tick() => {
+                    self.renew_leases();
+                    // Rows whose owner died become claimable when their lease expires.
+                    self.more_work = true;
+                }
+                _ = resolve.tick(), if dns => self.resolve(),
             }
         }
         self.publish_state(false).await;
+        // Dropping the streams ends them; pusher keeps their results for whoever asks next.
+        self.inbound = StreamMap::new();
+        self.lanes.clear();
         match tokio::time::timeout(
             Duration::from_secs(5),
             self.store.release(&self.config.instance_id),
@@ -344,193 +517,235 @@ impl Link {
         }
     }
 
-    fn connection_failed(&mut self, reason: String) {
-        self.consecutive_failures += 1;
-        metrics::counter!("listen_link_failures_total").increment(1);
+    /// Opens a stream, in its own task, on every lane whose state machine asks for one.
+    fn start_connects(&mut self) {
+        for lane in &mut self.lanes {
+            if lane.conn.is_some() || lane.opening || lane.retiring || !lane.state.wants_connect() {
+                continue;
+            }
+            lane.opening = true;
+            self.epoch += 1;
+            let (config, events) = (Arc::clone(&self.config), self.events_tx.clone());
+            let (endpoint, uri, epoch) = (lane.endpoint.clone(), lane.uri.clone(), self.epoch);
+            tokio::spawn(async move {
+                let result = open_stream(&config, &uri, epoch).await.map(Box::new);
+                let _ = events
+                    .send(Event::Opened {
+                        endpoint,
+                        epoch,
+                        result,
+                    })
+                    .await;
+            });
+        }
+    }
+
+    fn on_opened(&mut self, endpoint: String, epoch: u64, result: Result<Box<Opened>, String>) {
+        let Some(i) = self
+            .lanes
+            .iter()
+            .position(|l| l.endpoint == endpoint && l.opening)
+        else {
+            return; // The endpoint left meanwhile; dropping the stream closes it.
+        };
+        self.lanes[i].opening = false;
+        let opened = match result {
+            Ok(opened) if !self.lanes[i].retiring => opened,
+            Ok(_) => return,
+            Err(reason) => return self.lane_failed(i, reason),
+        };
         let now = Instant::now();
-        self.state = self
+        let multi = self.lanes.len() > 1 || self.resolver.is_some();
+        let lane = &mut self.lanes[i];
+        lane.state = lane.state.connected(epoch, now);
+        lane.consecutive_failures = 0;
+        if lane.streams > 0 {
+            lane.reconnects += 1;
+            lane.metrics.reconnects.increment(1);
+        }
+        lane.streams += 1;
+        let replayed = lane.pending.replay(now);
+        let pusher_id = opened.welcome.pusher_id;
+        if multi {
+            info!(endpoint = %lane.endpoint, epoch, %pusher_id, replayed, "link connected");
+        } else {
+            info!(epoch, %pusher_id, replayed, "link connected");
+        }
+        lane.conn = Some(Conn {
+            epoch,
+            tx: opened.tx,
+            last_heard: now,
+            draining: false,
+            pusher_id,
+        });
+        let inbound = opened
+            .inbound
+            .map(|item| match item {
+                Ok(message) => Incoming::Message(message),
+                Err(status) => Incoming::Error(status),
+            })
+            .chain(tokio_stream::once(Incoming::End));
+        self.inbound.insert(epoch, Box::pin(inbound));
+        self.more_work = true;
+    }
+
+    fn on_incoming(&mut self, epoch: u64, incoming: Incoming) {
+        let Some(i) = self
+            .lanes
+            .iter()
+            .position(|l| l.conn.as_ref().is_some_and(|c| c.epoch == epoch))
+        else {
+            self.inbound.remove(&epoch);
+            return;
+        };
+        let draining = self.lanes[i].conn.as_ref().is_some_and(|c| c.draining);
+        let end = match incoming {
+            Incoming::Message(response) => {
+                if let Some(conn) = &mut self.lanes[i].conn {
+                    conn.last_heard = Instant::now();
+                }
+                self.on_response(i, response);
+                return;
+            }
+            Incoming::Error(_) | Incoming::End if draining => StreamEnd::Drained,
+            Incoming::Error(status) => StreamEnd::Failed(format!("stream error: {status}")),
+            Incoming::End => StreamEnd::Failed("pusher closed the stream".to_string()),
+        };
+        self.end_stream(i, end);
+    }
+
+    /// Closes lane `i`'s stream and moves its state machine on.
+    fn end_stream(&mut self, i: usize, end: StreamEnd) {
+        if let Some(conn) = self.lanes[i].conn.take() {
+            self.inbound.remove(&conn.epoch);
+        }
+        match end {
+            StreamEnd::Drained => {
+                let lane = &mut self.lanes[i];
+                info!(endpoint = %lane.endpoint, "draining pusher closed the stream; reconnecting to replay what is left");
+                lane.state = lane.state.drained();
+            }
+            StreamEnd::Failed(reason) => self.lane_failed(i, reason),
+        }
+    }
+
+    fn lane_failed(&mut self, i: usize, reason: String) {
+        let now = Instant::now();
+        let lane = &mut self.lanes[i];
+        lane.consecutive_failures += 1;
+        lane.metrics.failures.increment(1);
+        lane.state = lane
             .state
             .failed(now, &self.config.policy, shared::backoff::random_unit());
         warn!(
+            endpoint = %lane.endpoint,
             %reason,
-            failures = self.consecutive_failures,
-            next = ?self.state.to_wire(),
-            retry_in_ms = self.state.deadline().map(|d| d.saturating_duration_since(now).as_millis() as u64),
+            failures = lane.consecutive_failures,
+            next = ?lane.state.to_wire(),
+            retry_in_ms = lane.state.deadline().map(|d| d.saturating_duration_since(now).as_millis() as u64),
             "link to pusher failed"
         );
+        lane.last_error = reason.clone();
         self.last_error = reason;
-    }
-
-    async fn open_stream(&mut self) -> Result<(Stream, Welcome), String> {
-        let url = &self.config.pusher_url;
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| format!("invalid pusher url {url}: {e}"))?
-            .connect_timeout(self.config.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(self.config.keepalive_interval)
-            .keep_alive_timeout(self.config.keepalive_timeout)
-            .keep_alive_while_idle(true);
-        let endpoint = match &self.config.tls {
-            Some(tls) => endpoint
-                .tls_config(tls.clone())
-                .map_err(|e| format!("TLS configuration for {url}: {}", error_chain(&e)))?,
-            None => endpoint,
-        };
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to pusher at {url}: {}", error_chain(&e)))?;
-        let mut client = PusherClient::new(channel)
-            .max_decoding_message_size(self.config.max_message_bytes)
-            .max_encoding_message_size(self.config.max_message_bytes);
-
-        self.epoch += 1;
-        let (tx, rx) = mpsc::channel(self.config.max_in_flight * 2 + 64);
-        let hello = Hello {
-            instance_id: self.config.instance_id.clone(),
-            epoch: self.epoch,
-            max_in_flight: self.config.max_in_flight as u32,
-        };
-        tx.try_send(LinkRequest {
-            msg: Some(link_request::Msg::Hello(hello)),
-        })
-        .map_err(|_| "stream buffer unavailable".to_string())?;
-        let handshake = async {
-            let mut inbound = client
-                .connect(ReceiverStream::new(rx))
-                .await
-                .map_err(|status| format!("pusher refused the stream: {status}"))?
-                .into_inner();
-            match inbound.message().await {
-                Ok(Some(LinkResponse {
-                    msg: Some(link_response::Msg::Welcome(welcome)),
-                })) => Ok((inbound, welcome)),
-                Ok(Some(other)) => {
-                    Err(format!("pusher answered hello with {other:?}, not welcome"))
-                }
-                Ok(None) => Err("pusher closed the stream during the handshake".to_string()),
-                Err(status) => Err(format!("handshake failed: {status}")),
-            }
-        };
-        let (inbound, welcome) = tokio::time::timeout(self.config.connect_timeout, handshake)
-            .await
-            .map_err(|_| {
-                format!(
-                    "no welcome from pusher within {:?}",
-                    self.config.connect_timeout
-                )
-            })??;
-        Ok((
-            Stream {
-                epoch: self.epoch,
-                tx,
-                inbound,
-            },
-            welcome,
-        ))
-    }
-
-    /// Runs one established stream until it ends.
-    async fn serve(
-        &mut self,
-        mut stream: Stream,
-        maintenance: &mut tokio::time::Interval,
-    ) -> StreamEnd {
-        let silence_limit = self.config.keepalive_interval + self.config.keepalive_timeout;
-        let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
-        let mut heartbeat_seq = 0u64;
-        loop {
-            if let Err(end) = self.flush(&stream) {
-                return end;
-            }
-            self.publish().await;
-            let timer = self.pending.next_timer();
-            tokio::select! {
-                biased;
-                _ = self.shutdown.changed() => return StreamEnd::Shutdown,
-                message = stream.inbound.next() => match message {
-                    Some(Ok(response)) => {
-                        last_heard = Instant::now();
-                        if let Some(end) = self.on_response(response) {
-                            return end;
-                        }
-                    }
-                                        Some(Err(_)) | None if self.draining => return StreamEnd::Drained,
-                    Some(Err(status)) => return StreamEnd::Failed(format!("stream error: {status}")),
-                    None => return StreamEnd::Failed("pusher closed the stream".to_string()),
-                },
-                Some(event) = self.events_rx.recv() => self.on_event(event),
-                _ = self.wake.notified() => self.more_work = true,
-                // Wakes the loop; flush sends what is buffered.
-                _ = self.transcripts.ready.notified() => {}
-                _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => self.expire(),
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > silence_limit {
-                        return StreamEnd::Failed(format!("no message from pusher for {silence_limit:?}"));
-                    }
-                    heartbeat_seq += 1;
-                    let ping = LinkRequest { msg: Some(link_request::Msg::Heartbeat(Heartbeat { seq: heartbeat_seq })) };
-                    if let Err(mpsc::error::TrySendError::Closed(_)) = stream.tx.try_send(ping) {
-                        return StreamEnd::Failed("stream closed".to_string());
-                    }
-                }
-                _ = maintenance.tick() => {
-                    self.renew_leases();
-                    // Rows whose owner died become claimable when their lease expires.
-                    self.more_work = true;
-                }
-            }
+        // Its pod may have been replaced by one at another address.
+        if self
+            .last_resolve
+            .is_none_or(|at| at.elapsed() >= MIN_RERESOLVE)
+        {
+            self.resolve();
         }
     }
 
-    /// Sends what is due and claims more work if there is room.
-    fn flush(&mut self, stream: &Stream) -> Result<(), StreamEnd> {
-        if self.draining {
-            // Nothing new for a draining pusher; what is due waits for the next stream.
-            return Ok(());
+    /// Looks the `dns:` target up again, in its own task.
+    fn resolve(&mut self) {
+        let Some(resolver) = &self.resolver else {
+            return;
+        };
+        if self.resolving {
+            return;
         }
-        for batch in self.transcripts.take() {
-            let request = LinkRequest {
-                msg: Some(link_request::Msg::Transcript(batch)),
+        self.resolving = true;
+        self.last_resolve = Some(Instant::now());
+        let (resolver, events) = (Arc::clone(resolver), self.events_tx.clone());
+        let timeout = self.config.connect_timeout;
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(timeout, resolver.resolve()).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("DNS lookup took longer than {timeout:?}")),
             };
-            match stream.tx.try_send(request) {
-                Ok(()) => {}
-                // Best-effort: a full stream buffer drops the batch.
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.transcripts.dropped.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("listen_transcripts_dropped_total").increment(1);
+            let _ = events.send(Event::Resolved(result)).await;
+        });
+    }
+
+    /// New addresses join as lanes; lanes whose address is gone retire. A failed or empty
+    /// lookup changes nothing (the known endpoints are the best guess).
+    fn on_resolved(&mut self, result: Result<Vec<SocketAddr>, String>) {
+        self.resolving = false;
+        let mut addrs = match result {
+            Ok(addrs) => addrs,
+            Err(error) => {
+                warn!(%error, endpoints = self.lanes.len(), "looking up pusher failed; keeping the endpoints known");
+                if self.lanes.is_empty() {
+                    self.last_error = error;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    return Err(StreamEnd::Failed("stream closed".to_string()));
+                return;
+            }
+        };
+        if addrs.len() > self.config.max_endpoints {
+            warn!(
+                resolved = addrs.len(),
+                max = self.config.max_endpoints,
+                "pusher resolves to more addresses than --max-pusher-endpoints; using the first"
+            );
+            addrs.truncate(self.config.max_endpoints);
+        }
+        let wanted: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
+        for lane in &mut self.lanes {
+            let listed = wanted.contains(&lane.endpoint);
+            if lane.retiring == listed {
+                lane.retiring = !listed;
+                if lane.retiring {
+                    info!(endpoint = %lane.endpoint, pending = lane.pending.len(), "pusher endpoint left DNS; its work moves to the others");
+                } else {
+                    info!(endpoint = %lane.endpoint, "pusher endpoint is back in DNS");
                 }
             }
         }
-        let now = Instant::now();
-        for id in self.pending.due(now) {
-            let Some(request) = self.pending.mark_sent(&id, stream.epoch, now) else {
+        let scheme = if self.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        for endpoint in wanted {
+            // Retiring lanes still count towards the bound until they are dropped.
+            if self.lanes.iter().any(|l| l.endpoint == endpoint)
+                || self.lanes.len() >= self.config.max_endpoints
+            {
                 continue;
-            };
-            debug!(conversation_id = %id, attempt = request.attempt, "sending to pusher");
-            metrics::counter!("listen_link_sent_total").increment(1);
-            if request.attempt > 1 {
-                metrics::counter!("listen_link_resent_total").increment(1);
             }
-            match stream.tx.try_send(LinkRequest {
-                msg: Some(link_request::Msg::Process(request)),
-            }) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.pending.unsend(&id, now + REQUEUE_DELAY)
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.pending.unsend(&id, now);
-                    return Err(StreamEnd::Failed("stream closed".to_string()));
-                }
+            info!(%endpoint, "pusher endpoint joined");
+            let uri = format!("{scheme}://{endpoint}");
+            self.lanes.push(Lane::new(endpoint, uri, &self.config));
+        }
+    }
+
+    /// Moves work, sends what is due, drops finished lanes and claims more if there is room.
+    fn flush(&mut self) {
+        let now = Instant::now();
+        self.rebalance(now);
+        self.forward_transcripts();
+        for i in 0..self.lanes.len() {
+            if let Err(reason) = self.send_due(i, now) {
+                self.end_stream(i, StreamEnd::Failed(reason));
             }
         }
-        let free = self.pending.free_slots();
+        self.drop_retired();
+        let free: usize = self
+            .lanes
+            .iter()
+            .filter(|l| l.takes_work())
+            .map(|l| l.pending.free_slots())
+            .sum();
         if self.more_work && !self.claiming && free > 0 {
             self.claiming = true;
             let limit = free.min(CLAIM_BATCH);
@@ -544,26 +759,249 @@ impl Link {
                 let _ = events.send(Event::Claimed { limit, result }).await;
             });
         }
+    }
+
+    /// The lane that takes the next conversation: among those taking work with a free slot,
+    /// the one with the fewest pending; ties go round-robin.
+    fn pick_lane(&mut self) -> Option<usize> {
+        let n = self.lanes.len();
+        let mut best: Option<usize> = None;
+        for k in 0..n {
+            let i = (self.next_lane + k) % n;
+            let lane = &self.lanes[i];
+            if !lane.takes_work() || lane.pending.free_slots() == 0 {
+                continue;
+            }
+            if best.is_none_or(|b| lane.pending.len() < self.lanes[b].pending.len()) {
+                best = Some(i);
+            }
+        }
+        if let Some(i) = best {
+            self.next_lane = i + 1;
+        }
+        best
+    }
+
+    /// Hands work that its lane cannot send (stream down, draining, endpoint retiring) to
+    /// lanes that take work, as far as they have room. With one lane nothing moves: its work
+    /// waits for the replay on its next stream.
+    fn rebalance(&mut self, now: Instant) {
+        if self.lanes.len() < 2 {
+            return;
+        }
+        let mut room: usize = self
+            .lanes
+            .iter()
+            .filter(|l| l.takes_work())
+            .map(|l| l.pending.free_slots())
+            .sum();
+        for i in 0..self.lanes.len() {
+            if room == 0 {
+                return;
+            }
+            let lane = &mut self.lanes[i];
+            if lane.takes_work() || lane.pending.is_empty() {
+                continue;
+            }
+            // Sent on a stream that is gone: nobody will answer on it.
+            let in_flight = lane.conn.is_none();
+            let moved = lane.pending.take_movable(room, in_flight);
+            if moved.is_empty() {
+                continue;
+            }
+            info!(from = %self.lanes[i].endpoint, count = moved.len(), "moving pending conversations to other pusher endpoints");
+            for (id, entry) in moved {
+                let j = self
+                    .pick_lane()
+                    .expect("room was counted on lanes taking work");
+                if let Err(entry) = self.lanes[j].pending.adopt(id.clone(), entry, now) {
+                    // Cannot happen (pick_lane found a free slot); keep it where it was.
+                    let _ = self.lanes[i].pending.adopt(id, entry, now);
+                }
+                room -= 1;
+            }
+        }
+    }
+
+    /// Sends what is due on lane `i`; an error means its stream is closed.
+    fn send_due(&mut self, i: usize, now: Instant) -> Result<(), String> {
+        let lane = &mut self.lanes[i];
+        if !lane.sends() {
+            return Ok(());
+        }
+        let Some(conn) = &lane.conn else {
+            return Ok(());
+        };
+        for id in lane.pending.due(now) {
+            let Some(request) = lane.pending.mark_sent(&id, conn.epoch, now) else {
+                continue;
+            };
+            debug!(conversation_id = %id, attempt = request.attempt, endpoint = %lane.endpoint, "sending to pusher");
+            lane.metrics.sent.increment(1);
+            if request.attempt > 1 {
+                lane.metrics.resent.increment(1);
+            }
+            match conn.tx.try_send(LinkRequest {
+                msg: Some(link_request::Msg::Process(request)),
+            }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    lane.pending.unsend(&id, now + REQUEUE_DELAY)
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    lane.pending.unsend(&id, now);
+                    return Err("stream closed".to_string());
+                }
+            }
+        }
         Ok(())
     }
 
-    fn on_response(&mut self, response: LinkResponse) -> Option<StreamEnd> {
+    /// Live transcripts go to the first lane taking work (one lane, so they stay in order
+    /// while it lives); with none they wait in their bounded buffer.
+    fn forward_transcripts(&mut self) {
+        let Some(i) = self.lanes.iter().position(Lane::takes_work) else {
+            return;
+        };
+        let Some(conn) = &self.lanes[i].conn else {
+            return;
+        };
+        for batch in self.transcripts.take() {
+            let request = LinkRequest {
+                msg: Some(link_request::Msg::Transcript(batch)),
+            };
+            match conn.tx.try_send(request) {
+                Ok(()) => {}
+                // Best-effort: a full stream buffer drops the batch.
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.transcripts.dropped.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("listen_transcripts_dropped_total").increment(1);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return self.end_stream(i, StreamEnd::Failed("stream closed".to_string()));
+                }
+            }
+        }
+    }
+
+    /// Drops retiring lanes whose window is empty (not while a claim is out: its rows were
+    /// counted against their free slots).
+    fn drop_retired(&mut self) {
+        if self.claiming {
+            return;
+        }
+        let mut i = 0;
+        while i < self.lanes.len() {
+            let lane = &self.lanes[i];
+            if !(lane.retiring && lane.pending.is_empty() && !lane.opening) {
+                i += 1;
+                continue;
+            }
+            let lane = self.lanes.remove(i);
+            if let Some(conn) = lane.conn {
+                self.inbound.remove(&conn.epoch);
+            }
+            lane.metrics.up.set(0.0);
+            lane.metrics.pending.set(0.0);
+            info!(endpoint = %lane.endpoint, "pusher endpoint dropped");
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        let silence_limit = self.config.keepalive_interval + self.config.keepalive_timeout;
+        self.heartbeat_seq += 1;
+        for i in 0..self.lanes.len() {
+            let Some(conn) = &self.lanes[i].conn else {
+                continue;
+            };
+            if conn.last_heard.elapsed() > silence_limit {
+                let reason = format!("no message from pusher for {silence_limit:?}");
+                self.end_stream(i, StreamEnd::Failed(reason));
+                continue;
+            }
+            let ping = LinkRequest {
+                msg: Some(link_request::Msg::Heartbeat(Heartbeat {
+                    seq: self.heartbeat_seq,
+                })),
+            };
+            if let Err(mpsc::error::TrySendError::Closed(_)) = conn.tx.try_send(ping) {
+                self.end_stream(i, StreamEnd::Failed("stream closed".to_string()));
+            }
+        }
+    }
+
+    /// The earliest moment something is due: a lane's reconnect or probe, an ack deadline or
+    /// send on a live stream, or another lookup when none found an endpoint yet.
+    fn next_timer(&self) -> Option<Instant> {
+        let lookup = self.lookup_retry();
+        self.lanes
+            .iter()
+            .filter_map(|lane| match &lane.conn {
+                Some(_) => lane.pending.next_timer(lane.sends()),
+                None if lane.opening || lane.retiring => None,
+                None => lane.state.deadline(),
+            })
+            .chain(lookup)
+            .min()
+    }
+
+    /// With no endpoint known (pusher has no ready pod yet, or DNS failed), lookups repeat
+    /// every [`MIN_RERESOLVE`] rather than every resolve interval.
+    fn lookup_retry(&self) -> Option<Instant> {
+        if self.resolver.is_none() || self.resolving || !self.lanes.is_empty() {
+            return None;
+        }
+        self.last_resolve.map(|at| at + MIN_RERESOLVE)
+    }
+
+    fn on_timer(&mut self) {
         let now = Instant::now();
-        match response.msg? {
+        if self.lookup_retry().is_some_and(|at| at <= now) {
+            self.resolve();
+        }
+        for i in 0..self.lanes.len() {
+            let lane = &mut self.lanes[i];
+            if lane.conn.is_none() {
+                if !lane.opening {
+                    lane.state = lane.state.timer_elapsed(now);
+                }
+                continue;
+            }
+            for (id, action) in lane.pending.expire(now) {
+                if let AckAction::Fail {
+                    generation,
+                    reason,
+                    attempts,
+                } = action
+                {
+                    self.settle_failure(id, generation, reason, attempts);
+                }
+            }
+        }
+    }
+
+    fn on_response(&mut self, i: usize, response: LinkResponse) {
+        let now = Instant::now();
+        let Some(msg) = response.msg else {
+            return;
+        };
+        let lane = &mut self.lanes[i];
+        match msg {
             link_response::Msg::Ack(ack) => {
                 let (id, attempt) = (ack.conversation_id.clone(), ack.attempt);
-                if let Some(sent_at) = self.pending.sent_at(&id, attempt) {
-                    metrics::histogram!("listen_link_ack_latency_seconds")
+                if let Some(sent_at) = lane.pending.sent_at(&id, attempt) {
+                    lane.metrics
+                        .ack_latency
                         .record(now.duration_since(sent_at).as_secs_f64());
                 }
-                let action = self.pending.ack(ack, now);
+                let action = lane.pending.ack(ack, now);
                 let result = match &action {
-                    AckAction::Complete { .. } => "processed",
-                    AckAction::Fail { .. } => "failed",
-                    AckAction::Resend { .. } => "retry",
-                    AckAction::Ignore(_) => "ignored",
+                    AckAction::Complete { .. } => 0,
+                    AckAction::Fail { .. } => 1,
+                    AckAction::Resend { .. } => 2,
+                    AckAction::Ignore(_) => 3,
                 };
-                metrics::counter!("listen_link_acks_total", "result" => result).increment(1);
+                lane.metrics.acks[result].increment(1);
                 match action {
                     AckAction::Complete {
                         generation,
@@ -603,37 +1041,26 @@ impl Link {
                 }
             }
             link_response::Msg::Progress(progress) => {
-                self.pending
+                lane.pending
                     .progress(&progress.conversation_id, progress.attempt, now);
             }
             link_response::Msg::Busy(busy) => {
-                metrics::counter!("listen_link_busy_total").increment(1);
+                lane.metrics.busy.increment(1);
                 let retry_after =
                     Duration::from_millis(u64::from(busy.retry_after_ms).clamp(10, 60_000));
-                self.pending
+                lane.pending
                     .busy(&busy.conversation_id, busy.attempt, retry_after, now);
             }
             link_response::Msg::Draining(_) => {
                 info!(
+                    endpoint = %lane.endpoint,
                     "pusher is draining: no new work on this stream; waiting for its in-flight acks"
                 );
-                self.draining = true;
+                if let Some(conn) = &mut lane.conn {
+                    conn.draining = true;
+                }
             }
             link_response::Msg::Heartbeat(_) | link_response::Msg::Welcome(_) => {}
-        }
-        None
-    }
-
-    fn expire(&mut self) {
-        for (id, action) in self.pending.expire(Instant::now()) {
-            if let AckAction::Fail {
-                generation,
-                reason,
-                attempts,
-            } = action
-            {
-                self.settle_failure(id, generation, reason, attempts);
-            }
         }
     }
 
@@ -665,6 +1092,11 @@ impl Link {
         });
     }
 
+    /// The lane whose window holds `id`, if any.
+    fn lane_of(&mut self, id: &str) -> Option<&mut Lane> {
+        self.lanes.iter_mut().find(|l| l.pending.contains(id))
+    }
+
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Claimed { limit, result } => {
@@ -675,11 +1107,7 @@ impl Link {
                         let now = Instant::now();
                         for row in claimed {
                             debug!(conversation_id = %row.id, generation = row.generation, "claimed");
-                            if !self.pending.insert(row, now) {
-                                // Cannot happen: claims never exceed the free slots. The row
-                                // keeps its lease and is re-claimed after it expires.
-                                warn!("pending map full on claim");
-                            }
+                            self.place(row, now);
                         }
                     }
                     Err(error) => {
@@ -694,32 +1122,63 @@ impl Link {
                 id,
                 outcome,
                 result,
-            } => match result {
-                Ok(true) => {
-                    let attempts = self.pending.remove(&id).map(|e| e.attempt).unwrap_or(0);
-                    info!(conversation_id = %id, attempts, outcome, "conversation settled");
-                    metrics::counter!("listen_conversations_total", "status" => outcome)
-                        .increment(1);
-                    (self.on_settled)(&id);
+            } => {
+                let Some(lane) = self.lane_of(&id) else {
+                    return;
+                };
+                match result {
+                    Ok(true) => {
+                        let attempts = lane.pending.remove(&id).map(|e| e.attempt).unwrap_or(0);
+                        info!(conversation_id = %id, attempts, outcome, "conversation settled");
+                        metrics::counter!("listen_conversations_total", "status" => outcome)
+                            .increment(1);
+                        (self.on_settled)(&id);
+                    }
+                    Ok(false) => {
+                        lane.pending.remove(&id);
+                        debug!(conversation_id = %id, "outcome not written: already settled or claimed by another instance");
+                    }
+                    Err(error) => {
+                        warn!(conversation_id = %id, %error, "writing the outcome failed; will re-send");
+                        lane.pending
+                            .unsettle(&id, Instant::now() + SETTLE_RETRY_DELAY);
+                        self.last_error = error.to_string();
+                    }
                 }
-                Ok(false) => {
-                    self.pending.remove(&id);
-                    debug!(conversation_id = %id, "outcome not written: already settled or claimed by another instance");
-                }
-                Err(error) => {
-                    warn!(conversation_id = %id, %error, "writing the outcome failed; will re-send");
-                    self.pending
-                        .unsettle(&id, Instant::now() + SETTLE_RETRY_DELAY);
-                    self.last_error = error.to_string();
-                }
-            },
+            }
+            Event::Opened {
+                endpoint,
+                epoch,
+                result,
+            } => self.on_opened(endpoint, epoch, result),
+            Event::Resolved(result) => self.on_resolved(result),
+        }
+    }
+
+    /// Puts a claimed row in a window: the one already holding it (its lease was re-claimed),
+    /// else the lane [`pick_lane`](Self::pick_lane) chooses, else (lanes changed while the
+    /// claim was out) any lane with room.
+    fn place(&mut self, row: Claimed, now: Instant) {
+        if let Some(lane) = self.lane_of(&row.id) {
+            lane.pending.insert(row, now);
+            return;
+        }
+        let lane = self.pick_lane().or_else(|| {
+            (0..self.lanes.len())
+                .filter(|&i| self.lanes[i].pending.free_slots() > 0)
+                .min_by_key(|&i| self.lanes[i].pending.len())
+        });
+        if !lane.is_some_and(|i| self.lanes[i].pending.insert(row, now)) {
+            // Cannot happen: claims never exceed the free slots, and lanes are not dropped
+            // while a claim is out. The row keeps its lease until this instance restarts.
+            warn!("no pending window has room for a claimed conversation");
         }
     }
 
     fn renew_leases(&self) {
         let store = Arc::clone(&self.store);
         // The queued gauge rides on the same tick.
-        let pending = self.pending.len() as u64;
+        let pending = self.pending_total() as u64;
         let counter = Arc::clone(&self.store);
         tokio::spawn(async move {
             if let Ok(processing) = counter.count_processing().await {
@@ -736,20 +1195,41 @@ impl Link {
         });
     }
 
+    fn pending_total(&self) -> usize {
+        self.lanes.iter().map(|l| l.pending.len()).sum()
+    }
+
     async fn publish(&mut self) {
-        let connected = matches!(self.state, LinkState::Connected { .. });
+        let state = aggregate(self.lanes.iter().map(|l| l.state.to_wire()));
+        let connected = state == Wire::Connected;
         self.publish_state(connected).await;
-        metrics::gauge!("listen_link_state").set(self.state.to_wire() as i32 as f64);
+        let pending = self.pending_total();
+        metrics::gauge!("listen_link_state").set(state as i32 as f64);
         metrics::gauge!("listen_link_up").set(if connected { 1.0 } else { 0.0 });
-        metrics::gauge!("listen_link_pending").set(self.pending.len() as f64);
+        metrics::gauge!("listen_link_pending").set(pending as f64);
+        metrics::gauge!("listen_link_endpoints").set(self.lanes.len() as f64);
+        for lane in &self.lanes {
+            let wire = lane.state.to_wire();
+            lane.metrics.state.set(wire as i32 as f64);
+            lane.metrics
+                .up
+                .set(if wire == Wire::Connected { 1.0 } else { 0.0 });
+            lane.metrics.pending.set(lane.pending.len() as f64);
+        }
         let snapshot = LinkSnapshot {
-            state: self.state.to_wire(),
-            pending: self.pending.len(),
-            reconnects: self.reconnects,
-            consecutive_failures: self.consecutive_failures,
+            state,
+            pending,
+            reconnects: self.lanes.iter().map(|l| l.reconnects).sum(),
+            consecutive_failures: self
+                .lanes
+                .iter()
+                .map(|l| l.consecutive_failures)
+                .min()
+                .unwrap_or(0),
             last_error: self.last_error.clone(),
             acks_ignored: self.acks_ignored,
             transcripts_dropped: 0, // filled in by LinkHandle::snapshot
+            endpoints: self.lanes.iter().map(Lane::snapshot).collect(),
         };
         self.status_tx.send_replace(snapshot);
     }
@@ -767,6 +1247,77 @@ impl Link {
                 .await;
         }
     }
+}
+
+/// The link's state from its lanes': the most alive one (CONNECTING before any is known).
+fn aggregate(states: impl Iterator<Item = Wire>) -> Wire {
+    let rank = |state: Wire| match state {
+        Wire::Connected => 5,
+        Wire::HalfOpen => 4,
+        Wire::Connecting => 3,
+        Wire::Backoff => 2,
+        Wire::Degraded => 1,
+        Wire::Unspecified => 0,
+    };
+    states.max_by_key(|s| rank(*s)).unwrap_or(Wire::Connecting)
+}
+
+/// Opens a Connect stream to `uri` and completes the Hello/Welcome handshake.
+async fn open_stream(config: &LinkConfig, uri: &str, epoch: u64) -> Result<Opened, String> {
+    let endpoint = Endpoint::from_shared(uri.to_string())
+        .map_err(|e| format!("invalid pusher url {uri}: {e}"))?
+        .connect_timeout(config.connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(config.keepalive_interval)
+        .keep_alive_timeout(config.keepalive_timeout)
+        .keep_alive_while_idle(true);
+    let endpoint = match &config.tls {
+        Some(tls) => endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS configuration for {uri}: {}", error_chain(&e)))?,
+        None => endpoint,
+    };
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to pusher at {uri}: {}", error_chain(&e)))?;
+    let mut client = PusherClient::new(channel)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    let (tx, rx) = mpsc::channel(config.max_in_flight * 2 + 64);
+    let hello = Hello {
+        instance_id: config.instance_id.clone(),
+        epoch,
+        max_in_flight: config.max_in_flight as u32,
+    };
+    tx.try_send(LinkRequest {
+        msg: Some(link_request::Msg::Hello(hello)),
+    })
+    .map_err(|_| "stream buffer unavailable".to_string())?;
+    let handshake = async {
+        let mut inbound = client
+            .connect(ReceiverStream::new(rx))
+            .await
+            .map_err(|status| format!("pusher refused the stream: {status}"))?
+            .into_inner();
+        match inbound.message().await {
+            Ok(Some(LinkResponse {
+                msg: Some(link_response::Msg::Welcome(welcome)),
+            })) => Ok((inbound, welcome)),
+            Ok(Some(other)) => Err(format!("pusher answered hello with {other:?}, not welcome")),
+            Ok(None) => Err("pusher closed the stream during the handshake".to_string()),
+            Err(status) => Err(format!("handshake failed: {status}")),
+        }
+    };
+    let (inbound, welcome) = tokio::time::timeout(config.connect_timeout, handshake)
+        .await
+        .map_err(|_| format!("no welcome from pusher within {:?}", config.connect_timeout))??;
+    Ok(Opened {
+        tx,
+        inbound,
+        welcome,
+    })
 }
 
 /// Pusher's processed outcome in listen's terms.

@@ -6,6 +6,7 @@
 //! (`target/<profile>/`); `cargo build --workspace --bins` builds them too.
 #![forbid(unsafe_code)]
 
+pub mod dns;
 pub mod fake_pusher;
 pub mod http;
 pub mod postgres;
@@ -257,7 +258,17 @@ pub async fn start_pusher(port: u16, extra: &[&str]) -> Service {
 
 /// [`start_pusher`] with environment variables (secrets that have no flag).
 pub async fn start_pusher_with_env(port: u16, extra: &[&str], envs: &[(&str, &str)]) -> Service {
-    start_pusher_full(port, extra, envs, None).await
+    start_pusher_full(local(port), extra, envs, None).await
+}
+
+/// [`start_pusher`] on another loopback address (127.0.0.2, ...: Linux routes all of
+/// 127.0.0.0/8 to the loopback interface).
+pub async fn start_pusher_at(addr: SocketAddr, extra: &[&str]) -> Service {
+    start_pusher_full(addr, extra, &[], None).await
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 /// A pusher speaking TLS; the harness reaches it with `client_tls`.
@@ -266,17 +277,16 @@ pub async fn start_pusher_tls(
     extra: &[&str],
     client_tls: tonic::transport::ClientTlsConfig,
 ) -> Service {
-    start_pusher_full(port, extra, &[], Some(client_tls)).await
+    start_pusher_full(local(port), extra, &[], Some(client_tls)).await
 }
 
 async fn start_pusher_full(
-    port: u16,
+    addr: SocketAddr,
     extra: &[&str],
     envs: &[(&str, &str)],
     client_tls: Option<tonic::transport::ClientTlsConfig>,
 ) -> Service {
     let dir = tempfile::tempdir().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut args = vec!["--listen-addr".to_string(), addr.to_string()];
     args.extend(with_defaults(
         &["--admin-addr", &format!("127.0.0.1:{}", free_port())],
@@ -579,18 +589,39 @@ impl Service {
             .to_string()
     }
 
-    /// The value of one metric line (`name` including any `{labels}`), 0 if absent.
-    pub async fn metric(&self, name: &str) -> f64 {
-        self.metrics()
-            .await
-            .lines()
-            .find_map(|line| {
-                line.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
+    /// The sum of the series `query` selects, 0 if none: `name` alone selects every series of
+    /// that name, `name{a="x",b="y"}` those carrying at least these labels.
+    pub async fn metric(&self, query: &str) -> f64 {
+        sum_series(&self.metrics().await, query)
     }
+}
+
+/// Sums the Prometheus text-format series that `query` selects (see [`Service::metric`]).
+pub fn sum_series(text: &str, query: &str) -> f64 {
+    let labels_of = |s: &str| -> Vec<String> {
+        s.trim_end_matches('}')
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let (name, wanted) = match query.split_once('{') {
+        Some((name, labels)) => (name, labels_of(labels)),
+        None => (query, Vec::new()),
+    };
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, labels) = match series.split_once('{') {
+                Some((n, labels)) => (n, labels_of(labels)),
+                None => (series, Vec::new()),
+            };
+            (series_name == name && wanted.iter().all(|w| labels.contains(w)))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 static LOG_FILTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();

@@ -768,8 +768,20 @@ async fn prometheus_metrics_are_served_and_move() {
     );
     let text = listen.metrics().await;
     assert!(
-        text.contains("listen_link_ack_latency_seconds_bucket{le=\"0.005\"}"),
+        text.lines()
+            .any(|l| l.starts_with("listen_link_ack_latency_seconds_bucket{")
+                && l.contains("le=\"0.005\"")),
         "histogram buckets:\n{text}"
+    );
+    assert_eq!(
+        listen
+            .metric(&format!(
+                "listen_link_sent_total{{endpoint=\"127.0.0.1:{}\"}}",
+                pusher.addr.port()
+            ))
+            .await,
+        1.0,
+        "per-endpoint series are labelled"
     );
 
     assert_eq!(pusher.metric("pusher_jobs_started_total").await, 1.0);

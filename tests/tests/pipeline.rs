@@ -341,6 +341,15 @@ async fn draining_pusher_finishes_its_jobs_and_listen_moves_on() {
         let status = first.terminate(Duration::from_secs(30));
         (first, status)
     });
+    // Work submitted once listen knows the first is draining must not go there.
+    wait_for("listen sees the drain", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            let status = link_status(&mut client).await;
+            status.endpoints.iter().any(|e| e.draining).then_some(())
+        }
+    })
+    .await;
     let more = submit_many(&client, "drain-after", 20).await;
     let (first, exit) = terminated.await.unwrap();
     assert!(exit.success(), "first pusher exit: {exit}");

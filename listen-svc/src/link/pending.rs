@@ -96,6 +96,10 @@ impl Pending {
         self.entries.len()
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     pub(crate) fn free_slots(&self) -> usize {
         self.capacity.saturating_sub(self.entries.len())
     }
@@ -343,16 +347,58 @@ impl Pending {
         self.entries.remove(id)
     }
 
-    /// The earliest deadline or send time, for the link's timer.
-    pub(crate) fn next_timer(&self) -> Option<Instant> {
+    /// The earliest ack deadline, and send time if `sending` (a stream that takes no new
+    /// sends, such as a draining one, only waits for deadlines), for the link's timer.
+    pub(crate) fn next_timer(&self, sending: bool) -> Option<Instant> {
         self.entries
             .values()
             .filter_map(|e| match e.state {
                 EntryState::InFlight { deadline, .. } => Some(deadline),
-                EntryState::Waiting { at } => Some(at),
-                EntryState::Settling => None,
+                EntryState::Waiting { at } if sending => Some(at),
+                EntryState::Waiting { .. } | EntryState::Settling => None,
             })
             .min()
+    }
+
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        self.entries.contains_key(id)
+    }
+
+    /// Takes up to `limit` entries off this window to hand to another stream: those waiting
+    /// to be sent, and also those in flight when `in_flight` (their stream is gone). Entries
+    /// whose outcome is being written stay.
+    pub(crate) fn take_movable(&mut self, limit: usize, in_flight: bool) -> Vec<(String, Entry)> {
+        let ids: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| match e.state {
+                EntryState::Waiting { .. } => true,
+                EntryState::InFlight { .. } => in_flight,
+                EntryState::Settling => false,
+            })
+            .take(limit)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.entries.remove_entry(&id))
+            .collect()
+    }
+
+    /// Takes over an entry from another stream's window, due `now` with a fresh budget (as
+    /// on a replay); its attempt numbers carry on. Returns it back when this window is full.
+    pub(crate) fn adopt(
+        &mut self,
+        id: String,
+        mut entry: Entry,
+        now: Instant,
+    ) -> Result<(), Entry> {
+        if self.entries.len() >= self.capacity {
+            return Err(entry);
+        }
+        entry.budget_used = 0;
+        entry.state = EntryState::Waiting { at: now };
+        self.entries.insert(id, entry);
+        Ok(())
     }
 }
 

@@ -153,7 +153,7 @@ fn expired_acks_are_resent_with_backoff_then_fail_after_max_attempts() {
         now += ACK_TIMEOUT;
         assert!(p.expire(now).is_empty());
         assert_eq!(
-            p.next_timer(),
+            p.next_timer(true),
             Some(now + Duration::from_secs(expected_backoff))
         );
         assert!(p.due(now).is_empty(), "waits out the backoff");
@@ -214,7 +214,7 @@ fn busy_is_not_an_attempt() {
     for _ in 0..20 {
         let (_, attempt) = send_due(&mut p, now)[0].clone();
         assert!(p.busy("a", attempt, Duration::from_millis(500), now));
-        assert_eq!(p.next_timer(), Some(now + Duration::from_millis(500)));
+        assert_eq!(p.next_timer(true), Some(now + Duration::from_millis(500)));
         now += Duration::from_millis(500);
     }
     assert_eq!(p.get("a").unwrap().budget_used, 0);
@@ -322,7 +322,7 @@ fn settling_entries_are_not_replayed_and_a_failed_write_is_retried() {
     send_due(&mut p, now);
     p.ack(processed("a", 1), now);
     assert_eq!(p.replay(now), 0);
-    assert_eq!(p.next_timer(), None);
+    assert_eq!(p.next_timer(true), None);
     p.unsettle("a", now + Duration::from_secs(1));
     assert_eq!(p.due(now + Duration::from_secs(1)), vec!["a".to_string()]);
 }
@@ -358,7 +358,7 @@ async fn resend_schedule_follows_the_paused_clock() {
         if !p.expire(now).is_empty() {
             break now - start;
         }
-        tokio::time::sleep_until(p.next_timer().expect("a timer while unsettled")).await;
+        tokio::time::sleep_until(p.next_timer(true).expect("a timer while unsettled")).await;
     };
     // Sent at 0; 120 s ack deadline + 1 s backoff; 120 s + 2 s backoff; fails 120 s later.
     assert_eq!(
@@ -395,4 +395,76 @@ fn attempt_numbers_continue_from_the_stored_count() {
         1,
         "a fresh budget all the same"
     );
+}
+
+#[test]
+fn a_stream_that_takes_no_sends_only_waits_for_deadlines() {
+    let now = Instant::now();
+    let mut p = pending(4, 5);
+    p.insert(claimed("a"), now);
+    p.insert(claimed("b"), now);
+    p.mark_sent("a", 1, now);
+    assert_eq!(p.next_timer(true), Some(now), "b is due now");
+    assert_eq!(
+        p.next_timer(false),
+        Some(now + ACK_TIMEOUT),
+        "a draining stream must not wake up for b, which it will not send"
+    );
+}
+
+#[test]
+fn entries_move_between_windows_with_a_fresh_budget_and_their_attempts() {
+    let now = Instant::now();
+    let mut from = pending(4, 2);
+    let mut to = pending(1, 2);
+    for id in ["a", "b", "c"] {
+        from.insert(claimed(id), now);
+    }
+    send_due(&mut from, now); // a, b, c in flight, attempt 1
+    from.ack(processed("c", 1), now); // c is settling: it stays
+
+    assert!(
+        from.take_movable(10, false).is_empty(),
+        "in-flight entries stay while their stream lives"
+    );
+    let moved = from.take_movable(10, true);
+    assert_eq!(moved.len(), 2);
+    assert_eq!(from.len(), 1);
+    assert!(from.contains("c"));
+
+    let mut moved = moved.into_iter();
+    let (id, entry) = moved.next().unwrap();
+    to.adopt(id.clone(), entry, now).unwrap();
+    let (other, entry) = moved.next().unwrap();
+    assert!(
+        to.adopt(other, entry, now).is_err(),
+        "a full window refuses"
+    );
+
+    let entry = to.get(&id).unwrap();
+    assert_eq!((entry.attempt, entry.budget_used), (1, 0));
+    assert_eq!(to.due(now), vec![id.clone()]);
+    assert_eq!(to.mark_sent(&id, 2, now).unwrap().attempt, 2);
+    assert_eq!(
+        to.ack(processed(&id, 2), now),
+        AckAction::Complete {
+            generation: 1,
+            processed: match processed(&id, 2).outcome {
+                Some(ack::Outcome::Processed(p)) => p,
+                _ => unreachable!(),
+            },
+            attempts: 2
+        }
+    );
+}
+
+#[test]
+fn take_movable_respects_its_limit() {
+    let now = Instant::now();
+    let mut p = pending(8, 5);
+    for id in ["a", "b", "c", "d"] {
+        p.insert(claimed(id), now);
+    }
+    assert_eq!(p.take_movable(3, false).len(), 3);
+    assert_eq!(p.len(), 1);
 }
