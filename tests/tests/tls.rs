@@ -20,6 +20,8 @@ impl Pki {
         let rogue = new_ca("rogue CA");
         write(dir.path(), "ca.pem", &ca.pem());
         issue(dir.path(), "server", &["localhost", "127.0.0.1"], &ca);
+        // For a pusher reached through `dns://.../pusher.test:PORT` (a headless Service).
+        issue(dir.path(), "headless", &["pusher.test"], &ca);
         issue(dir.path(), "client", &["listen"], &ca);
         issue(dir.path(), "rogue", &["listen"], &rogue);
         Pki { dir }
@@ -31,19 +33,28 @@ impl Pki {
 
     /// What the harness uses to check pusher's health.
     fn harness_client(&self) -> ClientTlsConfig {
+        self.harness_client_for("localhost")
+    }
+
+    fn harness_client_for(&self, domain: &str) -> ClientTlsConfig {
         let read = |name: &str| std::fs::read(self.dir.path().join(name)).unwrap();
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read("ca.pem")))
             .identity(Identity::from_pem(read("client.pem"), read("client.key")))
-            .domain_name("localhost")
+            .domain_name(domain)
     }
 
     fn pusher_flags(&self) -> Vec<String> {
+        self.pusher_flags_with("server")
+    }
+
+    /// pusher's flags with the server certificate `name`.pem.
+    fn pusher_flags_with(&self, name: &str) -> Vec<String> {
         vec![
             "--tls-cert".into(),
-            self.path("server.pem"),
+            self.path(&format!("{name}.pem")),
             "--tls-key".into(),
-            self.path("server.key"),
+            self.path(&format!("{name}.key")),
             "--tls-client-ca".into(),
             self.path("ca.pem"),
         ]
@@ -233,4 +244,53 @@ async fn tls_flags_that_do_not_fit_exit_64_naming_the_flag() {
         .unwrap();
     assert_eq!(output.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--tls-cert"));
+}
+
+/// A dns: --pusher-url with --pusher-tls-ca speaks mutual TLS to each resolved address and
+/// checks pusher's certificate against the DNS name (here `pusher.test`), not the address.
+#[tokio::test]
+async fn a_dns_target_checks_pushers_certificate_against_the_name() {
+    let pki = Pki::new();
+    let flags = pki.pusher_flags_with("headless");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let pusher = start_pusher_tls(free_port(), &flags, pki.harness_client_for("pusher.test")).await;
+    let dns = tests::dns::TestDns::start("pusher.test", &["127.0.0.1".parse().unwrap()]).await;
+    let url = dns.url(pusher.addr.port());
+    let (ca, cert, key) = (
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client.key"),
+    );
+    let listen = start_listen(ListenOptions {
+        pusher_port: 0,
+        extra: &[
+            "--pusher-url",
+            &url,
+            "--pusher-tls-ca",
+            &ca,
+            "--pusher-tls-cert",
+            &cert,
+            "--pusher-tls-key",
+            &key,
+        ],
+    })
+    .await;
+    let client = listen_client(&listen);
+    let id = client
+        .clone()
+        .submit_conversation(talk("tls-dns", "k"))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    wait_one(
+        &client,
+        &id,
+        ConversationStatus::Completed,
+        Duration::from_secs(20),
+    )
+    .await;
+    let status = link_status(&mut client.clone()).await;
+    assert_eq!(status.endpoints.len(), 1);
+    assert_eq!(status.endpoints[0].address, pusher.addr.to_string());
 }
