@@ -30,6 +30,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_conversations.sql"),
     include_str!("../../migrations/postgres/0002_live_conversations.sql"),
     include_str!("../../migrations/postgres/0003_deliveries.sql"),
+    include_str!("../../migrations/postgres/0004_partial_indexes.sql"),
 ];
 
 const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
