@@ -15,6 +15,7 @@
 use crate::processor::Structure;
 use shared::proto::pusher::v1::{Segment, Structured};
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 const TITLE_WORDS: usize = 8;
 const OVERVIEW_SENTENCES: usize = 3;
@@ -113,30 +114,39 @@ const STOP_WORDS: &[&str] = &[
 /// Fewer non-filler words than this in the whole transcript, and it is discarded as noise.
 const MIN_WORDS: usize = 3;
 
-/// Structures a transcript and judges whether it is worth keeping. Never fails.
-pub(crate) fn structure(segments: &[Segment]) -> Structure {
-    let words: usize = segments
-        .iter()
-        .map(|s| {
-            words(&s.text)
-                .filter(|w| !FILLERS.contains(&w.as_str()))
-                .count()
-        })
-        .sum();
-    Structure {
-        structured: structured(segments),
-        discard: words < MIN_WORDS,
+static FILLER_SET: LazyLock<HashSet<&str>> = LazyLock::new(|| FILLERS.iter().copied().collect());
+static STOP_SET: LazyLock<HashSet<&str>> = LazyLock::new(|| STOP_WORDS.iter().copied().collect());
+/// Keyword -> the categories (indexes into CATEGORIES) it counts for.
+static KEYWORDS: LazyLock<HashMap<&str, Vec<usize>>> = LazyLock::new(|| {
+    let mut map: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (index, (_, keywords)) in CATEGORIES.iter().enumerate() {
+        for keyword in *keywords {
+            map.entry(keyword).or_default().push(index);
+        }
     }
-}
+    map
+});
 
-/// Title, overview, action items and category. An empty transcript gets an untitled result.
-fn structured(segments: &[Segment]) -> Structured {
+/// Structures a transcript and judges whether it is worth keeping. Never fails.
+///
+/// The text is split into sentences and lower-cased words once; every part below reads
+/// those (words never span sentences: the sentence marks also end words).
+pub(crate) fn structure(segments: &[Segment]) -> Structure {
     let sentences = sentences(segments);
-    Structured {
-        title: title(&sentences),
-        overview: overview(&sentences),
-        action_items: action_items(&sentences),
-        category: category(&sentences).to_string(),
+    let words: Vec<Vec<String>> = sentences.iter().map(|s| words(s).collect()).collect();
+    let spoken = words
+        .iter()
+        .flatten()
+        .filter(|w| !FILLER_SET.contains(w.as_str()))
+        .count();
+    Structure {
+        structured: Structured {
+            title: title(&sentences),
+            overview: overview(&sentences, &words),
+            action_items: action_items(&sentences),
+            category: category(&words).to_string(),
+        },
+        discard: spoken < MIN_WORDS,
     }
 }
 
@@ -194,20 +204,25 @@ fn title(sentences: &[String]) -> String {
     upper_first(&title)
 }
 
-fn overview(sentences: &[String]) -> String {
-    let mut frequency: HashMap<String, usize> = HashMap::new();
-    for sentence in sentences {
-        for word in words(sentence).filter(|w| !STOP_WORDS.contains(&w.as_str())) {
-            *frequency.entry(word).or_default() += 1;
-        }
+fn overview(sentences: &[String], words: &[Vec<String>]) -> String {
+    let content: Vec<Vec<&str>> = words
+        .iter()
+        .map(|sentence| {
+            sentence
+                .iter()
+                .map(String::as_str)
+                .filter(|w| !STOP_SET.contains(w))
+                .collect()
+        })
+        .collect();
+    let mut frequency: HashMap<&str, usize> = HashMap::new();
+    for word in content.iter().flatten() {
+        *frequency.entry(word).or_default() += 1;
     }
-    let mut scored: Vec<(usize, f64)> = sentences
+    let mut scored: Vec<(usize, f64)> = content
         .iter()
         .enumerate()
-        .map(|(index, sentence)| {
-            let content: Vec<String> = words(sentence)
-                .filter(|w| !STOP_WORDS.contains(&w.as_str()))
-                .collect();
+        .map(|(index, content)| {
             let score = if content.is_empty() {
                 0.0
             } else {
@@ -266,14 +281,15 @@ fn find_phrase(lower: &str, phrase: &str) -> Option<usize> {
     })
 }
 
-fn category(sentences: &[String]) -> &'static str {
+fn category(words: &[Vec<String>]) -> &'static str {
+    let mut hits = [0usize; CATEGORIES.len()];
+    for word in words.iter().flatten() {
+        for &index in KEYWORDS.get(word.as_str()).into_iter().flatten() {
+            hits[index] += 1;
+        }
+    }
     let mut best = ("other", 0usize);
-    for (name, keywords) in CATEGORIES {
-        let hits = sentences
-            .iter()
-            .flat_map(|s| words(s))
-            .filter(|w| keywords.contains(&w.as_str()))
-            .count();
+    for ((name, _), hits) in CATEGORIES.iter().zip(hits) {
         if hits > best.1 {
             best = (name, hits);
         }
@@ -313,6 +329,10 @@ mod tests {
                 is_user: i % 2 == 0,
             })
             .collect()
+    }
+
+    fn structured(segments: &[Segment]) -> Structured {
+        structure(segments).structured
     }
 
     #[test]
