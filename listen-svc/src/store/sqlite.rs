@@ -46,11 +46,15 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// The oldest unowned (or lease-expired) PROCESSING rows, leased to ?1 until ?3.
+///
+/// `LIMIT +?4`, not `LIMIT ?4`: SQLite plans a bare parameter limit with its value and
+/// re-compiles the statement whenever the value changes (every claim: it is the number of
+/// free slots). The unary plus makes it an expression.
 const CLAIM_SQL: &str = "UPDATE conversations SET owner = ?1, lease_expires_at_ms = ?3, \
      generation = generation + 1 \
      WHERE id IN (SELECT id FROM conversations \
        WHERE status = 'processing' AND (owner IS NULL OR lease_expires_at_ms < ?2) \
-       ORDER BY queue_seq LIMIT ?4) \
+       ORDER BY queue_seq LIMIT +?4) \
      RETURNING id, uid, language, segments, finished_at_ms, generation, queue_seq, attempts";
 /// The newest IN_PROGRESS conversation of ?1 whose deadline has not passed.
 const RESUMABLE_SQL: &str = "SELECT id, segment_count, deadline_ms FROM conversations \
@@ -58,7 +62,7 @@ const RESUMABLE_SQL: &str = "SELECT id, segment_count, deadline_ms FROM conversa
      ORDER BY id DESC LIMIT 1";
 /// IN_PROGRESS conversations whose deadline passed, earliest first.
 const EXPIRED_SQL: &str = "SELECT id FROM conversations \
-     WHERE status = 'in_progress' AND deadline_ms < ?1 ORDER BY deadline_ms LIMIT ?2";
+     WHERE status = 'in_progress' AND deadline_ms < ?1 ORDER BY deadline_ms LIMIT +?2";
 const COUNT_PROCESSING_SQL: &str = "SELECT COUNT(*) FROM conversations WHERE status = 'processing'";
 
 const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
@@ -763,5 +767,24 @@ mod plan_tests {
                 "{sql}\n  plan: {plan}"
             );
         }
+    }
+
+    /// The claim and the sweep are compiled once, whatever limits they are run with.
+    #[test]
+    fn hot_statements_are_not_recompiled_per_run() {
+        use rusqlite::StatementStatus;
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_connection(&dir.path().join("prepare.db"), true).unwrap();
+        migrate(&mut conn).unwrap();
+        let mut claim = conn.prepare(CLAIM_SQL).unwrap();
+        let mut expired = conn.prepare(EXPIRED_SQL).unwrap();
+        for limit in 1..=5i64 {
+            let mut rows = claim.query(params!["owner", 0, 1, limit]).unwrap();
+            while rows.next().unwrap().is_some() {}
+            let mut rows = expired.query(params![0, limit]).unwrap();
+            while rows.next().unwrap().is_some() {}
+        }
+        assert_eq!(claim.get_status(StatementStatus::RePrepare), 0);
+        assert_eq!(expired.get_status(StatementStatus::RePrepare), 0);
     }
 }
