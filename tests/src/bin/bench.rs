@@ -3,7 +3,7 @@
 //!
 //! `cargo run --release -p tests --bin bench` (about 3 minutes on 2 cores), or `-- --smoke`
 //! for a seconds-long run that only checks every scenario works (CI runs that; no timing is
-//! asserted). Prints a markdown table.
+//! asserted), or `-- --only P1,P3` for some scenarios. Prints a markdown table.
 
 use serde_json::Value;
 use std::process::Command;
@@ -97,7 +97,17 @@ async fn drained(client: &ListenClient, timeout: Duration) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let smoke = std::env::args().any(|a| a == "--smoke");
+    let args: Vec<String> = std::env::args().collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let only: Option<Vec<String>> = args.iter().position(|a| a == "--only").map(|i| {
+        args.get(i + 1)
+            .map(|s| s.split(',').map(str::to_string).collect())
+            .unwrap_or_default()
+    });
+    let want = |scenario: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.iter().any(|s| s == scenario))
+    };
     let sizes = if smoke { SMOKE } else { FULL };
     set_log_filter("warn");
     build_services();
@@ -108,226 +118,238 @@ async fn main() {
     };
 
     // P1: durable Submit vs a bare echo, c=50, 1 KiB.
-    let echo_addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let echo = start_binary(
-        "echo",
-        echo_addr,
-        vec!["--listen-addr".into(), echo_addr.to_string()],
-    )
-    .await;
-    let base = loadgen(echo.addr, "submit", 50, sizes.submit_requests);
-    let listen = start_listen(ListenOptions {
-        pusher_port: free_port(),
-        extra: &[],
-    })
-    .await;
-    let submit = loadgen(listen.addr, "submit", 50, sizes.submit_requests);
-    row("P1 echo baseline (Submit, no work)", describe(&base));
-    row("P1 Submit, SQLite durable", describe(&submit));
-    row(
-        "P1 ratio vs echo",
-        format!(
-            "{:.2}x rps, {:.2}x p99 (targets: >= 0.7x rps, <= 1.5x p99)",
-            f(&submit, "rps") / f(&base, "rps"),
-            f(&submit, "p99_ms") / f(&base, "p99_ms")
-        ),
-    );
-    drop(listen);
-    drop(echo);
+    if want("P1") {
+        let echo_addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let echo = start_binary(
+            "echo",
+            echo_addr,
+            vec!["--listen-addr".into(), echo_addr.to_string()],
+        )
+        .await;
+        let base = loadgen(echo.addr, "submit", 50, sizes.submit_requests);
+        let listen = start_listen(ListenOptions {
+            pusher_port: free_port(),
+            extra: &[],
+        })
+        .await;
+        let submit = loadgen(listen.addr, "submit", 50, sizes.submit_requests);
+        row("P1 echo baseline (Submit, no work)", describe(&base));
+        row("P1 Submit, SQLite durable", describe(&submit));
+        row(
+            "P1 ratio vs echo",
+            format!(
+                "{:.2}x rps, {:.2}x p99 (targets: >= 0.7x rps, <= 1.5x p99)",
+                f(&submit, "rps") / f(&base, "rps"),
+                f(&submit, "p99_ms") / f(&base, "p99_ms")
+            ),
+        );
+        drop(listen);
+        drop(echo);
+    }
 
     // P2: listen's responsiveness with pusher up, down, and slow.
-    let pusher_port = free_port();
-    let mut pusher = start_pusher(pusher_port, &[]).await;
-    let listen = start_listen(ListenOptions {
-        pusher_port,
-        extra: &[],
-    })
-    .await;
-    let up = (
-        loadgen(listen.addr, "health", 10, sizes.probe_requests),
-        loadgen(listen.addr, "submit", 10, sizes.probe_requests),
-    );
-    pusher.kill();
-    let down = (
-        loadgen(listen.addr, "health", 10, sizes.probe_requests),
-        loadgen(listen.addr, "submit", 10, sizes.probe_requests),
-    );
-    drop(listen);
-    let slow_port = free_port();
-    let _slow = start_pusher(slow_port, &["--simulated-latency", "5s"]).await;
-    let listen = start_listen(ListenOptions {
-        pusher_port: slow_port,
-        extra: &[],
-    })
-    .await;
-    let slow = (
-        loadgen(listen.addr, "health", 10, sizes.probe_requests),
-        loadgen(listen.addr, "submit", 10, sizes.probe_requests),
-    );
-    drop(listen);
-    for (name, (health, submit)) in [("up", &up), ("down", &down), ("slow (5 s jobs)", &slow)] {
-        row(&format!("P2 pusher {name}: health"), describe(health));
-        row(&format!("P2 pusher {name}: Submit"), describe(submit));
+    if want("P2") {
+        let pusher_port = free_port();
+        let mut pusher = start_pusher(pusher_port, &[]).await;
+        let listen = start_listen(ListenOptions {
+            pusher_port,
+            extra: &[],
+        })
+        .await;
+        let up = (
+            loadgen(listen.addr, "health", 10, sizes.probe_requests),
+            loadgen(listen.addr, "submit", 10, sizes.probe_requests),
+        );
+        pusher.kill();
+        let down = (
+            loadgen(listen.addr, "health", 10, sizes.probe_requests),
+            loadgen(listen.addr, "submit", 10, sizes.probe_requests),
+        );
+        drop(listen);
+        let slow_port = free_port();
+        let _slow = start_pusher(slow_port, &["--simulated-latency", "5s"]).await;
+        let listen = start_listen(ListenOptions {
+            pusher_port: slow_port,
+            extra: &[],
+        })
+        .await;
+        let slow = (
+            loadgen(listen.addr, "health", 10, sizes.probe_requests),
+            loadgen(listen.addr, "submit", 10, sizes.probe_requests),
+        );
+        drop(listen);
+        for (name, (health, submit)) in [("up", &up), ("down", &down), ("slow (5 s jobs)", &slow)] {
+            row(&format!("P2 pusher {name}: health"), describe(health));
+            row(&format!("P2 pusher {name}: Submit"), describe(submit));
+        }
+        row(
+            "P2 p99 ratio vs pusher up (target <= 1.2x)",
+            format!(
+                "down: health {:.2}x, Submit {:.2}x; slow: health {:.2}x, Submit {:.2}x",
+                f(&down.0, "p99_ms") / f(&up.0, "p99_ms"),
+                f(&down.1, "p99_ms") / f(&up.1, "p99_ms"),
+                f(&slow.0, "p99_ms") / f(&up.0, "p99_ms"),
+                f(&slow.1, "p99_ms") / f(&up.1, "p99_ms"),
+            ),
+        );
     }
-    row(
-        "P2 p99 ratio vs pusher up (target <= 1.2x)",
-        format!(
-            "down: health {:.2}x, Submit {:.2}x; slow: health {:.2}x, Submit {:.2}x",
-            f(&down.0, "p99_ms") / f(&up.0, "p99_ms"),
-            f(&down.1, "p99_ms") / f(&up.1, "p99_ms"),
-            f(&slow.0, "p99_ms") / f(&up.0, "p99_ms"),
-            f(&slow.1, "p99_ms") / f(&up.1, "p99_ms"),
-        ),
-    );
 
     // P3: end to end with an instant processor: submitted -> COMPLETED.
-    let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &[]).await;
-    let listen = start_listen(ListenOptions {
-        pusher_port,
-        extra: &["--max-in-flight", "512"],
-    })
-    .await;
-    let client = listen_client(&listen);
-    let started = Instant::now();
-    let submitted = loadgen(listen.addr, "submit", 50, sizes.e2e);
-    let total = started.elapsed() + drained(&client, Duration::from_secs(600)).await;
-    let e2e_rate = sizes.e2e as f64 / total.as_secs_f64();
-    row(
-        "P3 end-to-end (Submit -> COMPLETED, instant processor)",
-        format!(
-            "{} conversations in {:.2}s = {e2e_rate:.0}/s (target >= 10 000/s); Submit side {}",
-            sizes.e2e,
-            total.as_secs_f64(),
-            describe(&submitted)
-        ),
-    );
-    drop(listen);
+    let mut e2e_rate = f64::NAN;
+    if want("P3") {
+        let pusher_port = free_port();
+        let _pusher = start_pusher(pusher_port, &[]).await;
+        let listen = start_listen(ListenOptions {
+            pusher_port,
+            extra: &["--max-in-flight", "512"],
+        })
+        .await;
+        let client = listen_client(&listen);
+        let started = Instant::now();
+        let submitted = loadgen(listen.addr, "submit", 50, sizes.e2e);
+        let total = started.elapsed() + drained(&client, Duration::from_secs(600)).await;
+        e2e_rate = sizes.e2e as f64 / total.as_secs_f64();
+        row(
+            "P3 end-to-end (Submit -> COMPLETED, instant processor)",
+            format!(
+                "{} conversations in {:.2}s = {e2e_rate:.0}/s (target >= 10 000/s); Submit side {}",
+                sizes.e2e,
+                total.as_secs_f64(),
+                describe(&submitted)
+            ),
+        );
+        drop(listen);
+    }
 
     // P4: replay after an outage: drain rate and listen's memory.
-    let pusher_port = free_port();
-    let listen = start_listen(ListenOptions {
-        pusher_port,
-        extra: &["--max-in-flight", "512"],
-    })
-    .await;
-    let client = listen_client(&listen);
-    let rss_before = listen.rss_kib();
-    loadgen(listen.addr, "submit", 50, sizes.replay);
-    let rss_queued = listen.rss_kib();
-    let _pusher = start_pusher(pusher_port, &[]).await;
-    let started = Instant::now();
-    let mut rss_peak = rss_queued;
-    loop {
-        let status = link_status(&mut client.clone()).await;
-        rss_peak = rss_peak.max(listen.rss_kib());
-        if status.queued == 0 && status.pending == 0 {
-            break;
+    if want("P4") {
+        let pusher_port = free_port();
+        let listen = start_listen(ListenOptions {
+            pusher_port,
+            extra: &["--max-in-flight", "512"],
+        })
+        .await;
+        let client = listen_client(&listen);
+        let rss_before = listen.rss_kib();
+        loadgen(listen.addr, "submit", 50, sizes.replay);
+        let rss_queued = listen.rss_kib();
+        let _pusher = start_pusher(pusher_port, &[]).await;
+        let started = Instant::now();
+        let mut rss_peak = rss_queued;
+        loop {
+            let status = link_status(&mut client.clone()).await;
+            rss_peak = rss_peak.max(listen.rss_kib());
+            if status.queued == 0 && status.pending == 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(900),
+                "replay did not drain"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(900),
-            "replay did not drain"
+        let drain = started.elapsed();
+        let drain_rate = sizes.replay as f64 / drain.as_secs_f64();
+        row(
+            "P4 replay after outage",
+            format!(
+                "{} queued drained in {:.2}s = {drain_rate:.0}/s = {:.2}x P3 (target >= 0.8x); listen RSS {} MiB before, {} MiB queued, {} MiB peak during, {} MiB after",
+                sizes.replay,
+                drain.as_secs_f64(),
+                drain_rate / e2e_rate,
+                rss_before / 1024,
+                rss_queued / 1024,
+                rss_peak / 1024,
+                listen.rss_kib() / 1024
+            ),
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(listen);
     }
-    let drain = started.elapsed();
-    let drain_rate = sizes.replay as f64 / drain.as_secs_f64();
-    row(
-        "P4 replay after outage",
-        format!(
-            "{} queued drained in {:.2}s = {drain_rate:.0}/s = {:.2}x P3 (target >= 0.8x); listen RSS {} MiB before, {} MiB queued, {} MiB peak during, {} MiB after",
-            sizes.replay,
-            drain.as_secs_f64(),
-            drain_rate / e2e_rate,
-            rss_before / 1024,
-            rss_queued / 1024,
-            rss_peak / 1024,
-            listen.rss_kib() / 1024
-        ),
-    );
-    drop(listen);
 
     // P5: memory per in-flight conversation and per session; the pending bound.
-    let pusher_port = free_port();
-    let _pusher = start_pusher(
-        pusher_port,
-        &[
-            "--simulated-latency",
-            "600s",
-            "--max-concurrency",
-            "100000",
-            "--max-queued",
-            "100000",
-        ],
-    )
-    .await;
-    let bound = sizes.in_flight.to_string();
-    let listen = start_listen(ListenOptions {
-        pusher_port,
-        extra: &["--max-in-flight", &bound],
-    })
-    .await;
-    let mut client = listen_client(&listen);
-    // Baseline once the link is up, so its own start-up is not counted as in-flight memory.
-    wait_for("link connected", Duration::from_secs(30), || {
-        let mut client = client.clone();
-        async move {
-            (link_status(&mut client).await.state == listen::LinkState::Connected as i32)
-                .then_some(())
-        }
-    })
-    .await;
-    let rss_idle = listen.rss_kib();
-    loadgen(listen.addr, "submit", 50, sizes.in_flight * 3);
-    let status = wait_for("pending at its bound", Duration::from_secs(60), || {
-        let mut client = client.clone();
-        async move {
-            let status = link_status(&mut client).await;
-            (status.pending as u64 == sizes.in_flight).then_some(status)
-        }
-    })
-    .await;
-    let rss_full = listen.rss_kib();
-    row(
-        "P5 in flight",
-        format!(
-            "pending {} (bound {}), queued {}: {:.1} KiB per in-flight conversation (1 KiB of text each)",
-            status.pending,
-            sizes.in_flight,
-            status.queued,
-            (rss_full.saturating_sub(rss_idle)) as f64 / sizes.in_flight as f64
-        ),
-    );
-    let rss_before_sessions = listen.rss_kib();
-    let mut open = Vec::new();
-    for i in 0..sizes.sessions {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(SessionRequest {
-            msg: Some(Msg::Start(Start {
-                uid: format!("s{i}"),
-                ..Default::default()
-            })),
+    if want("P5") {
+        let pusher_port = free_port();
+        let _pusher = start_pusher(
+            pusher_port,
+            &[
+                "--simulated-latency",
+                "600s",
+                "--max-concurrency",
+                "100000",
+                "--max-queued",
+                "100000",
+            ],
+        )
+        .await;
+        let bound = sizes.in_flight.to_string();
+        let listen = start_listen(ListenOptions {
+            pusher_port,
+            extra: &["--max-in-flight", &bound],
         })
-        .await
-        .unwrap();
-        let mut events = client
-            .session(ReceiverStream::new(rx))
+        .await;
+        let mut client = listen_client(&listen);
+        // Baseline once the link is up, so its own start-up is not counted as in-flight memory.
+        wait_for("link connected", Duration::from_secs(30), || {
+            let mut client = client.clone();
+            async move {
+                (link_status(&mut client).await.state == listen::LinkState::Connected as i32)
+                    .then_some(())
+            }
+        })
+        .await;
+        let rss_idle = listen.rss_kib();
+        loadgen(listen.addr, "submit", 50, sizes.in_flight * 3);
+        let status = wait_for("pending at its bound", Duration::from_secs(60), || {
+            let mut client = client.clone();
+            async move {
+                let status = link_status(&mut client).await;
+                (status.pending as u64 == sizes.in_flight).then_some(status)
+            }
+        })
+        .await;
+        let rss_full = listen.rss_kib();
+        row(
+            "P5 in flight",
+            format!(
+                "pending {} (bound {}), queued {}: {:.1} KiB per in-flight conversation (1 KiB of text each)",
+                status.pending,
+                sizes.in_flight,
+                status.queued,
+                (rss_full.saturating_sub(rss_idle)) as f64 / sizes.in_flight as f64
+            ),
+        );
+        let rss_before_sessions = listen.rss_kib();
+        let mut open = Vec::new();
+        for i in 0..sizes.sessions {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tx.send(SessionRequest {
+                msg: Some(Msg::Start(Start {
+                    uid: format!("s{i}"),
+                    ..Default::default()
+                })),
+            })
             .await
-            .unwrap()
-            .into_inner();
-        events.message().await.unwrap();
-        open.push((tx, events));
+            .unwrap();
+            let mut events = client
+                .session(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            events.message().await.unwrap();
+            open.push((tx, events));
+        }
+        row(
+            "P5 sessions",
+            format!(
+                "{} idle sessions: {:.1} KiB each",
+                sizes.sessions,
+                (listen.rss_kib().saturating_sub(rss_before_sessions)) as f64
+                    / sizes.sessions as f64
+            ),
+        );
+        drop(open);
+        let _ = listen::GetLinkStatusRequest {};
     }
-    row(
-        "P5 sessions",
-        format!(
-            "{} idle sessions: {:.1} KiB each",
-            sizes.sessions,
-            (listen.rss_kib().saturating_sub(rss_before_sessions)) as f64 / sizes.sessions as f64
-        ),
-    );
-    drop(open);
-    let _ = listen::GetLinkStatusRequest {};
 
     println!("\n| scenario | result |\n|---|---|");
     for (name, value) in rows {

@@ -169,7 +169,7 @@ async fn run(args: &Args) -> Report {
     }
     let tickets = Arc::new(AtomicU64::new(0));
     let run_id = std::process::id();
-    let text = "x".repeat(args.payload);
+    let text = transcript(args.payload);
     let cpu_before = cpu_seconds();
     let started = Instant::now();
     let deadline = started + args.duration;
@@ -264,4 +264,15 @@ fn cpu_seconds() -> f64 {
             Some(ticks / 100.0)
         })
         .unwrap_or(0.0)
+}
+
+/// `bytes` of plausible speech (sentences with commitments and a topic), so that pusher
+/// structures it into a COMPLETED conversation rather than discarding it as noise.
+fn transcript(bytes: usize) -> String {
+    const SPEECH: &str = "We need to review the quarterly budget before the meeting on Friday. \
+        I will send the updated report to the finance team tomorrow morning. \
+        Let's make sure the travel costs are in the spreadsheet too. ";
+    let mut text = SPEECH.repeat(bytes / SPEECH.len() + 1);
+    text.truncate(bytes);
+    text
 }
