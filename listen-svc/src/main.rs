@@ -3,9 +3,6 @@
 use listen_svc::Config;
 use shared::cli;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: Config = cli::parse();
