@@ -210,11 +210,63 @@ async fn main() {
         let total = started.elapsed() + drained(&client, Duration::from_secs(600)).await;
         e2e_rate = sizes.e2e as f64 / total.as_secs_f64();
         row(
-            "P3 end-to-end (Submit -> COMPLETED, instant processor)",
+            "P3 end-to-end (Submit -> COMPLETED, built-in structurer, no simulated latency)",
             format!(
                 "{} conversations in {:.2}s = {e2e_rate:.0}/s (target >= 10 000/s); Submit side {}",
                 sizes.e2e,
                 total.as_secs_f64(),
+                describe(&submitted)
+            ),
+        );
+        drop(listen);
+    }
+
+    // P6: P3 again through a dns: URL with three pushers (127.0.0.1-3): what one stream per
+    // pusher costs, and how the work spreads.
+    if want("P6") {
+        let pusher_port = free_port();
+        let mut pushers = Vec::new();
+        for last in 1..=3u8 {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, last], pusher_port));
+            pushers.push(start_pusher_at(addr, &[]).await);
+        }
+        let ips: Vec<std::net::Ipv4Addr> = (1..=3).map(|i| [127, 0, 0, i].into()).collect();
+        let dns = tests::dns::TestDns::start("pusher.bench", &ips).await;
+        let url = dns.url(pusher_port);
+        let listen = start_listen(ListenOptions {
+            pusher_port: 0,
+            extra: &["--pusher-url", &url, "--max-in-flight", "512"],
+        })
+        .await;
+        let client = listen_client(&listen);
+        wait_for("three endpoints", Duration::from_secs(30), || {
+            let mut client = client.clone();
+            async move {
+                let status = link_status(&mut client).await;
+                (status.endpoints.len() == 3
+                    && status
+                        .endpoints
+                        .iter()
+                        .all(|e| e.state == listen::LinkState::Connected as i32))
+                .then_some(())
+            }
+        })
+        .await;
+        let started = Instant::now();
+        let submitted = loadgen(listen.addr, "submit", 50, sizes.e2e);
+        let total = started.elapsed() + drained(&client, Duration::from_secs(600)).await;
+        let rate = sizes.e2e as f64 / total.as_secs_f64();
+        let mut shares = Vec::new();
+        for pusher in &pushers {
+            shares.push(pusher.metric("pusher_jobs_started_total").await as u64);
+        }
+        row(
+            "P6 end-to-end, three pushers behind dns:",
+            format!(
+                "{} conversations in {:.2}s = {rate:.0}/s = {:.2}x P3; per pusher {shares:?}; Submit side {}",
+                sizes.e2e,
+                total.as_secs_f64(),
+                rate / e2e_rate,
                 describe(&submitted)
             ),
         );
