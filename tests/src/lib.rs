@@ -9,6 +9,7 @@
 pub mod dns;
 pub mod fake_pusher;
 pub mod http;
+pub mod nats;
 pub mod postgres;
 pub mod proxy;
 

@@ -95,6 +95,50 @@ async fn drained(client: &ListenClient, timeout: Duration) -> Duration {
     }
 }
 
+/// Submit -> COMPLETED (or DISCARDED) per conversation of loadgen's uids, from the stored
+/// created_at and completed_at.
+async fn completion_latencies(client: &ListenClient) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    for worker in 0..50 {
+        let mut token = String::new();
+        loop {
+            let page = client
+                .clone()
+                .list_conversations(listen::ListConversationsRequest {
+                    uid: format!("load-{worker}"),
+                    status: 0,
+                    page_size: 500,
+                    page_token: token,
+                })
+                .await
+                .expect("list")
+                .into_inner();
+            for c in &page.conversations {
+                if let (Some(created), Some(completed)) = (&c.created_at, &c.completed_at) {
+                    let ms = |t: &prost_types::Timestamp| {
+                        t.seconds as f64 * 1e3 + f64::from(t.nanos) / 1e6
+                    };
+                    let elapsed = (ms(completed) - ms(created)).max(0.0);
+                    latencies.push(Duration::from_secs_f64(elapsed / 1e3));
+                }
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+    }
+    latencies
+}
+
+fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[index].as_secs_f64() * 1e3
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -194,7 +238,7 @@ async fn main() {
         );
     }
 
-    // P3: end to end with an instant processor: submitted -> COMPLETED.
+    // P3: end to end with the built-in structurer: submitted -> COMPLETED.
     let mut e2e_rate = f64::NAN;
     if want("P3") {
         let pusher_port = free_port();
@@ -209,16 +253,38 @@ async fn main() {
         let submitted = loadgen(listen.addr, "submit", 50, sizes.e2e);
         let total = started.elapsed() + drained(&client, Duration::from_secs(600)).await;
         e2e_rate = sizes.e2e as f64 / total.as_secs_f64();
+        let mut latencies = completion_latencies(&client).await;
+        latencies.sort();
         row(
             "P3 end-to-end (Submit -> COMPLETED, built-in structurer, no simulated latency)",
             format!(
-                "{} conversations in {:.2}s = {e2e_rate:.0}/s (target >= 10 000/s); Submit side {}",
+                "{} conversations in {:.2}s = {e2e_rate:.0}/s (target >= 10 000/s); Submit -> COMPLETED p50 {:.1} ms, p99 {:.1} ms (stored timestamps, ms resolution); Submit side {}",
                 sizes.e2e,
                 total.as_secs_f64(),
+                quantile_ms(&latencies, 0.5),
+                quantile_ms(&latencies, 0.99),
                 describe(&submitted)
             ),
         );
         drop(listen);
+    }
+
+    // Reference: a NATS JetStream work queue, same count, payload and in-flight window.
+    if want("NATS") {
+        let nats = tests::nats::TestNats::start().await;
+        let handoff = nats.workqueue_handoff(sizes.e2e, 50, 1024).await;
+        let rate = sizes.e2e as f64 / handoff.elapsed.as_secs_f64();
+        row(
+            "Reference: NATS JetStream work queue (file storage, PubAck per publish, pull consumer, ack each, 50 in flight)",
+            format!(
+                "{} messages in {:.2}s = {rate:.0}/s = {:.2}x P3; publish -> delivered p50 {:.1} ms, p99 {:.1} ms",
+                sizes.e2e,
+                handoff.elapsed.as_secs_f64(),
+                rate / e2e_rate,
+                handoff.quantile(0.5).as_secs_f64() * 1e3,
+                handoff.quantile(0.99).as_secs_f64() * 1e3,
+            ),
+        );
     }
 
     // P6: P3 again through a dns: URL with three pushers (127.0.0.1-3): what one stream per
