@@ -53,7 +53,9 @@ for _ in $(seq 1 200); do
     sleep 0.05
 done
 expect "completed with action item" "I will write the release notes" "$got"
-expect "link status" "LINK_STATE_CONNECTED" "$(grpcurl -plaintext "$L" listen.v1.Listen/GetLinkStatus)"
+link=$(grpcurl -plaintext "$L" listen.v1.Listen/GetLinkStatus)
+expect "link status" "LINK_STATE_CONNECTED" "$link"
+expect "link status lists the endpoint" '"endpoints": [' "$link"
 bad=$(grpcurl -plaintext -d '{"uid":""}' "$L" listen.v1.Listen/SubmitConversation 2>&1 || true)
 expect "bad input names the field" "InvalidArgument" "$bad"
 expect "bad input message" "uid: must not be empty" "$bad"

@@ -31,11 +31,17 @@ struct Args {
     json: bool,
 }
 
+const USAGE: &str = "usage: loadgen --target HOST:PORT --rpc submit|process|health \
+    [--concurrency 50] [--requests N] [--duration 60s] [--payload 1024] [--connections 1] [--json]
+
+A ghz-like load generator for listen-svc (submit: SubmitConversation), pusher-svc (process:
+the unary Process) and either's health check. Workers share --connections HTTP/2 connections
+and stop at --requests or --duration, whichever comes first. --payload is the bytes of
+speech per conversation. Prints rps, latency quantiles, errors by status code and its own
+CPU use; --json for one JSON object.";
+
 fn usage(error: &str) -> ! {
-    eprintln!(
-        "error: {error}\n\nusage: loadgen --target HOST:PORT --rpc submit|process|health [--concurrency 50] \
-         [--requests N] [--duration 60s] [--payload 1024] [--connections 1] [--json]"
-    );
+    eprintln!("error: {error}\n\n{USAGE}");
     std::process::exit(64)
 }
 
@@ -84,6 +90,10 @@ fn parse() -> Args {
                     .unwrap_or_else(|_| usage("bad --connections"))
             }
             "--json" => args.json = true,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
             other => usage(&format!("unknown argument {other}")),
         }
     }
