@@ -55,7 +55,7 @@ done
 expect "completed with action item" "I will write the release notes" "$got"
 link=$(grpcurl -plaintext "$L" listen.v1.Listen/GetLinkStatus)
 expect "link status" "LINK_STATE_CONNECTED" "$link"
-expect "link status lists the endpoint" '"endpoints": [' "$link"
+expect "link status lists the endpoint" "\"address\": \"127.0.0.1:$pusher_port\"" "$link"
 bad=$(grpcurl -plaintext -d '{"uid":""}' "$L" listen.v1.Listen/SubmitConversation 2>&1 || true)
 expect "bad input names the field" "InvalidArgument" "$bad"
 expect "bad input message" "uid: must not be empty" "$bad"

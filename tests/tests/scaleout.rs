@@ -194,7 +194,7 @@ async fn a_slow_pusher_receives_less_work() {
 #[tokio::test]
 async fn endpoints_join_and_leave_with_dns() {
     let port = free_port();
-    let pushers = start_pushers(port, ["1500ms", "20ms", "20ms"]).await;
+    let pushers = start_pushers(port, ["3s", "20ms", "20ms"]).await;
     let dns = TestDns::start(NAME, &IPS[..1]).await;
     let listen = start_listen_on(&dns, port, "16").await;
     let client = listen_client(&listen);
@@ -208,11 +208,34 @@ async fn endpoints_join_and_leave_with_dns() {
     })
     .await;
 
-    dns.set(&IPS[1..]);
-    wait_connected(&client, &IPS[1..], port).await;
+        dns.set(&IPS[1..]);
+    // The new endpoints connect while the one that left still holds its 10 (3 s each).
+    let joined: Vec<String> = IPS[1..].iter().map(|ip| format!("{ip}:{port}")).collect();
+    let status = wait_for("the new endpoints connected", Duration::from_secs(20), || {
+        let (mut client, joined) = (client.clone(), joined.clone());
+        async move {
+            let status = link_status(&mut client).await;
+            let connected = |address: &String| {
+                status
+                    .endpoints
+                    .iter()
+                    .any(|e| &e.address == address && e.state == LinkState::Connected as i32)
+            };
+            joined.iter().all(connected).then_some(status)
+        }
+    })
+    .await;
+    let leaving = status
+        .endpoints
+        .iter()
+        .find(|e| e.address == address)
+        .expect("the endpoint that left is listed while it finishes its work");
+    assert!(leaving.retiring, "{leaving:?}");
+    assert_eq!(leaving.pending, 10);
     let queries = dns.queries();
     assert!(queries >= 2, "listen looked the name up again: {queries}");
 
+    // Submitted while the first is retiring: none of it goes there.
     let second = submit_many(&client, "second", 40).await;
     wait_all(&client, &first, ConversationStatus::Completed, SETTLE).await;
     wait_all(&client, &second, ConversationStatus::Completed, SETTLE).await;
