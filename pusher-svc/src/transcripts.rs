@@ -1,15 +1,18 @@
 //! Realtime forwarding: live transcript batches from listen are POSTed, best-effort, to
-//! every `--transcript-webhook`. One attempt each, with the webhook timeout; at most
-//! `MAX_IN_FLIGHT` posts at once, and a batch that finds them all busy is dropped (and
+//! every `--transcript-webhook`. One attempt each, with the webhook timeout. Per session and
+//! webhook, batches are posted one after another, in the order they came (a queue with one
+//! worker); different sessions and webhooks go in parallel. At most `MAX_IN_FLIGHT` batches
+//! are queued or posting at once, and a batch that finds them all taken is dropped (and
 //! counted). Nothing here is retried or acknowledged: the conversation itself travels the
 //! durable path.
 
 use serde::Serialize;
 use shared::proto::pusher::v1::TranscriptBatch;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 const MAX_IN_FLIGHT: usize = 64;
@@ -20,6 +23,14 @@ pub(crate) struct Forwarder {
     timeout: Duration,
     slots: Arc<Semaphore>,
     dropped: AtomicU64,
+    /// (session, webhook) -> batches waiting behind the one being posted. An entry exists
+    /// while its worker runs; each batch holds one of `slots`.
+    queues: Mutex<HashMap<(String, String), VecDeque<Queued>>>,
+}
+
+struct Queued {
+    body: bytes::Bytes,
+    _slot: OwnedSemaphorePermit,
 }
 
 #[derive(Serialize)]
@@ -49,6 +60,7 @@ impl Forwarder {
             timeout,
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             dropped: AtomicU64::new(0),
+            queues: Mutex::new(HashMap::new()),
         })
     }
 
@@ -75,36 +87,69 @@ impl Forwarder {
                 .collect(),
         })
         .expect("serializing plain data cannot fail");
+        let body = bytes::Bytes::from(body);
         for url in &self.urls {
             let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
-                metrics::counter!("pusher_transcripts_dropped_total").increment(1);
-                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                debug!(%url, dropped, "transcript forwarding saturated; batch dropped");
+                self.drop_one();
+                debug!(%url, "transcript forwarding saturated; batch dropped");
                 continue;
             };
-            let post = self
-                .client
-                .post(url)
-                .timeout(self.timeout)
-                .header("content-type", "application/json")
-                .body(body.clone());
-            let (url, forwarder) = (url.clone(), Arc::clone(self));
-            tokio::spawn(async move {
-                let _slot = slot;
-                match post.send().await {
-                    Ok(response) if response.status().is_success() => {}
-                    Ok(response) => {
-                        forwarder.dropped.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!("pusher_transcripts_dropped_total").increment(1);
-                        debug!(%url, status = response.status().as_u16(), "transcript webhook refused a batch");
-                    }
-                    Err(error) => {
-                        forwarder.dropped.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!("pusher_transcripts_dropped_total").increment(1);
-                        debug!(%url, %error, "transcript webhook unreachable");
-                    }
-                }
-            });
+            let key = (batch.session_id.clone(), url.clone());
+            let queued = Queued {
+                body: body.clone(),
+                _slot: slot,
+            };
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(waiting) = queues.get_mut(&key) {
+                // Its worker is posting an earlier batch of this session; this one follows.
+                waiting.push_back(queued);
+                continue;
+            }
+            queues.insert(key.clone(), VecDeque::new());
+            drop(queues);
+            tokio::spawn(Arc::clone(self).post_in_order(key, queued));
         }
+    }
+
+    /// Posts `first`, then whatever queued behind it for the same session and webhook, and
+    /// removes the queue once it is empty.
+    async fn post_in_order(self: Arc<Self>, key: (String, String), first: Queued) {
+        let mut next = Some(first);
+        while let Some(queued) = next {
+            self.post(&key.1, queued.body.clone()).await;
+            drop(queued);
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            next = queues.get_mut(&key).and_then(VecDeque::pop_front);
+            if next.is_none() {
+                queues.remove(&key);
+            }
+        }
+    }
+
+    async fn post(&self, url: &str, body: bytes::Bytes) {
+        let sent = self
+            .client
+            .post(url)
+            .timeout(self.timeout)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(response) if response.status().is_success() => {}
+            Ok(response) => {
+                self.drop_one();
+                debug!(%url, status = response.status().as_u16(), "transcript webhook refused a batch");
+            }
+            Err(error) => {
+                self.drop_one();
+                debug!(%url, %error, "transcript webhook unreachable");
+            }
+        }
+    }
+
+    fn drop_one(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("pusher_transcripts_dropped_total").increment(1);
     }
 }

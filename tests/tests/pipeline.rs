@@ -223,9 +223,15 @@ async fn say(
     }
 }
 
+/// Live batches reach the transcript webhook in the order they were spoken: per session,
+/// pusher posts the next batch only after the previous one was answered.
 #[tokio::test]
 async fn live_segments_are_forwarded_to_transcript_webhooks() {
-    let realtime = Receiver::start(vec![Reply::Status(200)]).await;
+    let realtime = Receiver::start(vec![
+        Reply::Delay(Duration::from_millis(500), 200),
+        Reply::Status(200),
+    ])
+    .await;
     let pusher_port = free_port();
     let _pusher = start_pusher(
         pusher_port,
@@ -249,6 +255,17 @@ async fn live_segments_are_forwarded_to_transcript_webhooks() {
     let (tx, mut events) = start_session(&client, "live").await;
     say(&tx, &mut events, "first words").await;
     say(&tx, &mut events, "second words").await;
+    wait_for("the first post", Duration::from_secs(10), || async {
+        (!realtime.requests().is_empty()).then_some(())
+    })
+    .await;
+    // The first is held for 500 ms; sent in parallel, the second would be here by now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        realtime.requests().len(),
+        1,
+        "the second batch waits for the first's answer"
+    );
     let posts = wait_for("two transcript posts", Duration::from_secs(10), || async {
         let posts = realtime.requests();
         (posts.len() >= 2).then_some(posts)
