@@ -95,16 +95,22 @@ async fn listen_with_a_client_certificate_gets_through_mutual_tls() {
     let pki = Pki::new();
     let pusher = mtls_pusher(&pki).await;
     let url = format!("https://localhost:{}", pusher.addr.port());
+    let listen = mtls_listen(&pki, &url).await;
+    submit_and_complete(&listen, "tls").await;
+}
+
+/// listen with the client certificate, towards `url`.
+async fn mtls_listen(pki: &Pki, url: &str) -> Service {
     let (ca, cert, key) = (
         pki.path("ca.pem"),
         pki.path("client.pem"),
         pki.path("client.key"),
     );
-    let listen = start_listen(ListenOptions {
+    start_listen(ListenOptions {
         pusher_port: 0,
         extra: &[
             "--pusher-url",
-            &url,
+            url,
             "--pusher-tls-ca",
             &ca,
             "--pusher-tls-cert",
@@ -113,11 +119,15 @@ async fn listen_with_a_client_certificate_gets_through_mutual_tls() {
             &key,
         ],
     })
-    .await;
-    let client = listen_client(&listen);
+    .await
+}
+
+/// One conversation for `uid`, through to COMPLETED.
+async fn submit_and_complete(listen: &Service, uid: &str) {
+    let client = listen_client(listen);
     let id = client
         .clone()
-        .submit_conversation(talk("tls", "k"))
+        .submit_conversation(talk(uid, "k"))
         .await
         .unwrap()
         .into_inner()
@@ -255,42 +265,9 @@ async fn a_dns_target_checks_pushers_certificate_against_the_name() {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let pusher = start_pusher_tls(free_port(), &flags, pki.harness_client_for("pusher.test")).await;
     let dns = tests::dns::TestDns::start("pusher.test", &["127.0.0.1".parse().unwrap()]).await;
-    let url = dns.url(pusher.addr.port());
-    let (ca, cert, key) = (
-        pki.path("ca.pem"),
-        pki.path("client.pem"),
-        pki.path("client.key"),
-    );
-    let listen = start_listen(ListenOptions {
-        pusher_port: 0,
-        extra: &[
-            "--pusher-url",
-            &url,
-            "--pusher-tls-ca",
-            &ca,
-            "--pusher-tls-cert",
-            &cert,
-            "--pusher-tls-key",
-            &key,
-        ],
-    })
-    .await;
-    let client = listen_client(&listen);
-    let id = client
-        .clone()
-        .submit_conversation(talk("tls-dns", "k"))
-        .await
-        .unwrap()
-        .into_inner()
-        .conversation_id;
-    wait_one(
-        &client,
-        &id,
-        ConversationStatus::Completed,
-        Duration::from_secs(20),
-    )
-    .await;
-    let status = link_status(&mut client.clone()).await;
+    let listen = mtls_listen(&pki, &dns.url(pusher.addr.port())).await;
+    submit_and_complete(&listen, "tls-dns").await;
+    let status = link_status(&mut listen_client(&listen)).await;
     assert_eq!(status.endpoints.len(), 1);
     assert_eq!(status.endpoints[0].address, pusher.addr.to_string());
 }
