@@ -208,22 +208,26 @@ async fn endpoints_join_and_leave_with_dns() {
     })
     .await;
 
-        dns.set(&IPS[1..]);
+    dns.set(&IPS[1..]);
     // The new endpoints connect while the one that left still holds its 10 (3 s each).
     let joined: Vec<String> = IPS[1..].iter().map(|ip| format!("{ip}:{port}")).collect();
-    let status = wait_for("the new endpoints connected", Duration::from_secs(20), || {
-        let (mut client, joined) = (client.clone(), joined.clone());
-        async move {
-            let status = link_status(&mut client).await;
-            let connected = |address: &String| {
-                status
-                    .endpoints
-                    .iter()
-                    .any(|e| &e.address == address && e.state == LinkState::Connected as i32)
-            };
-            joined.iter().all(connected).then_some(status)
-        }
-    })
+    let status = wait_for(
+        "the new endpoints connected",
+        Duration::from_secs(20),
+        || {
+            let (mut client, joined) = (client.clone(), joined.clone());
+            async move {
+                let status = link_status(&mut client).await;
+                let connected = |address: &String| {
+                    status
+                        .endpoints
+                        .iter()
+                        .any(|e| &e.address == address && e.state == LinkState::Connected as i32)
+                };
+                joined.iter().all(connected).then_some(status)
+            }
+        },
+    )
     .await;
     let leaving = status
         .endpoints
