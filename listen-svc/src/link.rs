@@ -555,7 +555,6 @@ impl Link {
             Err(reason) => return self.lane_failed(i, reason),
         };
         let now = Instant::now();
-        let multi = self.lanes.len() > 1 || self.resolver.is_some();
         let lane = &mut self.lanes[i];
         lane.state = lane.state.connected(epoch, now);
         lane.consecutive_failures = 0;
@@ -566,11 +565,7 @@ impl Link {
         lane.streams += 1;
         let replayed = lane.pending.replay(now);
         let pusher_id = opened.welcome.pusher_id;
-        if multi {
-            info!(endpoint = %lane.endpoint, epoch, %pusher_id, replayed, "link connected");
-        } else {
-            info!(epoch, %pusher_id, replayed, "link connected");
-        }
+        info!(endpoint = %lane.endpoint, epoch, %pusher_id, replayed, "link connected");
         lane.conn = Some(Conn {
             epoch,
             tx: opened.tx,
@@ -740,12 +735,7 @@ impl Link {
             }
         }
         self.drop_retired();
-        let free: usize = self
-            .lanes
-            .iter()
-            .filter(|l| l.takes_work())
-            .map(|l| l.pending.free_slots())
-            .sum();
+        let free = self.room();
         if self.more_work && !self.claiming && free > 0 {
             self.claiming = true;
             let limit = free.min(CLAIM_BATCH);
@@ -759,6 +749,15 @@ impl Link {
                 let _ = events.send(Event::Claimed { limit, result }).await;
             });
         }
+    }
+
+    /// Free pending slots on the lanes that take work: what a claim or a move may fill.
+    fn room(&self) -> usize {
+        self.lanes
+            .iter()
+            .filter(|l| l.takes_work())
+            .map(|l| l.pending.free_slots())
+            .sum()
     }
 
     /// The lane that takes the next conversation: among those taking work with a free slot,
@@ -789,12 +788,7 @@ impl Link {
         if self.lanes.len() < 2 {
             return;
         }
-        let mut room: usize = self
-            .lanes
-            .iter()
-            .filter(|l| l.takes_work())
-            .map(|l| l.pending.free_slots())
-            .sum();
+        let mut room = self.room();
         for i in 0..self.lanes.len() {
             if room == 0 {
                 return;
