@@ -27,6 +27,8 @@ pub struct Recorded {
     /// Header names lower-cased.
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
+    /// When the request (headers and body) had arrived.
+    pub arrived: std::time::Instant,
 }
 
 impl Recorded {
@@ -123,6 +125,7 @@ async fn handle(
             path,
             headers,
             body,
+            arrived: std::time::Instant::now(),
         });
         let index = state.served.min(state.script.len().saturating_sub(1));
         state.served += 1;

@@ -2,7 +2,7 @@
 //! an operator would weigh against the link. A throwaway `nats-server -js` (Debian's
 //! `nats-server` package) with file storage in a temporary directory.
 
-use crate::free_port;
+use crate::{free_port, wait_for};
 use async_nats::jetstream::{self, consumer, stream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -59,14 +59,17 @@ impl TestNats {
             .spawn()
             .expect("start nats-server");
         let url = format!("nats://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for(
+            "nats-server to accept connections",
+            Duration::from_secs(10),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(drop)
+            },
+        )
+        .await;
         TestNats {
             url,
             child,
