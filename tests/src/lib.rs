@@ -696,6 +696,32 @@ pub fn build_services() -> PathBuf {
         .to_path_buf()
 }
 
+/// Waits until listen's link lists exactly `ips` (each at `port`) as its pusher endpoints,
+/// each CONNECTED.
+pub async fn wait_endpoints_connected(
+    client: &ListenClient,
+    ips: &[std::net::Ipv4Addr],
+    port: u16,
+) {
+    let mut wanted: Vec<String> = ips.iter().map(|ip| format!("{ip}:{port}")).collect();
+    wanted.sort();
+    wait_for("the endpoints connected", Duration::from_secs(20), || {
+        let (mut client, wanted) = (client.clone(), wanted.clone());
+        async move {
+            let status = link_status(&mut client).await;
+            let mut connected: Vec<String> = status
+                .endpoints
+                .iter()
+                .filter(|e| e.state == listen::LinkState::Connected as i32)
+                .map(|e| e.address.clone())
+                .collect();
+            connected.sort();
+            (connected == wanted && status.endpoints.len() == wanted.len()).then_some(())
+        }
+    })
+    .await;
+}
+
 /// Waits until listen's link has left CONNECTED (a fault was noticed), or panics naming `what`.
 pub async fn wait_link_down(client: &ListenClient, what: &str, timeout: Duration) {
     wait_for(what, timeout, || {

@@ -49,27 +49,6 @@ async fn start_listen_on(dns: &TestDns, port: u16, max_in_flight: &str) -> Servi
     .await
 }
 
-/// Waits until exactly these endpoints are listed and each is CONNECTED.
-async fn wait_connected(client: &ListenClient, ips: &[Ipv4Addr], port: u16) {
-    let mut wanted: Vec<String> = ips.iter().map(|ip| format!("{ip}:{port}")).collect();
-    wanted.sort();
-    wait_for("the endpoints connected", Duration::from_secs(20), || {
-        let (mut client, wanted) = (client.clone(), wanted.clone());
-        async move {
-            let status = link_status(&mut client).await;
-            let mut connected: Vec<String> = status
-                .endpoints
-                .iter()
-                .filter(|e| e.state == LinkState::Connected as i32)
-                .map(|e| e.address.clone())
-                .collect();
-            connected.sort();
-            (connected == wanted && status.endpoints.len() == wanted.len()).then_some(())
-        }
-    })
-    .await;
-}
-
 /// Conversations this pusher process finished (from its JSON log, so it works after a kill).
 fn processed(pusher: &Service) -> usize {
     pusher.log_lines_with(&["\"message\":\"processed\""])
@@ -94,7 +73,7 @@ async fn work_spreads_over_every_pusher_and_moves_off_a_killed_one() {
     let dns = TestDns::start(NAME, &IPS).await;
     let listen = start_listen_on(&dns, port, "8").await;
     let client = listen_client(&listen);
-    wait_connected(&client, &IPS, port).await;
+    wait_endpoints_connected(&client, &IPS, port).await;
 
     // 1. Spread.
     let ids = submit_many(&client, "spread", 300).await;
@@ -153,7 +132,7 @@ async fn work_spreads_over_every_pusher_and_moves_off_a_killed_one() {
 
     // 3. It comes back and receives work again.
     pushers[1].restart().await;
-    wait_connected(&client, &IPS, port).await;
+    wait_endpoints_connected(&client, &IPS, port).await;
     let ids = submit_many(&client, "back", 90).await;
     wait_all(&client, &ids, ConversationStatus::Completed, SETTLE).await;
     let started = pushers[1].metric("pusher_jobs_started_total").await;
@@ -173,7 +152,7 @@ async fn a_slow_pusher_receives_less_work() {
     let dns = TestDns::start(NAME, &IPS).await;
     let listen = start_listen_on(&dns, port, "4").await;
     let client = listen_client(&listen);
-    wait_connected(&client, &IPS, port).await;
+    wait_endpoints_connected(&client, &IPS, port).await;
 
     let ids = submit_many(&client, "slow", 150).await;
     wait_all(&client, &ids, ConversationStatus::Completed, SETTLE).await;
@@ -198,7 +177,7 @@ async fn endpoints_join_and_leave_with_dns() {
     let dns = TestDns::start(NAME, &IPS[..1]).await;
     let listen = start_listen_on(&dns, port, "16").await;
     let client = listen_client(&listen);
-    wait_connected(&client, &IPS[..1], port).await;
+    wait_endpoints_connected(&client, &IPS[..1], port).await;
 
     let first = submit_many(&client, "first", 10).await;
     let address = format!("{}:{port}", IPS[0]);

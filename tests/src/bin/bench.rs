@@ -305,19 +305,7 @@ async fn main() {
         })
         .await;
         let client = listen_client(&listen);
-        wait_for("three endpoints", Duration::from_secs(30), || {
-            let mut client = client.clone();
-            async move {
-                let status = link_status(&mut client).await;
-                (status.endpoints.len() == 3
-                    && status
-                        .endpoints
-                        .iter()
-                        .all(|e| e.state == listen::LinkState::Connected as i32))
-                .then_some(())
-            }
-        })
-        .await;
+        wait_endpoints_connected(&client, &ips, pusher_port).await;
         let started = Instant::now();
         let submitted = loadgen(listen.addr, "submit", 50, sizes.e2e);
         let total = started.elapsed() + drained(&client, Duration::from_secs(600)).await;
