@@ -190,7 +190,7 @@ fn title(sentences: &[String]) -> String {
         .iter()
         .position(|w| {
             let bare: String = w.chars().filter(|c| c.is_alphanumeric()).collect();
-            !FILLERS.contains(&bare.to_lowercase().as_str())
+            !FILLER_SET.contains(bare.to_lowercase().as_str())
         })
         .unwrap_or(0);
     let kept: Vec<&str> = raw[start..].iter().take(TITLE_WORDS).copied().collect();

@@ -368,19 +368,13 @@ impl Pending {
     /// to be sent, and also those in flight when `in_flight` (their stream is gone). Entries
     /// whose outcome is being written stay.
     pub(crate) fn take_movable(&mut self, limit: usize, in_flight: bool) -> Vec<(String, Entry)> {
-        let ids: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| match e.state {
+        self.entries
+            .extract_if(|_, e| match e.state {
                 EntryState::Waiting { .. } => true,
                 EntryState::InFlight { .. } => in_flight,
                 EntryState::Settling => false,
             })
             .take(limit)
-            .map(|(id, _)| id.clone())
-            .collect();
-        ids.into_iter()
-            .filter_map(|id| self.entries.remove_entry(&id))
             .collect()
     }
 
