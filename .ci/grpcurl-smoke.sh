@@ -25,12 +25,20 @@ listen_pid=$!
 cleanup() { kill -TERM "$listen_pid" "$pusher_pid" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-for _ in $(seq 1 200); do
-    if grpcurl -plaintext -d '{"service":"listen.v1.PusherLink"}' "127.0.0.1:$listen_port" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; then
-        break
-    fi
-    sleep 0.05
-done
+# Wait until pusher serves and listen's link to it is up. The status must be exactly SERVING:
+# a bare `grep SERVING` also matches NOT_SERVING, which once let this script run ahead of pusher.
+wait_serving() { # wait_serving ADDR SERVICE
+    for _ in $(seq 1 300); do
+        if grpcurl -plaintext -d "{\"service\":\"$2\"}" "$1" grpc.health.v1.Health/Check 2>/dev/null \
+            | grep -q '"status": "SERVING"'; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "grpcurl smoke: $1 did not report $2 SERVING within 15 s"; cat "$work"/*.log; exit 1
+}
+wait_serving "127.0.0.1:$pusher_port" ""
+wait_serving "127.0.0.1:$listen_port" "listen.v1.PusherLink"
 
 L="127.0.0.1:$listen_port"
 P="127.0.0.1:$pusher_port"
@@ -43,7 +51,7 @@ expect "listen does not list pusher" "^grpc.reflection.v1alpha.ServerReflection$
 ! grpcurl -plaintext "$L" list | grep -q pusher.v1 || { echo "listen advertises pusher.v1"; exit 1; }
 expect "pusher lists its services" "pusher.v1.Pusher" "$(grpcurl -plaintext "$P" list)"
 expect "describe Submit" "rpc SubmitConversation" "$(grpcurl -plaintext "$L" describe listen.v1.Listen)"
-expect "health" "SERVING" "$(grpcurl -plaintext "$L" grpc.health.v1.Health/Check)"
+expect "health" '"status": "SERVING"' "$(grpcurl -plaintext "$L" grpc.health.v1.Health/Check)"
 submit=$(grpcurl -plaintext -d '{"uid":"smoke","idempotency_key":"k1","segments":[{"text":"I will write the release notes.","end":2}]}' "$L" listen.v1.Listen/SubmitConversation)
 expect "submit" "CONVERSATION_STATUS_PROCESSING" "$submit"
 id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["conversationId"])' "$submit")
