@@ -1182,8 +1182,17 @@ impl Link {
         });
         let owner = self.config.instance_id.clone();
         let lease_ttl = self.config.lease_ttl.as_millis() as i64;
+        // Only what the windows hold: a backlog of queued rows costs nothing here.
+        let ids: Vec<String> = self
+            .lanes
+            .iter()
+            .flat_map(|l| l.pending.ids().cloned())
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
         tokio::spawn(async move {
-            if let Err(error) = store.renew(&owner, now_ms() + lease_ttl).await {
+            if let Err(error) = store.renew(&owner, ids, now_ms() + lease_ttl).await {
                 warn!(%error, "renewing leases failed");
             }
         });

@@ -207,8 +207,16 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
     /// at start-up (a restart under the same identity) and on clean shutdown.
     async fn release(&self, owner: &str) -> Result<u64, StoreError>;
 
-    /// Extends the lease of every PROCESSING row `owner` holds. Returns how many.
-    async fn renew(&self, owner: &str, lease_until_ms: i64) -> Result<u64, StoreError>;
+    /// Extends the leases of `ids` that are still PROCESSING and held by `owner`. Returns
+    /// how many. The caller names the rows it is working on (at most its pending windows),
+    /// so the cost does not grow with the queue, and a row the caller no longer tracks is
+    /// not kept alive: its lease runs out and it is claimed again.
+    async fn renew(
+        &self,
+        owner: &str,
+        ids: Vec<String>,
+        lease_until_ms: i64,
+    ) -> Result<u64, StoreError>;
 
     /// PROCESSING -> COMPLETED (or DISCARDED, as the completion says) if `generation` still
     /// matches. false: late, duplicate or fenced.

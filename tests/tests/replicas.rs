@@ -135,6 +135,66 @@ async fn two_live_replicas_never_send_a_conversation_twice() {
     }
 }
 
+/// Work that takes longer than the lease stays with the replica doing it: the link renews
+/// the leases of what its window holds, so the other replica never claims it. (Pusher
+/// would join a duplicate to the running job, so the test counts sends, not runs.)
+#[tokio::test]
+async fn renewed_leases_keep_slow_work_with_its_replica() {
+    const WORK: usize = 10;
+    let url = fresh_database().await;
+    let pusher_port = free_port();
+    let pusher = start_pusher(
+        pusher_port,
+        &["--simulated-latency", "5s", "--log-format", "json"],
+    )
+    .await;
+    let replica = |id: &'static str| {
+        let url = url.clone();
+        async move {
+            start_listen(ListenOptions {
+                pusher_port,
+                // A's window is full with the work, so only B could claim an expired lease.
+                extra: &[
+                    "--store",
+                    &url,
+                    "--instance-id",
+                    id,
+                    "--lease-ttl",
+                    "3s",
+                    "--max-in-flight",
+                    "10",
+                ],
+            })
+            .await
+        }
+    };
+    let a = replica("listen-a").await;
+    let client = listen_client(&a);
+    let ids = submit_many(&client, "slow", WORK).await;
+    wait_for("A to hold all the work", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move { (link_status(&mut client).await.pending == WORK as u32).then_some(()) }
+    })
+    .await;
+    let b = replica("listen-b").await;
+
+    let done = wait_all(
+        &client,
+        &ids,
+        ConversationStatus::Completed,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(done.len(), WORK);
+    assert_eq!(
+        b.metric("listen_link_sent_total").await,
+        0.0,
+        "B claimed work whose lease A kept renewing"
+    );
+    assert_eq!(a.metric("listen_link_sent_total").await, WORK as f64);
+    assert!(ids.iter().all(|id| runs(&pusher, id) == 1));
+}
+
 /// The database stops: Submit fails with UNAVAILABLE (never "succeeds" with nothing
 /// written), health stays answerable, and listen recovers by itself when the database is
 /// back; work accepted before the outage completes.

@@ -364,6 +364,12 @@ impl Pending {
         self.entries.contains_key(id)
     }
 
+    /// The conversations in this window (whatever their state): the rows whose leases the
+    /// link keeps alive.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
     /// Takes up to `limit` entries off this window to hand to another stream: those waiting
     /// to be sent, and also those in flight when `in_flight` (their stream is gone). Entries
     /// whose outcome is being written stay.

@@ -326,12 +326,18 @@ impl ConversationStore for PostgresStore {
             .map_err(unavailable)
     }
 
-    async fn renew(&self, owner: &str, lease_until_ms: i64) -> Result<u64, StoreError> {
+    async fn renew(
+        &self,
+        owner: &str,
+        ids: Vec<String>,
+        lease_until_ms: i64,
+    ) -> Result<u64, StoreError> {
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE conversations SET lease_expires_at_ms = $2 WHERE owner = $1 AND status = 'processing'",
-                &[&owner, &lease_until_ms],
+                "UPDATE conversations SET lease_expires_at_ms = $3 \
+                 WHERE id = ANY($1) AND owner = $2 AND status = 'processing'",
+                &[&ids, &owner, &lease_until_ms],
             )
             .await
             .map_err(unavailable)

@@ -546,17 +546,27 @@ impl ConversationStore for SqliteStore {
         .await
     }
 
-    async fn renew(&self, owner: &str, lease_until_ms: i64) -> Result<u64, StoreError> {
+    async fn renew(
+        &self,
+        owner: &str,
+        ids: Vec<String>,
+        lease_until_ms: i64,
+    ) -> Result<u64, StoreError> {
         let owner = owner.to_string();
         self.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE conversations SET lease_expires_at_ms = ?2 \
-                 WHERE owner = ?1 AND status = 'processing'",
-            )
-            .map_err(unavailable)?
-            .execute(params![owner, lease_until_ms])
-            .map(|n| n as u64)
-            .map_err(unavailable)
+            let mut renew = conn
+                .prepare_cached(
+                    "UPDATE conversations SET lease_expires_at_ms = ?3 \
+                     WHERE id = ?1 AND owner = ?2 AND status = 'processing'",
+                )
+                .map_err(unavailable)?;
+            let mut renewed = 0;
+            for id in &ids {
+                renewed += renew
+                    .execute(params![id, owner, lease_until_ms])
+                    .map_err(unavailable)? as u64;
+            }
+            Ok(renewed)
         })
         .await
     }

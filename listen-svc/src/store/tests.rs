@@ -92,6 +92,7 @@ conformance!(
     same_idempotency_key_returns_the_same_conversation,
     claim_takes_unowned_processing_rows_oldest_first_and_only_once,
     expired_leases_are_claimed_by_others_and_renewal_prevents_it,
+    renewal_covers_only_the_rows_named,
     concurrent_claims_never_take_the_same_row,
     completion_is_idempotent,
     failed_conversations_can_be_retried_once_failed,
@@ -263,7 +264,15 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture
         .unwrap()
         .id;
     f.store.claim("a", 0, LEASE, 10).await.unwrap();
-    assert_eq!(f.store.renew("a", 2 * LEASE).await.unwrap(), 2);
+    let both = vec![id.clone(), other.clone()];
+    // Only the owner renews, and only rows that exist.
+    assert_eq!(
+        f.store.renew("b", both.clone(), 2 * LEASE).await.unwrap(),
+        0
+    );
+    let mut named = both.clone();
+    named.push(uuid::Uuid::now_v7().to_string());
+    assert_eq!(f.store.renew("a", named, 2 * LEASE).await.unwrap(), 2);
     assert!(
         f.store
             .claim("b", LEASE + 1, 2 * LEASE, 10)
@@ -298,6 +307,34 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture
         f.store.get(&other).await.unwrap().unwrap().status,
         Status::Processing
     );
+}
+
+/// The link renews what its windows hold; a row it no longer tracks must not be kept alive
+/// by its owner's renewals, or it would stay PROCESSING for as long as the owner lives.
+async fn renewal_covers_only_the_rows_named(f: Fixture) {
+    let tracked = f
+        .store
+        .submit(new("u", None, Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
+    let forgotten = f
+        .store
+        .submit(new("u", None, Status::Processing, 0))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(f.store.claim("a", 0, LEASE, 10).await.unwrap().len(), 2);
+    assert_eq!(
+        f.store
+            .renew("a", vec![tracked.clone()], 2 * LEASE)
+            .await
+            .unwrap(),
+        1
+    );
+    let taken = f.store.claim("b", LEASE + 1, 3 * LEASE, 10).await.unwrap();
+    let taken: Vec<&str> = taken.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(taken, vec![forgotten.as_str()]);
 }
 
 async fn completion_is_idempotent(f: Fixture) {
