@@ -28,6 +28,7 @@
 //! rather than drop.
 
 mod pending;
+mod series;
 mod state;
 mod target;
 
@@ -35,8 +36,8 @@ pub(crate) use state::Policy;
 pub use target::Target;
 
 use crate::store::{Claimed, Completion, ConversationStore, StoreError, now_ms};
-use metrics::{Counter, Gauge, Histogram};
 use pending::{AckAction, Ignored, Pending};
+use series::{EndpointSeries, LaneMetrics};
 use shared::backoff::Backoff;
 use shared::proto::listen::v1::{LINK_HEALTH_NAME, LinkState as Wire};
 use shared::proto::pusher::v1::{
@@ -238,6 +239,7 @@ pub(crate) fn spawn(
         resolving: false,
         last_resolve: None,
         lanes: Vec::new(),
+        series: EndpointSeries::install(),
         inbound: StreamMap::new(),
         next_lane: 0,
         epoch: 0,
@@ -250,7 +252,8 @@ pub(crate) fn spawn(
     };
     if let Target::Url { url, endpoint } = &link.config.target {
         let (url, endpoint) = (url.clone(), endpoint.clone());
-        link.lanes.push(Lane::new(endpoint, url, &link.config));
+        link.lanes
+            .push(Lane::new(endpoint, url, &link.config, &link.series));
     }
     let task = tokio::spawn(link.run());
     (
@@ -332,48 +335,15 @@ struct Lane {
     metrics: LaneMetrics,
 }
 
-/// The lane's series, registered once (labels are not re-hashed per message).
-struct LaneMetrics {
-    state: Gauge,
-    up: Gauge,
-    pending: Gauge,
-    sent: Counter,
-    resent: Counter,
-    busy: Counter,
-    reconnects: Counter,
-    failures: Counter,
-    acks: [Counter; 4],
-    ack_latency: Histogram,
-}
-
-impl LaneMetrics {
-    fn new(endpoint: &str) -> Self {
-        let label = || [("endpoint", endpoint.to_string())];
-        let ack = |result: &'static str| metrics::counter!("listen_link_acks_total", "endpoint" => endpoint.to_string(), "result" => result);
-        LaneMetrics {
-            state: metrics::gauge!("listen_link_endpoint_state", &label()),
-            up: metrics::gauge!("listen_link_endpoint_up", &label()),
-            pending: metrics::gauge!("listen_link_endpoint_pending", &label()),
-            sent: metrics::counter!("listen_link_sent_total", &label()),
-            resent: metrics::counter!("listen_link_resent_total", &label()),
-            busy: metrics::counter!("listen_link_busy_total", &label()),
-            reconnects: metrics::counter!("listen_link_reconnects_total", &label()),
-            failures: metrics::counter!("listen_link_failures_total", &label()),
-            acks: [
-                ack("processed"),
-                ack("failed"),
-                ack("retry"),
-                ack("ignored"),
-            ],
-            ack_latency: metrics::histogram!("listen_link_ack_latency_seconds", &label()),
-        }
-    }
-}
-
 impl Lane {
-    fn new(endpoint: String, uri: String, config: &LinkConfig) -> Self {
+    fn new(
+        endpoint: String,
+        uri: String,
+        config: &LinkConfig,
+        series: &Arc<EndpointSeries>,
+    ) -> Self {
         Lane {
-            metrics: LaneMetrics::new(&endpoint),
+            metrics: series.add(&endpoint),
             endpoint,
             uri,
             state: LinkState::INITIAL,
@@ -434,6 +404,8 @@ struct Link {
     resolving: bool,
     last_resolve: Option<Instant>,
     lanes: Vec<Lane>,
+    /// The lanes' metric series.
+    series: Arc<EndpointSeries>,
     /// Every established stream's inbound half, by epoch.
     inbound: StreamMap<u64, InboundStream>,
     /// Where the round-robin among equally loaded lanes starts next.
@@ -720,7 +692,8 @@ impl Link {
             }
             info!(%endpoint, "pusher endpoint joined");
             let uri = format!("{scheme}://{endpoint}");
-            self.lanes.push(Lane::new(endpoint, uri, &self.config));
+            self.lanes
+                .push(Lane::new(endpoint, uri, &self.config, &self.series));
         }
     }
 
@@ -895,8 +868,7 @@ impl Link {
             if let Some(conn) = lane.conn {
                 self.inbound.remove(&conn.epoch);
             }
-            lane.metrics.up.set(0.0);
-            lane.metrics.pending.set(0.0);
+            // Dropping the lane takes its metric series off the scrape.
             info!(endpoint = %lane.endpoint, "pusher endpoint dropped");
         }
     }

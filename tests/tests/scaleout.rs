@@ -215,6 +215,8 @@ async fn endpoints_join_and_leave_with_dns() {
         .expect("the endpoint that left is listed while it finishes its work");
     assert!(leaving.retiring, "{leaving:?}");
     assert_eq!(leaving.pending, 10);
+    let sent_to_leaving = format!("listen_link_sent_total{{endpoint=\"{address}\"}}");
+    assert_eq!(listen.metric(&sent_to_leaving).await, 10.0);
     let queries = dns.queries();
     assert!(queries >= 2, "listen looked the name up again: {queries}");
 
@@ -235,6 +237,17 @@ async fn endpoints_join_and_leave_with_dns() {
         "the endpoint that left is dropped once its work is done: {:?}",
         status.endpoints
     );
+    // Its metric series go with it (no zeroed series left behind for every departed pod).
+    let scrape = listen.metrics().await;
+    assert!(
+        !scrape.contains(&format!("endpoint=\"{address}\"")),
+        "series of a dropped endpoint are still scraped:\n{scrape}"
+    );
+    for joined in &joined {
+        assert!(scrape.contains(&format!(
+            "listen_link_endpoint_up{{endpoint=\"{joined}\"}} 1"
+        )));
+    }
 }
 
 /// Before any pusher is in DNS (no ready pod yet) work queues durably and the link keeps
