@@ -722,6 +722,22 @@ pub async fn wait_endpoints_connected(
     .await;
 }
 
+/// Waits until listen's link is CONNECTED, or panics.
+pub async fn wait_link_up(client: &ListenClient) {
+    wait_for(
+        "the link to pusher connected",
+        Duration::from_secs(10),
+        || {
+            let mut client = client.clone();
+            async move {
+                (link_status(&mut client).await.state == listen::LinkState::Connected as i32)
+                    .then_some(())
+            }
+        },
+    )
+    .await
+}
+
 /// Waits until listen's link has left CONNECTED (a fault was noticed), or panics naming `what`.
 pub async fn wait_link_down(client: &ListenClient, what: &str, timeout: Duration) {
     wait_for(what, timeout, || {

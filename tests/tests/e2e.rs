@@ -691,13 +691,7 @@ async fn both_services_exit_cleanly_on_sigterm_with_the_link_open() {
     })
     .await;
     let mut client = listen_client(&listen);
-    wait_for("link connected", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move {
-            (link_status(&mut client).await.state == LinkState::Connected as i32).then_some(())
-        }
-    })
-    .await;
+    wait_link_up(&client).await;
     let _ = link_status(&mut client).await;
     let started = Instant::now();
     assert!(pusher.terminate(Duration::from_secs(10)).success());

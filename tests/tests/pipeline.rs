@@ -244,14 +244,7 @@ async fn live_segments_are_forwarded_to_transcript_webhooks() {
     })
     .await;
     let client = listen_client(&listen);
-    wait_for("link", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move {
-            (link_status(&mut client).await.state == tests::listen::LinkState::Connected as i32)
-                .then_some(())
-        }
-    })
-    .await;
+    wait_link_up(&client).await;
     let (tx, mut events) = start_session(&client, "live").await;
     say(&tx, &mut events, "first words").await;
     say(&tx, &mut events, "second words").await;
