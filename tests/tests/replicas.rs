@@ -12,6 +12,36 @@ fn runs(pusher: &Service, id: &str) -> usize {
     pusher.log_lines_with(&["\"message\":\"processed\"", id])
 }
 
+/// A pusher whose jobs take `latency`, logging JSON (for [`runs`]), and its port.
+async fn json_pusher(latency: &str) -> (Service, u16) {
+    let port = free_port();
+    let pusher = start_pusher(
+        port,
+        &["--simulated-latency", latency, "--log-format", "json"],
+    )
+    .await;
+    (pusher, port)
+}
+
+/// A listen replica `id` on the database at `url`, with a 3 s lease and a pending window of
+/// `max_in_flight`.
+async fn replica(url: &str, pusher_port: u16, id: &str, max_in_flight: &str) -> Service {
+    start_listen(ListenOptions {
+        pusher_port,
+        extra: &[
+            "--store",
+            url,
+            "--instance-id",
+            id,
+            "--lease-ttl",
+            "3s",
+            "--max-in-flight",
+            max_in_flight,
+        ],
+    })
+    .await
+}
+
 /// Two replicas share a database; one is SIGKILLed with work in flight. The survivor claims
 /// the dead one's rows once their leases expire and completes every conversation; each is
 /// processed to completion once, apart from what was in flight at the kill.
@@ -19,33 +49,9 @@ fn runs(pusher: &Service, id: &str) -> usize {
 async fn survivor_takes_over_a_killed_replicas_work_within_the_lease() {
     const IN_FLIGHT: usize = 16;
     let url = fresh_database().await;
-    let pusher_port = free_port();
-    let pusher = start_pusher(
-        pusher_port,
-        &["--simulated-latency", "300ms", "--log-format", "json"],
-    )
-    .await;
-    let replica = |id: &'static str| {
-        let url = url.clone();
-        async move {
-            start_listen(ListenOptions {
-                pusher_port,
-                extra: &[
-                    "--store",
-                    &url,
-                    "--instance-id",
-                    id,
-                    "--lease-ttl",
-                    "3s",
-                    "--max-in-flight",
-                    "16",
-                ],
-            })
-            .await
-        }
-    };
-    let mut a = replica("listen-a").await;
-    let b = replica("listen-b").await;
+    let (pusher, pusher_port) = json_pusher("300ms").await;
+    let mut a = replica(&url, pusher_port, "listen-a", "16").await;
+    let b = replica(&url, pusher_port, "listen-b", "16").await;
     let (client_a, client_b) = (listen_client(&a), listen_client(&b));
 
     let mut ids = submit_many(&client_a, "replicas-a", 150).await;
@@ -93,21 +99,10 @@ async fn survivor_takes_over_a_killed_replicas_work_within_the_lease() {
 #[tokio::test]
 async fn two_live_replicas_never_send_a_conversation_twice() {
     let url = fresh_database().await;
-    let pusher_port = free_port();
-    let pusher = start_pusher(
-        pusher_port,
-        &["--simulated-latency", "50ms", "--log-format", "json"],
-    )
-    .await;
+    let (pusher, pusher_port) = json_pusher("50ms").await;
     let mut replicas = Vec::new();
     for id in ["listen-a", "listen-b"] {
-        replicas.push(
-            start_listen(ListenOptions {
-                pusher_port,
-                extra: &["--store", &url, "--instance-id", id, "--max-in-flight", "8"],
-            })
-            .await,
-        );
+        replicas.push(replica(&url, pusher_port, id, "8").await);
     }
     let client = listen_client(&replicas[0]);
     let ids = submit_many(&client, "shared", 200).await;
@@ -142,33 +137,9 @@ async fn two_live_replicas_never_send_a_conversation_twice() {
 async fn renewed_leases_keep_slow_work_with_its_replica() {
     const WORK: usize = 10;
     let url = fresh_database().await;
-    let pusher_port = free_port();
-    let pusher = start_pusher(
-        pusher_port,
-        &["--simulated-latency", "5s", "--log-format", "json"],
-    )
-    .await;
-    let replica = |id: &'static str| {
-        let url = url.clone();
-        async move {
-            start_listen(ListenOptions {
-                pusher_port,
-                // A's window is full with the work, so only B could claim an expired lease.
-                extra: &[
-                    "--store",
-                    &url,
-                    "--instance-id",
-                    id,
-                    "--lease-ttl",
-                    "3s",
-                    "--max-in-flight",
-                    "10",
-                ],
-            })
-            .await
-        }
-    };
-    let a = replica("listen-a").await;
+    let (pusher, pusher_port) = json_pusher("5s").await;
+    // A's window is full with the work, so only B could claim an expired lease.
+    let a = replica(&url, pusher_port, "listen-a", "10").await;
     let client = listen_client(&a);
     let ids = submit_many(&client, "slow", WORK).await;
     wait_for("A to hold all the work", Duration::from_secs(10), || {
@@ -176,7 +147,7 @@ async fn renewed_leases_keep_slow_work_with_its_replica() {
         async move { (link_status(&mut client).await.pending == WORK as u32).then_some(()) }
     })
     .await;
-    let b = replica("listen-b").await;
+    let b = replica(&url, pusher_port, "listen-b", "10").await;
 
     let done = wait_all(
         &client,

@@ -11,6 +11,17 @@ struct Fixture {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl Fixture {
+    /// A new PROCESSING conversation of user "u", unowned: its id.
+    async fn queued(&self) -> String {
+        self.store
+            .submit(new("u", None, Status::Processing, 0))
+            .await
+            .unwrap()
+            .id
+    }
+}
+
 enum Location {
     Sqlite(std::path::PathBuf),
     Postgres(String),
@@ -251,18 +262,8 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
 }
 
 async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture) {
-    let id = f
-        .store
-        .submit(new("u", None, Status::Processing, 0))
-        .await
-        .unwrap()
-        .id;
-    let other = f
-        .store
-        .submit(new("u", None, Status::Processing, 0))
-        .await
-        .unwrap()
-        .id;
+    let id = f.queued().await;
+    let other = f.queued().await;
     f.store.claim("a", 0, LEASE, 10).await.unwrap();
     let both = vec![id.clone(), other.clone()];
     // Only the owner renews, and only rows that exist.
@@ -312,18 +313,8 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture
 /// The link renews what its windows hold; a row it no longer tracks must not be kept alive
 /// by its owner's renewals, or it would stay PROCESSING for as long as the owner lives.
 async fn renewal_covers_only_the_rows_named(f: Fixture) {
-    let tracked = f
-        .store
-        .submit(new("u", None, Status::Processing, 0))
-        .await
-        .unwrap()
-        .id;
-    let forgotten = f
-        .store
-        .submit(new("u", None, Status::Processing, 0))
-        .await
-        .unwrap()
-        .id;
+    let tracked = f.queued().await;
+    let forgotten = f.queued().await;
     assert_eq!(f.store.claim("a", 0, LEASE, 10).await.unwrap().len(), 2);
     assert_eq!(
         f.store
@@ -338,12 +329,7 @@ async fn renewal_covers_only_the_rows_named(f: Fixture) {
 }
 
 async fn completion_is_idempotent(f: Fixture) {
-    let id = f
-        .store
-        .submit(new("u", None, Status::Processing, 0))
-        .await
-        .unwrap()
-        .id;
+    let id = f.queued().await;
     let claimed = f.store.claim("a", 0, LEASE, 1).await.unwrap();
     let structured = api::Structured {
         title: "T".into(),
@@ -400,18 +386,8 @@ async fn completion_is_idempotent(f: Fixture) {
 }
 
 async fn failed_conversations_can_be_retried_once_failed(f: Fixture) {
-    let id = f
-        .store
-        .submit(new("u", None, Status::Processing, 0))
-        .await
-        .unwrap()
-        .id;
-    let later = f
-        .store
-        .submit(new("u", None, Status::Processing, 0))
-        .await
-        .unwrap()
-        .id;
+    let id = f.queued().await;
+    let later = f.queued().await;
     assert_eq!(
         f.store.retry(&id).await.unwrap(),
         RetryOutcome::NotFailed(Status::Processing)
@@ -580,12 +556,7 @@ async fn a_failing_operation_does_not_undo_others(f: Fixture) {
 }
 
 async fn corrupt_rows_are_reported_not_misread(f: Fixture) {
-    let id = f
-        .store
-        .submit(new("u", None, Status::Processing, 0))
-        .await
-        .unwrap()
-        .id;
+    let id = f.queued().await;
     f.corrupt_segments(&id).await;
     assert!(matches!(
         f.store.get(&id).await,
@@ -863,18 +834,8 @@ async fn expired_live_conversations_are_finished_at_their_deadline(f: Fixture) {
 }
 
 async fn discarded_completions_and_delivery_results_are_stored(f: Fixture) {
-    let kept = f
-        .store
-        .submit(new("u", None, Status::Processing, 0))
-        .await
-        .unwrap()
-        .id;
-    let noise = f
-        .store
-        .submit(new("u", None, Status::Processing, 0))
-        .await
-        .unwrap()
-        .id;
+    let kept = f.queued().await;
+    let noise = f.queued().await;
     let claimed = f.store.claim("a", 0, LEASE, 10).await.unwrap();
     let deliveries = vec![
         api::WebhookDelivery {
