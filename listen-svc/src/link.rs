@@ -61,6 +61,8 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{debug, info, warn};
 
+/// Leases renewed per store write.
+const RENEW_SLICE: usize = 256;
 /// Most rows claimed from the store in one go.
 const CLAIM_BATCH: usize = 256;
 /// Delay before re-trying a send the stream buffer had no room for.
@@ -1164,8 +1166,14 @@ impl Link {
             return;
         }
         tokio::spawn(async move {
-            if let Err(error) = store.renew(&owner, ids, now_ms() + lease_ttl).await {
-                warn!(%error, "renewing leases failed");
+            let until = now_ms() + lease_ttl;
+            // In slices, so a renewal never holds the store's writer for long (a full
+            // window on every endpoint is 16 384 rows with the defaults).
+            for ids in ids.chunks(RENEW_SLICE) {
+                if let Err(error) = store.renew(&owner, ids.to_vec(), until).await {
+                    warn!(%error, "renewing leases failed");
+                    return;
+                }
             }
         });
     }

@@ -12,15 +12,15 @@ fn runs(pusher: &Service, id: &str) -> usize {
     pusher.log_lines_with(&["\"message\":\"processed\"", id])
 }
 
-/// A pusher whose jobs take `latency`, logging JSON (for [`runs`]), and its port.
-async fn json_pusher(latency: &str) -> (Service, u16) {
+/// A pusher with `extra` flags, logging JSON (for [`runs`]), and its port.
+async fn json_pusher(extra: &[&str]) -> (Service, u16) {
     let port = free_port();
-    let pusher = start_pusher(
-        port,
-        &["--simulated-latency", latency, "--log-format", "json"],
-    )
-    .await;
-    (pusher, port)
+    let args: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(["--log-format", "json"])
+        .collect();
+    (start_pusher(port, &args).await, port)
 }
 
 /// A listen replica `id` on the database at `url`, with a 3 s lease and a pending window of
@@ -49,7 +49,7 @@ async fn replica(url: &str, pusher_port: u16, id: &str, max_in_flight: &str) -> 
 async fn survivor_takes_over_a_killed_replicas_work_within_the_lease() {
     const IN_FLIGHT: usize = 16;
     let url = fresh_database().await;
-    let (pusher, pusher_port) = json_pusher("300ms").await;
+    let (pusher, pusher_port) = json_pusher(&["--simulated-latency", "300ms"]).await;
     let mut a = replica(&url, pusher_port, "listen-a", "16").await;
     let b = replica(&url, pusher_port, "listen-b", "16").await;
     let (client_a, client_b) = (listen_client(&a), listen_client(&b));
@@ -99,7 +99,7 @@ async fn survivor_takes_over_a_killed_replicas_work_within_the_lease() {
 #[tokio::test]
 async fn two_live_replicas_never_send_a_conversation_twice() {
     let url = fresh_database().await;
-    let (pusher, pusher_port) = json_pusher("50ms").await;
+    let (pusher, pusher_port) = json_pusher(&["--simulated-latency", "50ms"]).await;
     let mut replicas = Vec::new();
     for id in ["listen-a", "listen-b"] {
         replicas.push(replica(&url, pusher_port, id, "8").await);
@@ -135,11 +135,13 @@ async fn two_live_replicas_never_send_a_conversation_twice() {
 /// would join a duplicate to the running job, so the test counts sends, not runs.)
 #[tokio::test]
 async fn renewed_leases_keep_slow_work_with_its_replica() {
-    const WORK: usize = 10;
+    // More than one renewal slice (256 rows per store write).
+    const WORK: usize = 300;
     let url = fresh_database().await;
-    let (pusher, pusher_port) = json_pusher("5s").await;
+    let (pusher, pusher_port) =
+        json_pusher(&["--simulated-latency", "5s", "--max-concurrency", "300"]).await;
     // A's window is full with the work, so only B could claim an expired lease.
-    let a = replica(&url, pusher_port, "listen-a", "10").await;
+    let a = replica(&url, pusher_port, "listen-a", "300").await;
     let client = listen_client(&a);
     let ids = submit_many(&client, "slow", WORK).await;
     wait_for("A to hold all the work", Duration::from_secs(10), || {
@@ -147,7 +149,7 @@ async fn renewed_leases_keep_slow_work_with_its_replica() {
         async move { (link_status(&mut client).await.pending == WORK as u32).then_some(()) }
     })
     .await;
-    let b = replica(&url, pusher_port, "listen-b", "10").await;
+    let b = replica(&url, pusher_port, "listen-b", "300").await;
 
     let done = wait_all(
         &client,
