@@ -25,20 +25,25 @@ listen_pid=$!
 cleanup() { kill -TERM "$listen_pid" "$pusher_pid" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-# Wait until pusher serves and listen's link to it is up. The status must be exactly SERVING:
-# a bare `grep SERVING` also matches NOT_SERVING, which once let this script run ahead of pusher.
-wait_serving() { # wait_serving ADDR SERVICE
-    for _ in $(seq 1 300); do
-        if grpcurl -plaintext -d "{\"service\":\"$2\"}" "$1" grpc.health.v1.Health/Check 2>/dev/null \
-            | grep -q '"status": "SERVING"'; then
-            return 0
-        fi
+# wait_until SECONDS WHAT COMMAND...: runs COMMAND every 50 ms until it succeeds, or fails
+# the smoke run (with both logs) after SECONDS.
+wait_until() {
+    local seconds=$1 what=$2
+    shift 2
+    for _ in $(seq 1 $((seconds * 20))); do
+        "$@" && return 0
         sleep 0.05
     done
-    echo "grpcurl smoke: $1 did not report $2 SERVING within 15 s"; cat "$work"/*.log; exit 1
+    echo "grpcurl smoke: $what did not happen within $seconds s"; cat "$work"/*.log; exit 1
 }
-wait_serving "127.0.0.1:$pusher_port" ""
-wait_serving "127.0.0.1:$listen_port" "listen.v1.PusherLink"
+# The status must be exactly SERVING: a bare `grep SERVING` also matches NOT_SERVING, which
+# once let this script run ahead of pusher.
+serving() { # serving ADDR SERVICE
+    grpcurl -plaintext -d "{\"service\":\"$2\"}" "$1" grpc.health.v1.Health/Check 2>/dev/null \
+        | grep -q '"status": "SERVING"'
+}
+wait_until 15 "pusher serving" serving "127.0.0.1:$pusher_port" ""
+wait_until 15 "listen's link to pusher serving" serving "127.0.0.1:$listen_port" "listen.v1.PusherLink"
 
 L="127.0.0.1:$listen_port"
 P="127.0.0.1:$pusher_port"
@@ -55,11 +60,11 @@ expect "health" '"status": "SERVING"' "$(grpcurl -plaintext "$L" grpc.health.v1.
 submit=$(grpcurl -plaintext -d '{"uid":"smoke","idempotency_key":"k1","segments":[{"text":"I will write the release notes.","end":2}]}' "$L" listen.v1.Listen/SubmitConversation)
 expect "submit" "CONVERSATION_STATUS_PROCESSING" "$submit"
 id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["conversationId"])' "$submit")
-for _ in $(seq 1 200); do
+completed() { # sets $got
     got=$(grpcurl -plaintext -d "{\"conversation_id\":\"$id\"}" "$L" listen.v1.Listen/GetConversation)
-    grep -q COMPLETED <<<"$got" && break
-    sleep 0.05
-done
+    grep -q COMPLETED <<<"$got"
+}
+wait_until 10 "the submitted conversation completing" completed
 expect "completed with action item" "I will write the release notes" "$got"
 link=$(grpcurl -plaintext "$L" listen.v1.Listen/GetLinkStatus)
 expect "link status" "LINK_STATE_CONNECTED" "$link"

@@ -722,6 +722,31 @@ pub async fn wait_endpoints_connected(
     .await;
 }
 
+/// Waits until listen's link has nothing pending or queued, calling `observe` with every
+/// status it polls; returns how long that took, or panics after `timeout`.
+pub async fn wait_drained(
+    client: &ListenClient,
+    timeout: Duration,
+    observe: impl FnMut(&listen::LinkStatus),
+) -> Duration {
+    let started = Instant::now();
+    let observe = std::cell::RefCell::new(observe);
+    wait_for(
+        "the link to drain (nothing pending or queued)",
+        timeout,
+        || {
+            let (mut client, observe) = (client.clone(), &observe);
+            async move {
+                let status = link_status(&mut client).await;
+                (observe.borrow_mut())(&status);
+                (status.queued == 0 && status.pending == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    started.elapsed()
+}
+
 /// Waits until listen's link is CONNECTED, or panics.
 pub async fn wait_link_up(client: &ListenClient) {
     wait_for(

@@ -572,28 +572,16 @@ async fn recovery_herd_of_5000_drains_bounded_and_complete() {
     )
     .await;
     let mut max_pending = 0;
-    let started = Instant::now();
-    loop {
-        let status = link_status(&mut client.clone()).await;
+    let drained = wait_drained(&client, Duration::from_secs(120), |status| {
         max_pending = max_pending.max(status.pending);
         assert!(
             status.pending <= 64,
             "pending {} > max_in_flight",
             status.pending
         );
-        if status.pending == 0 && status.queued == 0 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "not drained: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    eprintln!(
-        "herd of 5000 drained in {:?}, max pending {max_pending}",
-        started.elapsed()
-    );
+    })
+    .await;
+    eprintln!("herd of 5000 drained in {drained:?}, max pending {max_pending}");
     assert_eq!(
         count_listed(&client, "herd", ConversationStatus::Completed).await,
         5000

@@ -87,21 +87,6 @@ fn describe(v: &Value) -> String {
     )
 }
 
-async fn drained(client: &ListenClient, timeout: Duration) -> Duration {
-    let started = Instant::now();
-    loop {
-        let status = link_status(&mut client.clone()).await;
-        if status.queued == 0 && status.pending == 0 {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "not drained within {timeout:?}: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Submit -> COMPLETED (or DISCARDED) per conversation of loadgen's uids, from the stored
 /// created_at and completed_at.
 async fn completion_latencies(client: &ListenClient) -> Vec<Duration> {
@@ -290,7 +275,8 @@ async fn main() {
         let client = listen_client(&listen);
         let started = Instant::now();
         let submitted = loadgen(listen.addr, "submit", 50, sizes.e2e);
-        let total = started.elapsed() + drained(&client, Duration::from_secs(600)).await;
+        let total =
+            started.elapsed() + wait_drained(&client, Duration::from_secs(600), |_| {}).await;
         e2e_rate = sizes.e2e as f64 / total.as_secs_f64();
         let mut latencies = completion_latencies(&client).await;
         latencies.sort();
@@ -347,7 +333,8 @@ async fn main() {
         wait_endpoints_connected(&client, &ips, pusher_port).await;
         let started = Instant::now();
         let submitted = loadgen(listen.addr, "submit", 50, sizes.e2e);
-        let total = started.elapsed() + drained(&client, Duration::from_secs(600)).await;
+        let total =
+            started.elapsed() + wait_drained(&client, Duration::from_secs(600), |_| {}).await;
         let rate = sizes.e2e as f64 / total.as_secs_f64();
         let mut shares = Vec::new();
         for pusher in &pushers {
@@ -379,21 +366,11 @@ async fn main() {
         loadgen(listen.addr, "submit", 50, sizes.replay);
         let rss_queued = listen.rss_kib();
         let _pusher = start_pusher(pusher_port, &[]).await;
-        let started = Instant::now();
         let mut rss_peak = rss_queued;
-        loop {
-            let status = link_status(&mut client.clone()).await;
+        let drain = wait_drained(&client, Duration::from_secs(900), |_| {
             rss_peak = rss_peak.max(listen.rss_kib());
-            if status.queued == 0 && status.pending == 0 {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(900),
-                "replay did not drain"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let drain = started.elapsed();
+        })
+        .await;
         let drain_rate = sizes.replay as f64 / drain.as_secs_f64();
         row(
             "P4 replay after outage",
