@@ -1,8 +1,8 @@
 //! Property tests (a fuzz suite run by `cargo test`): request validation and the stored
 //! encodings, over arbitrary inputs.
 
-use crate::api::{Limits, validate_segments, validate_submit_for_fuzz};
 use crate::store::{SegmentList, has_text};
+use crate::validate::{Limits, validate_segments, validate_submit};
 use proptest::prelude::*;
 use prost::Message;
 use shared::proto::listen::v1 as api;
@@ -50,7 +50,7 @@ proptest! {
     #[test]
     fn submit_validation_accepts_only_what_the_limits_allow(request in any_submit()) {
         let original = request.clone();
-        match validate_submit_for_fuzz(request, LIMITS) {
+        match validate_submit(request, LIMITS) {
             Ok(new) => {
                 prop_assert!(!new.uid.trim().is_empty() && new.uid.len() <= 128);
                 prop_assert!(!new.uid.chars().any(char::is_control));

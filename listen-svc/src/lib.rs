@@ -20,6 +20,8 @@ mod link;
 mod session;
 mod store;
 mod sweeper;
+mod validate;
+mod wire;
 
 pub use config::{Config, StoreLocation};
 
@@ -124,7 +126,7 @@ pub async fn run(
         link_shutdown,
     ));
 
-    let limits = api::Limits {
+    let limits = validate::Limits {
         max_segments: config.max_segments as usize,
         max_segment_bytes: config.max_segment_bytes as usize,
     };

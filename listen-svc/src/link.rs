@@ -35,7 +35,8 @@ mod target;
 pub(crate) use state::Policy;
 pub use target::Target;
 
-use crate::store::{Claimed, Completion, ConversationStore, StoreError, now_ms};
+use crate::store::{Claimed, ConversationStore, StoreError, now_ms};
+use crate::wire::completion_of;
 use pending::{AckAction, Ignored, Pending};
 use series::{EndpointSeries, LaneMetrics};
 use shared::backoff::Backoff;
@@ -1301,32 +1302,6 @@ async fn open_stream(config: &LinkConfig, uri: &str, epoch: u64) -> Result<Opene
         inbound,
         welcome,
     })
-}
-
-/// Pusher's processed outcome in listen's terms.
-fn completion_of(processed: shared::proto::pusher::v1::Processed) -> Completion {
-    use shared::proto::listen::v1 as api;
-    let s = processed.structured.unwrap_or_default();
-    Completion {
-        structured: api::Structured {
-            title: s.title,
-            overview: s.overview,
-            action_items: s.action_items,
-            category: s.category,
-        },
-        discarded: processed.discarded,
-        deliveries: processed
-            .deliveries
-            .into_iter()
-            .map(|d| api::WebhookDelivery {
-                url: d.url,
-                delivered: d.delivered,
-                attempts: d.attempts,
-                status_code: d.status_code,
-                error: d.error,
-            })
-            .collect(),
-    }
 }
 
 /// "a: b: c" from an error and its sources (tonic's transport errors say little on top).

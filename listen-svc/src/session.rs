@@ -13,11 +13,12 @@
 //! a routed outcome that finds the buffer full is dropped (it stays readable with
 //! GetConversation).
 
-use crate::api::{Limits, to_proto, validate_segments, validate_text};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::link::LinkHandle;
 use crate::store::{ConversationStore, NewLive, Status as Lifecycle, now_ms};
+use crate::validate::{Limits, MAX_ID_BYTES, validate_language, validate_segments, validate_text};
+use crate::wire::{to_proto, transcript_batch};
 use shared::proto::listen::v1::{
     ConversationDiscarded, ConversationFailed, ConversationProcessed, ConversationStarted,
     ProcessingStarted, SegmentsStored, SessionEvent, SessionRequest, SessionStarted, Start,
@@ -270,7 +271,7 @@ impl Session {
         tx: EventTx,
     ) -> Result<Session, (EventTx, Status)> {
         let checked = (|| {
-            let uid = validate_text("start.uid", &start.uid, 128)?.to_string();
+            let uid = validate_text("start.uid", &start.uid, MAX_ID_BYTES)?.to_string();
             let timeout_s = match start.conversation_timeout_s {
                 0 => DEFAULT_TIMEOUT_S,
                 s => s,
@@ -282,9 +283,7 @@ impl Session {
                     format!("{timeout_s} is outside {min}..={MAX_TIMEOUT_S} seconds"),
                 ));
             }
-            if start.language.len() > 35 {
-                return Err(ApiError::invalid("start.language", "longer than 35 bytes"));
-            }
+            validate_language("start.language", &start.language)?;
             Ok((uid, Duration::from_secs(timeout_s.into())))
         })();
         let (uid, timeout) = match checked {
@@ -483,29 +482,4 @@ impl Session {
 /// an await, so the caller stays `Send`.
 pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stopping| *stopping).await.map(|_| ());
-}
-
-/// Live segments in pusher's terms, for realtime forwarding.
-fn transcript_batch(
-    session_id: &str,
-    uid: &str,
-    conversation_id: &str,
-    segments: &[shared::proto::listen::v1::Segment],
-) -> shared::proto::pusher::v1::TranscriptBatch {
-    use shared::proto::pusher::v1 as wire;
-    wire::TranscriptBatch {
-        session_id: session_id.to_string(),
-        uid: uid.to_string(),
-        conversation_id: conversation_id.to_string(),
-        segments: segments
-            .iter()
-            .map(|s| wire::Segment {
-                text: s.text.clone(),
-                speaker: s.speaker.clone(),
-                start: s.start,
-                end: s.end,
-                is_user: s.is_user,
-            })
-            .collect(),
-    }
 }

@@ -135,7 +135,7 @@ impl Pending {
                     is_user: s.is_user,
                 })
                 .collect(),
-            finished_at: claimed.finished_at_ms.map(crate::api::timestamp),
+            finished_at: claimed.finished_at_ms.map(crate::wire::timestamp),
         };
         self.entries.insert(
             claimed.id,

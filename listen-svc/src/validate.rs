@@ -1,0 +1,248 @@
+//! Request validation: the limits every request is held to, and checks that name the
+//! offending field (`segments[3].text`) in an INVALID_ARGUMENT status. Pure; used by the unary
+//! handlers, live sessions and the property tests.
+
+use crate::error::ApiError;
+use crate::store::{NewConversation, Status, now_ms};
+use shared::proto::listen::v1 as api;
+
+/// Bytes in a uid, idempotency key, speaker or other identifier.
+pub(crate) const MAX_ID_BYTES: usize = 128;
+/// Bytes in a language tag (BCP 47 allows up to 35 in practice).
+pub(crate) const MAX_LANGUAGE_BYTES: usize = 35;
+
+/// Input limits, from the command line.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub max_segments: usize,
+    pub max_segment_bytes: usize,
+}
+
+/// A Submit's fields, checked, as the row to store.
+pub(crate) fn validate_submit(
+    request: api::SubmitConversationRequest,
+    limits: Limits,
+) -> Result<NewConversation, ApiError> {
+    let uid = validate_text("uid", &request.uid, MAX_ID_BYTES)?.to_string();
+    let idempotency_key = match request.idempotency_key.as_str() {
+        "" => None,
+        key => Some(validate_text("idempotency_key", key, MAX_ID_BYTES)?.to_string()),
+    };
+    validate_language("language", &request.language)?;
+    validate_segments("segments", &request.segments, limits, 0)?;
+    let has_text = request.segments.iter().any(|s| !s.text.trim().is_empty());
+    Ok(NewConversation {
+        id: uuid::Uuid::now_v7().to_string(),
+        uid,
+        idempotency_key,
+        language: request.language,
+        segments: request.segments,
+        status: if has_text {
+            Status::Processing
+        } else {
+            Status::Discarded
+        },
+        now_ms: now_ms(),
+    })
+}
+
+/// Checks a batch of segments joining `already` stored ones. Field names start with `field`
+/// (`segments[3].text`).
+pub(crate) fn validate_segments(
+    field: &str,
+    segments: &[api::Segment],
+    limits: Limits,
+    already: usize,
+) -> Result<(), ApiError> {
+    let total = already + segments.len();
+    if total > limits.max_segments {
+        let reason = if already == 0 {
+            format!(
+                "{} segments exceeds the limit of {}",
+                segments.len(),
+                limits.max_segments
+            )
+        } else {
+            format!(
+                "{} more segments would make {total}, over the limit of {} per conversation; send finish first",
+                segments.len(),
+                limits.max_segments
+            )
+        };
+        return Err(ApiError::invalid(field, reason));
+    }
+    for (i, segment) in segments.iter().enumerate() {
+        if segment.text.len() > limits.max_segment_bytes {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].text"),
+                format!(
+                    "{} bytes exceeds the limit of {}",
+                    segment.text.len(),
+                    limits.max_segment_bytes
+                ),
+            ));
+        }
+        if segment.speaker.len() > MAX_ID_BYTES {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].speaker"),
+                format!("longer than {MAX_ID_BYTES} bytes"),
+            ));
+        }
+        if !segment.start.is_finite() || segment.start < 0.0 {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].start"),
+                "must be a finite number of seconds >= 0",
+            ));
+        }
+        if !segment.end.is_finite() || segment.end < segment.start {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}].end"),
+                "must be a finite number of seconds >= start",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Non-empty, bounded, no control characters.
+pub(crate) fn validate_text<'a>(
+    field: &str,
+    value: &'a str,
+    max: usize,
+) -> Result<&'a str, ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(ApiError::invalid(field, format!("longer than {max} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(value)
+}
+
+/// Conversation ids are UUIDs; anything else cannot exist.
+pub(crate) fn validate_id(field: &str, value: &str) -> Result<String, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    uuid::Uuid::parse_str(value)
+        .map(|id| id.to_string())
+        .map_err(|_| ApiError::invalid(field, format!("{value:?} is not a conversation id")))
+}
+
+/// A BCP-47 language tag's length (the tag itself is not checked); empty is allowed.
+pub(crate) fn validate_language(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.len() > MAX_LANGUAGE_BYTES {
+        return Err(ApiError::invalid(
+            field,
+            format!("longer than {MAX_LANGUAGE_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_segments: 3,
+        max_segment_bytes: 10,
+    };
+
+    fn submit(uid: &str, texts: &[&str]) -> api::SubmitConversationRequest {
+        api::SubmitConversationRequest {
+            uid: uid.into(),
+            segments: texts
+                .iter()
+                .map(|t| api::Segment {
+                    text: t.to_string(),
+                    end: 1.0,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn invalid_field(result: Result<NewConversation, ApiError>) -> String {
+        match result {
+            Err(ApiError::Invalid { field, .. }) => field,
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn names_the_offending_field() {
+        assert_eq!(
+            invalid_field(validate_submit(submit("", &["a"]), LIMITS)),
+            "uid"
+        );
+        assert_eq!(
+            invalid_field(validate_submit(submit("u\u{7}", &["a"]), LIMITS)),
+            "uid"
+        );
+        assert_eq!(
+            invalid_field(validate_submit(submit("u", &["a", "b", "c", "d"]), LIMITS)),
+            "segments"
+        );
+        assert_eq!(
+            invalid_field(validate_submit(
+                submit("u", &["ok", "this is too long"]),
+                LIMITS
+            )),
+            "segments[1].text"
+        );
+        let mut backwards = submit("u", &["a"]);
+        backwards.segments[0].start = 5.0;
+        assert_eq!(
+            invalid_field(validate_submit(backwards, LIMITS)),
+            "segments[0].end"
+        );
+        let mut nan = submit("u", &["a"]);
+        nan.segments[0].start = f64::NAN;
+        assert_eq!(
+            invalid_field(validate_submit(nan, LIMITS)),
+            "segments[0].start"
+        );
+        let mut key = submit("u", &["a"]);
+        key.idempotency_key = "k".repeat(129);
+        assert_eq!(
+            invalid_field(validate_submit(key, LIMITS)),
+            "idempotency_key"
+        );
+    }
+
+    #[test]
+    fn text_decides_between_processing_and_discarded() {
+        assert_eq!(
+            validate_submit(submit("u", &["hi"]), LIMITS)
+                .unwrap()
+                .status,
+            Status::Processing
+        );
+        assert_eq!(
+            validate_submit(submit("u", &[" ", ""]), LIMITS)
+                .unwrap()
+                .status,
+            Status::Discarded
+        );
+        assert_eq!(
+            validate_submit(submit("u", &[]), LIMITS).unwrap().status,
+            Status::Discarded
+        );
+    }
+
+    #[test]
+    fn ids_must_be_uuids() {
+        assert!(validate_id("conversation_id", "not-an-id").is_err());
+        assert!(validate_id("conversation_id", "").is_err());
+        let id = uuid::Uuid::now_v7().to_string();
+        assert_eq!(validate_id("conversation_id", &id).unwrap(), id);
+    }
+}
