@@ -3,7 +3,7 @@
 //! Submit commits to the store and wakes the link; it never waits on pusher.
 
 use crate::auth;
-use crate::error::ApiError;
+use crate::error::{ApiError, reject};
 use crate::link::LinkHandle;
 use crate::session;
 use crate::store::{ConversationStore, ListFilter, RetryOutcome, Status};
@@ -28,15 +28,70 @@ pub(crate) struct ListenService {
 }
 
 type Reply<T> = Result<Response<T>, tonic::Status>;
+type SessionStream = ReceiverStream<Result<api::SessionEvent, tonic::Status>>;
 
+/// The gRPC edge: each call runs its handler below and passes a refusal through [`reject`].
 #[tonic::async_trait]
 impl Listen for ListenService {
-    type SessionStream = ReceiverStream<Result<api::SessionEvent, tonic::Status>>;
+    type SessionStream = SessionStream;
 
     async fn session(
         &self,
         request: Request<Streaming<api::SessionRequest>>,
     ) -> Reply<Self::SessionStream> {
+        self.open_session(request)
+            .await
+            .map(Response::new)
+            .map_err(reject)
+    }
+
+    async fn submit_conversation(
+        &self,
+        request: Request<api::SubmitConversationRequest>,
+    ) -> Reply<api::SubmitConversationResponse> {
+        self.submit(request)
+            .await
+            .map(Response::new)
+            .map_err(reject)
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<api::GetConversationRequest>,
+    ) -> Reply<api::Conversation> {
+        self.get(request).await.map(Response::new).map_err(reject)
+    }
+
+    async fn list_conversations(
+        &self,
+        request: Request<api::ListConversationsRequest>,
+    ) -> Reply<api::ListConversationsResponse> {
+        self.list(request).await.map(Response::new).map_err(reject)
+    }
+
+    async fn retry_conversation(
+        &self,
+        request: Request<api::RetryConversationRequest>,
+    ) -> Reply<api::Conversation> {
+        self.retry(request).await.map(Response::new).map_err(reject)
+    }
+
+    async fn get_link_status(
+        &self,
+        request: Request<api::GetLinkStatusRequest>,
+    ) -> Reply<api::LinkStatus> {
+        self.link_status(request)
+            .await
+            .map(Response::new)
+            .map_err(reject)
+    }
+}
+
+impl ListenService {
+    async fn open_session(
+        &self,
+        request: Request<Streaming<api::SessionRequest>>,
+    ) -> Result<SessionStream, ApiError> {
         let caller = auth::caller(&request)?;
         let slot = self.sessions.sessions.enter()?;
         let (tx, rx) = tokio::sync::mpsc::channel(session::EVENT_BUFFER);
@@ -47,18 +102,18 @@ impl Listen for ListenService {
             tx,
             slot,
         ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(ReceiverStream::new(rx))
     }
 
-    async fn submit_conversation(
+    async fn submit(
         &self,
         request: Request<api::SubmitConversationRequest>,
-    ) -> Reply<api::SubmitConversationResponse> {
+    ) -> Result<api::SubmitConversationResponse, ApiError> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let new = validate_submit(request, self.limits)?;
         caller.require("uid", &new.uid)?;
-        let submitted = self.store.submit(new).await.map_err(ApiError::from)?;
+        let submitted = self.store.submit(new).await?;
         if submitted.created {
             let status = if submitted.status == Status::Processing {
                 "processing"
@@ -70,32 +125,27 @@ impl Listen for ListenService {
         if submitted.created && submitted.status == Status::Processing {
             self.link.wake();
         }
-        Ok(Response::new(api::SubmitConversationResponse {
+        Ok(api::SubmitConversationResponse {
             conversation_id: submitted.id,
             status: submitted.status.to_proto() as i32,
-        }))
+        })
     }
 
-    async fn get_conversation(
+    async fn get(
         &self,
         request: Request<api::GetConversationRequest>,
-    ) -> Reply<api::Conversation> {
+    ) -> Result<api::Conversation, ApiError> {
         let caller = auth::caller(&request)?;
         let id = validate_id("conversation_id", &request.into_inner().conversation_id)?;
-        let conversation = self
-            .store
-            .get(&id)
-            .await
-            .map_err(ApiError::from)?
-            .ok_or(ApiError::NotFound(id))?;
+        let conversation = self.store.get(&id).await?.ok_or(ApiError::NotFound(id))?;
         caller.require("conversation_id", &conversation.uid)?;
-        Ok(Response::new(to_proto(conversation)))
+        Ok(to_proto(conversation))
     }
 
-    async fn list_conversations(
+    async fn list(
         &self,
         request: Request<api::ListConversationsRequest>,
-    ) -> Reply<api::ListConversationsResponse> {
+    ) -> Result<api::ListConversationsResponse, ApiError> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
         let uid = match request.uid.as_str() {
@@ -113,8 +163,7 @@ impl Listen for ListenService {
                 return Err(ApiError::invalid(
                     "status",
                     format!("unknown value {}", request.status),
-                )
-                .into());
+                ));
             }
         };
         let before_id = match request.page_token.as_str() {
@@ -133,8 +182,7 @@ impl Listen for ListenService {
                 before_id,
                 limit: page_size + 1,
             })
-            .await
-            .map_err(ApiError::from)?;
+            .await?;
         let next_page_token = if conversations.len() > page_size {
             conversations.truncate(page_size);
             conversations
@@ -144,47 +192,45 @@ impl Listen for ListenService {
         } else {
             String::new()
         };
-        Ok(Response::new(api::ListConversationsResponse {
+        Ok(api::ListConversationsResponse {
             conversations: conversations.into_iter().map(to_proto).collect(),
             next_page_token,
-        }))
+        })
     }
 
-    async fn retry_conversation(
+    async fn retry(
         &self,
         request: Request<api::RetryConversationRequest>,
-    ) -> Reply<api::Conversation> {
+    ) -> Result<api::Conversation, ApiError> {
         let caller = auth::caller(&request)?;
         let id = validate_id("conversation_id", &request.into_inner().conversation_id)?;
         if caller.own_uid().is_some() {
             let owner = self
                 .store
                 .get(&id)
-                .await
-                .map_err(ApiError::from)?
+                .await?
                 .ok_or_else(|| ApiError::NotFound(id.clone()))?;
             caller.require("conversation_id", &owner.uid)?;
         }
-        match self.store.retry(&id).await.map_err(ApiError::from)? {
+        match self.store.retry(&id).await? {
             RetryOutcome::Retried(conversation) => {
                 self.link.wake();
-                Ok(Response::new(to_proto(*conversation)))
+                Ok(to_proto(*conversation))
             }
             RetryOutcome::NotFailed(status) => Err(ApiError::NotRetryable {
                 id,
                 status: status_name(status),
-            }
-            .into()),
-            RetryOutcome::NotFound => Err(ApiError::NotFound(id).into()),
+            }),
+            RetryOutcome::NotFound => Err(ApiError::NotFound(id)),
         }
     }
 
-    async fn get_link_status(
+    async fn link_status(
         &self,
         request: Request<api::GetLinkStatusRequest>,
-    ) -> Reply<api::LinkStatus> {
+    ) -> Result<api::LinkStatus, ApiError> {
         if let Some(uid) = auth::caller(&request)?.own_uid() {
-            return Err(tonic::Status::permission_denied(format!(
+            return Err(ApiError::PermissionDenied(format!(
                 "the link status is for services (token scope --auth-service-scope); {uid:?} is a user"
             )));
         }
@@ -197,7 +243,7 @@ impl Listen for ListenService {
             ),
             Err(error) => (0, format!("cannot count queued work: {error}")),
         };
-        Ok(Response::new(api::LinkStatus {
+        Ok(api::LinkStatus {
             state: snapshot.state as i32,
             pending: snapshot.pending as u32,
             queued,
@@ -223,6 +269,6 @@ impl Listen for ListenService {
                     pusher_id: e.pusher_id,
                 })
                 .collect(),
-        }))
+        })
     }
 }

@@ -7,11 +7,11 @@
 //! which may act for any uid. Health and reflection stay open (they are other services).
 //! Missing or invalid tokens get UNAUTHENTICATED; acting for another uid, PERMISSION_DENIED.
 
+use crate::error::ApiError;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 use std::path::Path;
-use tonic::Status;
 use tracing::info;
 
 /// Who is calling, as the interceptor established it.
@@ -32,14 +32,14 @@ impl Caller {
     }
 
     /// PERMISSION_DENIED unless the caller may act for `uid`; `field` names where uid came from.
-    pub(crate) fn require(&self, field: &str, uid: &str) -> Result<(), Status> {
+    pub(crate) fn require(&self, field: &str, uid: &str) -> Result<(), ApiError> {
         if self.may_act_for(uid) {
             return Ok(());
         }
         let Caller::User(own) = self else {
             unreachable!("only users are limited")
         };
-        Err(Status::permission_denied(format!(
+        Err(ApiError::PermissionDenied(format!(
             "{field}: the token's subject {own:?} may not act for uid {uid:?}"
         )))
     }
@@ -54,12 +54,12 @@ impl Caller {
 }
 
 /// The caller attached to a request by the interceptor. Fails closed if it is missing.
-pub(crate) fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, Status> {
+pub(crate) fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, ApiError> {
     request
         .extensions()
         .get::<Caller>()
         .cloned()
-        .ok_or_else(|| Status::internal("request was not authenticated"))
+        .ok_or(ApiError::Internal("request was not authenticated"))
 }
 
 #[derive(Clone, Debug, Default)]
@@ -121,16 +121,15 @@ impl Authenticator {
     }
 
     /// Checks an `authorization` header value.
-    pub(crate) fn authenticate(&self, header: Option<&str>) -> Result<Caller, Status> {
-        let header = header
-            .ok_or_else(|| Status::unauthenticated("authorization: a bearer token is required"))?;
+    pub(crate) fn authenticate(&self, header: Option<&str>) -> Result<Caller, ApiError> {
+        let header =
+            header.ok_or_else(|| ApiError::Unauthenticated("a bearer token is required".into()))?;
         let token = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization: expected \"Bearer <token>\""))?;
-        let invalid = |reason: String| {
-            Status::unauthenticated(format!("authorization: invalid token: {reason}"))
-        };
+            .ok_or_else(|| ApiError::Unauthenticated("expected \"Bearer <token>\"".into()))?;
+        let invalid =
+            |reason: String| ApiError::Unauthenticated(format!("invalid token: {reason}"));
         let head = decode_header(token).map_err(|e| invalid(e.to_string()))?;
         let mut validation = Validation::new(head.alg);
         validation.leeway = 30;

@@ -1,8 +1,13 @@
-//! API errors and their gRPC statuses. Handlers return `Result<_, ApiError>` and use `?`.
+//! Every error a Listen call can end with, and its gRPC status.
+//!
+//! Handlers, sessions and the auth interceptor return [`ApiError`]; the conversion to a
+//! `tonic::Status` is pure (`From<ApiError> for Status`). [`reject`] is the one place where a
+//! refused call is logged and counted, once, at the level its cause deserves; internal details
+//! stay in the log and out of the status.
 
 use crate::store::StoreError;
 use tonic::Status;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
@@ -13,6 +18,30 @@ pub(crate) enum ApiError {
     NotFound(String),
     #[error("conversation {id} is {status}; only FAILED conversations can be retried")]
     NotRetryable { id: String, status: &'static str },
+    /// A request out of order on a stream (a second `start`); the message names the field.
+    #[error("{field}: {reason}")]
+    OutOfOrder {
+        field: &'static str,
+        reason: &'static str,
+    },
+    /// No valid bearer token; the message says what is wrong with it.
+    #[error("authorization: {0}")]
+    Unauthenticated(String),
+    /// The caller is known but may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// A bound (the message names its flag) is reached; retry later.
+    #[error("{0}")]
+    Exhausted(String),
+    /// The client did not send what the protocol needs within its deadline.
+    #[error("{0}")]
+    TooSlow(&'static str),
+    /// Listen is stopping; the message says how to resume.
+    #[error("{0}")]
+    ShuttingDown(&'static str),
+    /// A broken invariant inside listen; the message is safe to show.
+    #[error("{0}")]
+    Internal(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -24,32 +53,114 @@ impl ApiError {
             reason: reason.into(),
         }
     }
+
+    /// The status code's name, as the `code` label of `listen_rejected_requests_total`.
+    fn code_label(&self) -> &'static str {
+        match self {
+            ApiError::Invalid { .. } => "invalid_argument",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::NotRetryable { .. } | ApiError::OutOfOrder { .. } => "failed_precondition",
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::PermissionDenied(_) => "permission_denied",
+            ApiError::Exhausted(_) => "resource_exhausted",
+            ApiError::TooSlow(_) => "deadline_exceeded",
+            ApiError::ShuttingDown(_) | ApiError::Store(StoreError::Unavailable(_)) => {
+                "unavailable"
+            }
+            ApiError::Internal(_) | ApiError::Store(StoreError::Corrupt(_)) => "internal",
+        }
+    }
 }
 
-/// Each error is logged here, once, at the level its cause deserves; internal details stay
-/// in the log and out of the status.
+/// Logs and counts a refused call, then converts it. Every status listen returns passes here.
+pub(crate) fn reject(error: ApiError) -> Status {
+    match &error {
+        ApiError::Store(StoreError::Unavailable(detail)) => {
+            metrics::counter!("listen_store_errors_total", "kind" => "unavailable").increment(1);
+            warn!(%detail, "store unavailable");
+        }
+        ApiError::Store(StoreError::Corrupt(detail)) => {
+            metrics::counter!("listen_store_errors_total", "kind" => "corrupt").increment(1);
+            error!(%detail, "stored data is corrupt");
+        }
+        ApiError::Internal(_) => error!(%error, "request failed inside listen"),
+        ApiError::NotFound(_) | ApiError::ShuttingDown(_) => debug!(%error, "request refused"),
+        _ => info!(%error, "rejected request"),
+    }
+    if !matches!(error, ApiError::Store(_)) {
+        metrics::counter!("listen_rejected_requests_total", "code" => error.code_label())
+            .increment(1);
+    }
+    error.into()
+}
+
+/// Pure: the status for each error. Callers go through [`reject`].
 impl From<ApiError> for Status {
     fn from(error: ApiError) -> Status {
-        match &error {
-            ApiError::Invalid { .. } => {
-                metrics::counter!("listen_rejected_requests_total", "code" => "invalid_argument")
-                    .increment(1);
-                info!(%error, "rejected invalid request");
-                Status::invalid_argument(error.to_string())
+        let message = error.to_string();
+        match error {
+            ApiError::Invalid { .. } => Status::invalid_argument(message),
+            ApiError::NotFound(_) => Status::not_found(message),
+            ApiError::NotRetryable { .. } | ApiError::OutOfOrder { .. } => {
+                Status::failed_precondition(message)
             }
-            ApiError::NotFound(_) => Status::not_found(error.to_string()),
-            ApiError::NotRetryable { .. } => Status::failed_precondition(error.to_string()),
-            ApiError::Store(StoreError::Unavailable(detail)) => {
-                metrics::counter!("listen_store_errors_total", "kind" => "unavailable")
-                    .increment(1);
-                warn!(%detail, "store unavailable");
+            ApiError::Unauthenticated(_) => Status::unauthenticated(message),
+            ApiError::PermissionDenied(_) => Status::permission_denied(message),
+            ApiError::Exhausted(_) => Status::resource_exhausted(message),
+            ApiError::TooSlow(_) => Status::deadline_exceeded(message),
+            ApiError::ShuttingDown(_) => Status::unavailable(message),
+            ApiError::Internal(_) => Status::internal(message),
+            ApiError::Store(StoreError::Unavailable(_)) => {
                 Status::unavailable("the conversation store is unavailable; retry later")
             }
-            ApiError::Store(StoreError::Corrupt(detail)) => {
-                metrics::counter!("listen_store_errors_total", "kind" => "corrupt").increment(1);
-                error!(%detail, "stored data is corrupt");
+            ApiError::Store(StoreError::Corrupt(_)) => {
                 Status::internal("a stored conversation could not be read")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn each_error_has_its_code_and_a_message_without_internal_details() {
+        for (error, code, message) in [
+            (
+                ApiError::invalid("segments[1].text", "too long"),
+                Code::InvalidArgument,
+                "segments[1].text: too long",
+            ),
+            (
+                ApiError::Unauthenticated("a bearer token is required".into()),
+                Code::Unauthenticated,
+                "authorization: a bearer token is required",
+            ),
+            (
+                ApiError::OutOfOrder {
+                    field: "start",
+                    reason: "a session is started once; open a new stream",
+                },
+                Code::FailedPrecondition,
+                "start: a session is started once; open a new stream",
+            ),
+            (
+                ApiError::Store(StoreError::Unavailable(
+                    "connection refused to 10.0.0.1".into(),
+                )),
+                Code::Unavailable,
+                "the conversation store is unavailable; retry later",
+            ),
+            (
+                ApiError::Store(StoreError::Corrupt("row abc: bad status".into())),
+                Code::Internal,
+                "a stored conversation could not be read",
+            ),
+        ] {
+            let status = Status::from(error);
+            assert_eq!((status.code(), status.message()), (code, message));
         }
     }
 }

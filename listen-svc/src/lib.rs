@@ -153,12 +153,14 @@ pub async fn run(
     let authenticate = move |mut request: tonic::Request<()>| {
         let caller = match &authenticator {
             None => auth::Caller::Anyone,
-            Some(authenticator) => authenticator.authenticate(
-                request
-                    .metadata()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok()),
-            )?,
+            Some(authenticator) => authenticator
+                .authenticate(
+                    request
+                        .metadata()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok()),
+                )
+                .map_err(error::reject)?,
         };
         request.extensions_mut().insert(caller);
         Ok(request)

@@ -14,7 +14,7 @@
 //! GetConversation).
 
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, reject};
 use crate::link::LinkHandle;
 use crate::store::{ConversationStore, NewLive, Status as Lifecycle, now_ms};
 use crate::validate::{Limits, MAX_ID_BYTES, validate_language, validate_segments, validate_text};
@@ -101,11 +101,11 @@ impl Sessions {
     }
 
     /// Counts a session against its uid, or RESOURCE_EXHAUSTED beyond `--max-sessions-per-uid`.
-    fn enter_uid(self: &Arc<Self>, uid: &str) -> Result<UidSlot, Status> {
+    fn enter_uid(self: &Arc<Self>, uid: &str) -> Result<UidSlot, ApiError> {
         let mut state = self.lock();
         let open = state.per_uid.entry(uid.to_string()).or_default();
         if *open >= self.max_per_uid {
-            return Err(Status::resource_exhausted(format!(
+            return Err(ApiError::Exhausted(format!(
                 "start.uid: {uid} already has {} open sessions, the limit (--max-sessions-per-uid)",
                 self.max_per_uid
             )));
@@ -122,14 +122,14 @@ impl Sessions {
     }
 
     /// Takes a session slot, or RESOURCE_EXHAUSTED when all are taken.
-    pub(crate) fn enter(self: &Arc<Self>) -> Result<Slot, Status> {
+    pub(crate) fn enter(self: &Arc<Self>) -> Result<Slot, ApiError> {
         let mut state = self.lock();
         if state.open >= self.max_sessions {
             warn!(
                 max_sessions = self.max_sessions,
                 "session refused: at --max-sessions"
             );
-            return Err(Status::resource_exhausted(format!(
+            return Err(ApiError::Exhausted(format!(
                 "listen has {} open sessions, its limit (--max-sessions); retry later",
                 self.max_sessions
             )));
@@ -222,32 +222,29 @@ pub(crate) async fn run(
         Ok(Ok(Some(_))) => {
             return fail(
                 &tx,
-                ApiError::invalid("start", "the first message of a session must be start").into(),
+                ApiError::invalid("start", "the first message of a session must be start"),
             )
             .await;
         }
         Ok(Ok(None)) | Ok(Err(_)) => return,
         Err(_) => {
-            return fail(
-                &tx,
-                Status::deadline_exceeded("no start message within 30 s"),
-            )
-            .await;
+            return fail(&tx, ApiError::TooSlow("no start message within 30 s")).await;
         }
     };
     let mut session = match Session::begin(ctx, &caller, start, tx).await {
         Ok(session) => session,
-        Err((tx, status)) => return fail(&tx, status).await,
+        Err((tx, error)) => return fail(&tx, error).await,
     };
     let end = session.serve(&mut inbound).await;
     session.ctx.sessions.forget(&session.watched);
-    if let Err(status) = end {
-        fail(&session.tx, status).await;
+    if let Err(error) = end {
+        fail(&session.tx, error).await;
     }
 }
 
-async fn fail(tx: &EventTx, status: Status) {
-    let _ = tx.send(Err(status)).await;
+/// Ends the session with `error`'s status.
+async fn fail(tx: &EventTx, error: ApiError) {
+    let _ = tx.send(Err(reject(error))).await;
 }
 
 struct Session {
@@ -269,7 +266,7 @@ impl Session {
         caller: &Caller,
         start: Start,
         tx: EventTx,
-    ) -> Result<Session, (EventTx, Status)> {
+    ) -> Result<Session, (EventTx, ApiError)> {
         let checked = (|| {
             let uid = validate_text("start.uid", &start.uid, MAX_ID_BYTES)?.to_string();
             let timeout_s = match start.conversation_timeout_s {
@@ -288,18 +285,18 @@ impl Session {
         })();
         let (uid, timeout) = match checked {
             Ok(ok) => ok,
-            Err(error) => return Err((tx, error.into())),
+            Err(error) => return Err((tx, error)),
         };
-        if let Err(status) = caller.require("start.uid", &uid) {
-            return Err((tx, status));
+        if let Err(error) = caller.require("start.uid", &uid) {
+            return Err((tx, error));
         }
         let uid_slot = match ctx.sessions.enter_uid(&uid) {
             Ok(slot) => slot,
-            Err(status) => return Err((tx, status)),
+            Err(error) => return Err((tx, error)),
         };
         let resumable = match ctx.store.find_resumable(&uid, now_ms()).await {
             Ok(resumable) => resumable,
-            Err(error) => return Err((tx, ApiError::from(error).into())),
+            Err(error) => return Err((tx, error.into())),
         };
         let session_id = uuid::Uuid::now_v7().to_string();
         let current = resumable.map(|r| Current {
@@ -334,7 +331,7 @@ impl Session {
         Ok(session)
     }
 
-    async fn serve(&mut self, inbound: &mut Streaming<SessionRequest>) -> Result<(), Status> {
+    async fn serve(&mut self, inbound: &mut Streaming<SessionRequest>) -> Result<(), ApiError> {
         let mut shutdown = self.ctx.shutdown.clone();
         loop {
             let deadline = self.current.as_ref().map(|c| c.deadline);
@@ -346,7 +343,7 @@ impl Session {
                     continue;
                 }
                 () = stopping(&mut shutdown) => {
-                    return Err(Status::unavailable(
+                    return Err(ApiError::ShuttingDown(
                         "listen is shutting down; reconnect with the same uid to resume the conversation",
                     ));
                 }
@@ -361,9 +358,10 @@ impl Session {
                 Ok(Some(SessionRequest {
                     msg: Some(Msg::Start(_)),
                 })) => {
-                    return Err(Status::failed_precondition(
-                        "start: a session is started once; open a new stream",
-                    ));
+                    return Err(ApiError::OutOfOrder {
+                        field: "start",
+                        reason: "a session is started once; open a new stream",
+                    });
                 }
                 Ok(Some(SessionRequest { msg: None })) => {}
                 // The client is gone: the conversation stays IN_PROGRESS until its deadline.
@@ -375,7 +373,7 @@ impl Session {
     async fn append(
         &mut self,
         segments: Vec<shared::proto::listen::v1::Segment>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), ApiError> {
         if segments.is_empty() {
             return Ok(());
         }
@@ -391,11 +389,7 @@ impl Session {
                     timeout_ms: self.timeout.as_millis() as i64,
                     now_ms: now_ms(),
                 };
-                self.ctx
-                    .store
-                    .start_conversation(new)
-                    .await
-                    .map_err(ApiError::from)?;
+                self.ctx.store.start_conversation(new).await?;
                 self.current = Some(Current {
                     id: id.clone(),
                     segments: 0,
@@ -413,8 +407,7 @@ impl Session {
                 .ctx
                 .store
                 .append_segments(&current.id, segments.clone(), now_ms())
-                .await
-                .map_err(ApiError::from)?;
+                .await?;
             match stored {
                 Some(total) => {
                     current.segments = total as usize;
@@ -436,20 +429,15 @@ impl Session {
                 None => self.current = None,
             }
         }
-        Err(Status::internal("could not store segments"))
+        Err(ApiError::Internal("could not store segments"))
     }
 
-    async fn finish(&mut self) -> Result<(), Status> {
+    async fn finish(&mut self) -> Result<(), ApiError> {
         let Some(current) = self.current.take() else {
             return Ok(());
         };
         let id = current.id;
-        let finished = self
-            .ctx
-            .store
-            .finish(&id, now_ms())
-            .await
-            .map_err(ApiError::from)?;
+        let finished = self.ctx.store.finish(&id, now_ms()).await?;
         match finished {
             Some(Lifecycle::Processing) => {
                 self.ctx.sessions.wait_for(&id, &self.tx);
