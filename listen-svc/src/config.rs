@@ -1,5 +1,9 @@
 //! Command line and environment for listen-svc.
 
+use crate::auth::{AuthConfig, Authenticator};
+use crate::link::{Attempts, LinkConfig, Policy, Target};
+use crate::validate::Limits;
+use shared::backoff::Backoff;
 use shared::cli::parse_positive_duration;
 use shared::telemetry::LogFormat;
 use std::net::SocketAddr;
@@ -241,55 +245,87 @@ pub enum StoreLocation {
     Postgres(String),
 }
 
+/// A configuration that clap accepted but listen cannot run with. Each message names the flag
+/// to fix; `main` prints it and exits with status 64.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Store(String),
+    #[error("{0}")]
+    PusherUrl(String),
+    #[error("{0}")]
+    PusherTls(String),
+    #[error("{0}")]
+    ServerTls(String),
+    #[error("{0}")]
+    Auth(String),
+    #[error("--reconnect-initial and --retry-initial must not exceed --reconnect-max")]
+    BackoffOrder,
+    #[error("--lease-ttl must be at least 3s")]
+    LeaseTtl,
+    #[error("--instance-id must be 1 to 128 bytes")]
+    InstanceId,
+}
+
 impl Config {
     /// Checks what clap cannot; the message names the flag.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         self.store_location()?;
         self.pusher_tls()?;
         self.server_tls()?;
-        crate::auth::Authenticator::from_config(&self.auth_config())?;
+        self.authenticator()?;
         if self.reconnect_initial > self.reconnect_max || self.retry_initial > self.reconnect_max {
-            return Err(
-                "--reconnect-initial and --retry-initial must not exceed --reconnect-max".into(),
-            );
+            return Err(ConfigError::BackoffOrder);
         }
         if self.lease_ttl < Duration::from_secs(3) {
-            return Err("--lease-ttl must be at least 3s".into());
+            return Err(ConfigError::LeaseTtl);
         }
         if let Some(id) = &self.instance_id
             && (id.trim().is_empty() || id.len() > 128)
         {
-            return Err("--instance-id must be 1 to 128 bytes".into());
+            return Err(ConfigError::InstanceId);
         }
         Ok(())
     }
 
+    /// `--instance-id`, or the host name.
+    pub(crate) fn instance_id(&self) -> String {
+        self.instance_id.clone().unwrap_or_else(|| {
+            gethostname::gethostname()
+                .into_string()
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| format!("listen-{}", uuid::Uuid::now_v7()))
+        })
+    }
+
     /// Where pusher is; the error names --pusher-url.
-    pub fn pusher_target(&self) -> Result<crate::link::Target, String> {
-        crate::link::Target::parse(&self.pusher_url)
+    pub fn pusher_target(&self) -> Result<Target, ConfigError> {
+        Target::parse(&self.pusher_url).map_err(ConfigError::PusherUrl)
     }
 
     /// TLS towards pusher: for an https:// --pusher-url (which needs --pusher-tls-ca), or a
     /// dns: one with --pusher-tls-ca (checked against the DNS name unless
     /// --pusher-tls-domain says otherwise).
-    pub fn pusher_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    pub fn pusher_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, ConfigError> {
         let target = self.pusher_target()?;
         let any_tls_flag = self.pusher_tls_ca.is_some()
             || self.pusher_tls_cert.is_some()
             || self.pusher_tls_key.is_some();
+        let refuse = |reason: &str| Err(ConfigError::PusherTls(reason.into()));
         let ca = match (&target, self.pusher_tls_ca.as_deref()) {
-            (crate::link::Target::Url { url, .. }, ca) if url.starts_with("https://") => {
-                ca.ok_or("an https:// --pusher-url needs --pusher-tls-ca")?
-            }
-            (crate::link::Target::Url { .. }, _) if any_tls_flag => {
-                return Err(
-                    "--pusher-tls-* need an https:// or dns: --pusher-url (http:// is plaintext)"
-                        .into(),
+            (Target::Url { url, .. }, ca) if url.starts_with("https://") => match ca {
+                Some(ca) => ca,
+                None => return refuse("an https:// --pusher-url needs --pusher-tls-ca"),
+            },
+            (Target::Url { .. }, _) if any_tls_flag => {
+                return refuse(
+                    "--pusher-tls-* need an https:// or dns: --pusher-url (http:// is plaintext)",
                 );
             }
-            (crate::link::Target::Dns { .. }, Some(ca)) => ca,
-            (crate::link::Target::Dns { .. }, None) if any_tls_flag => {
-                return Err("--pusher-tls-cert and --pusher-tls-key need --pusher-tls-ca".into());
+            (Target::Dns { .. }, Some(ca)) => ca,
+            (Target::Dns { .. }, None) if any_tls_flag => {
+                return refuse("--pusher-tls-cert and --pusher-tls-key need --pusher-tls-ca");
             }
             _ => return Ok(None),
         };
@@ -302,47 +338,97 @@ impl Config {
             ["--pusher-tls-ca", "--pusher-tls-cert", "--pusher-tls-key"],
         )
         .map(Some)
+        .map_err(ConfigError::PusherTls)
     }
 
-    pub(crate) fn auth_config(&self) -> crate::auth::AuthConfig {
-        crate::auth::AuthConfig {
+    /// The link's settings: where pusher is, the pending window, retries, backoff, keepalive.
+    pub(crate) fn link_config(&self, instance_id: String) -> Result<LinkConfig, ConfigError> {
+        let reconnect = Backoff {
+            initial: self.reconnect_initial,
+            max: self.reconnect_max,
+            ..Backoff::RECONNECT
+        };
+        Ok(LinkConfig {
+            target: self.pusher_target()?,
+            resolve_interval: self.pusher_resolve_interval,
+            max_endpoints: self.max_pusher_endpoints as usize,
+            instance_id,
+            max_in_flight: self.max_in_flight as usize,
+            attempts: Attempts {
+                max_attempts: self.max_attempts,
+                ack_timeout: self.ack_timeout,
+                retry_backoff: Backoff {
+                    initial: self.retry_initial,
+                    ..reconnect
+                },
+            },
+            policy: Policy {
+                backoff: reconnect,
+                degrade_after: self.degrade_after,
+                probe_every: self.probe_interval,
+                stable_after: Duration::from_secs(10),
+            },
+            connect_timeout: self.connect_timeout,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            heartbeat_interval: self.keepalive_interval,
+            lease_ttl: self.lease_ttl,
+            max_message_bytes: self.max_message_bytes as usize,
+            transcript_buffer: self.transcript_buffer as usize,
+            tls: self.pusher_tls()?,
+        })
+    }
+
+    /// Request limits for the API and sessions.
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            max_segments: self.max_segments as usize,
+            max_segment_bytes: self.max_segment_bytes as usize,
+        }
+    }
+
+    /// Bearer-token auth, or None when it is off.
+    pub(crate) fn authenticator(&self) -> Result<Option<Authenticator>, ConfigError> {
+        Authenticator::from_config(&AuthConfig {
             jwt_secret: self.auth_jwt_secret.clone(),
             jwks_file: self.auth_jwks_file.clone(),
             issuer: self.auth_issuer.clone(),
             audience: self.auth_audience.clone(),
             service_scope: self.auth_service_scope.clone(),
-        }
+        })
+        .map_err(ConfigError::Auth)
     }
 
     /// TLS for listen's own public port, if configured.
-    pub fn server_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
+    pub fn server_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, ConfigError> {
         shared::tls::server(
             self.tls_cert.as_deref(),
             self.tls_key.as_deref(),
             None,
             ["--tls-cert", "--tls-key", "--tls-client-ca"],
         )
+        .map_err(ConfigError::ServerTls)
     }
 
-    pub fn store_location(&self) -> Result<StoreLocation, String> {
+    pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
         if let Some(path) = self.store.strip_prefix("sqlite://") {
             if path.is_empty() {
-                return Err(
+                return Err(ConfigError::Store(
                     "--store sqlite:// needs a file path, e.g. sqlite://./data/listen.db".into(),
-                );
+                ));
             }
             return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
         }
         if self.store.starts_with("postgres://") || self.store.starts_with("postgresql://") {
             self.store
                 .parse::<tokio_postgres::Config>()
-                .map_err(|e| format!("--store: invalid PostgreSQL URL: {e}"))?;
+                .map_err(|e| ConfigError::Store(format!("--store: invalid PostgreSQL URL: {e}")))?;
             return Ok(StoreLocation::Postgres(self.store.clone()));
         }
-        Err(format!(
+        Err(ConfigError::Store(format!(
             "--store {:?}: expected sqlite://PATH or postgres://USER@HOST:PORT/DB",
             self.store
-        ))
+        )))
     }
 }
 
@@ -376,25 +462,55 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_flag() {
-        for (args, flag) in [
-            (&["--store", "mysql://x"][..], "--store"),
-            (&["--store", "sqlite://"][..], "--store"),
-            (&["--store", "postgres://u@h:notaport/db"][..], "--store"),
-            (&["--pusher-url", "not a url"][..], "--pusher-url"),
-            (&["--pusher-url", "ftp://host:1"][..], "--pusher-url"),
-            (&["--pusher-url", "dns:///pusher"][..], "--pusher-url"),
+        use ConfigError as E;
+        type Case = (
+            &'static [&'static str],
+            &'static str,
+            fn(&ConfigError) -> bool,
+        );
+        let cases: [Case; 11] = [
+            (&["--store", "mysql://x"], "--store", |e| {
+                matches!(e, E::Store(_))
+            }),
+            (&["--store", "sqlite://"], "--store", |e| {
+                matches!(e, E::Store(_))
+            }),
+            (&["--store", "postgres://u@h:notaport/db"], "--store", |e| {
+                matches!(e, E::Store(_))
+            }),
+            (&["--pusher-url", "not a url"], "--pusher-url", |e| {
+                matches!(e, E::PusherUrl(_))
+            }),
+            (&["--pusher-url", "ftp://host:1"], "--pusher-url", |e| {
+                matches!(e, E::PusherUrl(_))
+            }),
+            (&["--pusher-url", "dns:///pusher"], "--pusher-url", |e| {
+                matches!(e, E::PusherUrl(_))
+            }),
             (
-                &["--pusher-url", "http://p:1", "--pusher-tls-ca", "ca.pem"][..],
+                &["--pusher-url", "http://p:1", "--pusher-tls-ca", "ca.pem"],
                 "--pusher-tls",
+                |e| matches!(e, E::PusherTls(_)),
             ),
             (
-                &["--pusher-url", "dns:///p:1", "--pusher-tls-cert", "c.pem"][..],
+                &["--pusher-url", "dns:///p:1", "--pusher-tls-cert", "c.pem"],
                 "--pusher-tls-ca",
+                |e| matches!(e, E::PusherTls(_)),
             ),
-            (&["--reconnect-initial", "1m"][..], "--reconnect-initial"),
-        ] {
+            (&["--reconnect-initial", "1m"], "--reconnect-initial", |e| {
+                matches!(e, E::BackoffOrder)
+            }),
+            (&["--lease-ttl", "2s"], "--lease-ttl", |e| {
+                matches!(e, E::LeaseTtl)
+            }),
+            (&["--auth-jwt-secret", "short"], "--auth-jwt-secret", |e| {
+                matches!(e, E::Auth(_))
+            }),
+        ];
+        for (args, flag, expected) in cases {
             let error = parse(args).validate().unwrap_err();
-            assert!(error.contains(flag), "{args:?}: {error}");
+            assert!(expected(&error), "{args:?}: {error:?}");
+            assert!(error.to_string().contains(flag), "{args:?}: {error}");
         }
         assert!(Config::try_parse_from(["listen-svc", "--ack-timeout", "0s"]).is_err());
         assert!(Config::try_parse_from(["listen-svc", "--max-in-flight", "0"]).is_err());

@@ -23,10 +23,8 @@ mod sweeper;
 mod validate;
 mod wire;
 
-pub use config::{Config, StoreLocation};
+pub use config::{Config, ConfigError, StoreLocation};
 
-use link::{Attempts, LinkConfig, Policy};
-use shared::backoff::Backoff;
 use shared::proto::listen::v1::{LINK_HEALTH_NAME, SERVICE_NAME, listen_server::ListenServer};
 use std::future::Future;
 use std::sync::Arc;
@@ -45,18 +43,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store: Arc<dyn ConversationStore> =
-        match config.store_location().map_err(anyhow::Error::msg)? {
-            StoreLocation::Sqlite(path) => {
-                let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??;
-                Arc::new(store)
-            }
-            StoreLocation::Postgres(url) => Arc::new(PostgresStore::open(&url).await?),
-        };
-    let instance_id = config
-        .instance_id
-        .clone()
-        .unwrap_or_else(default_instance_id);
+    let store: Arc<dyn ConversationStore> = match config.store_location()? {
+        StoreLocation::Sqlite(path) => {
+            let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??;
+            Arc::new(store)
+        }
+        StoreLocation::Postgres(url) => Arc::new(PostgresStore::open(&url).await?),
+    };
+    let instance_id = config.instance_id();
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -67,40 +61,7 @@ pub async fn run(
         .await;
 
     let (stop_link, link_shutdown) = watch::channel(false);
-    let reconnect = Backoff {
-        initial: config.reconnect_initial,
-        max: config.reconnect_max,
-        ..Backoff::RECONNECT
-    };
-    let link_config = LinkConfig {
-        target: config.pusher_target().map_err(anyhow::Error::msg)?,
-        resolve_interval: config.pusher_resolve_interval,
-        max_endpoints: config.max_pusher_endpoints as usize,
-        instance_id: instance_id.clone(),
-        max_in_flight: config.max_in_flight as usize,
-        attempts: Attempts {
-            max_attempts: config.max_attempts,
-            ack_timeout: config.ack_timeout,
-            retry_backoff: Backoff {
-                initial: config.retry_initial,
-                ..reconnect
-            },
-        },
-        policy: Policy {
-            backoff: reconnect,
-            degrade_after: config.degrade_after,
-            probe_every: config.probe_interval,
-            stable_after: Duration::from_secs(10),
-        },
-        connect_timeout: config.connect_timeout,
-        keepalive_interval: config.keepalive_interval,
-        keepalive_timeout: config.keepalive_timeout,
-        heartbeat_interval: config.keepalive_interval,
-        lease_ttl: config.lease_ttl,
-        max_message_bytes: config.max_message_bytes as usize,
-        transcript_buffer: config.transcript_buffer as usize,
-        tls: config.pusher_tls().map_err(anyhow::Error::msg)?,
-    };
+    let link_config = config.link_config(instance_id.clone())?;
     let sessions = session::Sessions::new(
         config.max_sessions as usize,
         config.max_sessions_per_uid as usize,
@@ -126,10 +87,7 @@ pub async fn run(
         link_shutdown,
     ));
 
-    let limits = validate::Limits {
-        max_segments: config.max_segments as usize,
-        max_segment_bytes: config.max_segment_bytes as usize,
-    };
+    let limits = config.limits();
     let service = api::ListenService {
         store: Arc::clone(&store),
         link: link.clone(),
@@ -146,9 +104,7 @@ pub async fn run(
         },
     };
     let (reflection_v1, reflection_v1alpha) = shared::grpc::reflection(&[SERVICE_NAME])?;
-    let authenticator = auth::Authenticator::from_config(&config.auth_config())
-        .map_err(anyhow::Error::msg)?
-        .map(Arc::new);
+    let authenticator = config.authenticator()?.map(Arc::new);
     // Only the Listen service is behind the interceptor: health and reflection stay open.
     let authenticate = move |mut request: tonic::Request<()>| {
         let caller = match &authenticator {
@@ -179,7 +135,7 @@ pub async fn run(
         max_local_error_reset_streams: config.max_local_error_resets as usize,
         request_timeout: config.request_timeout,
     });
-    if let Some(tls) = config.server_tls().map_err(anyhow::Error::msg)? {
+    if let Some(tls) = config.server_tls()? {
         builder = builder.tls_config(tls)?;
     }
     let router = builder
@@ -207,14 +163,6 @@ pub async fn run(
     }
     info!("listen-svc stopped");
     Ok(())
-}
-
-fn default_instance_id() -> String {
-    gethostname::gethostname()
-        .into_string()
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| format!("listen-{}", uuid::Uuid::now_v7()))
 }
 
 /// The store URL with any password replaced, for logs.
