@@ -471,3 +471,6 @@ impl Session {
 pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stopping| *stopping).await.map(|_| ());
 }
+
+#[cfg(test)]
+mod tests;
