@@ -6,8 +6,15 @@
 //! Connect stream, and writes each Ack's outcome back to the store. Pusher being slow,
 //! saturated or gone never reaches the request path: work waits in the store.
 //!
-//! Modules: [`config`] (flags), `api` (the service), `link` (stream, state machine, pending
-//! map), `store` (the `ConversationStore` trait, SQLite), `error` (error -> gRPC status).
+//! Modules, from the edge inwards (each imports only modules below it in this list):
+//! - [`config`]: flags, checked into the settings of each part (`ConfigError` names the flag);
+//! - `api`: the unary `listen.v1.Listen` calls; `session`: live `Session` streams and the
+//!   registry that bounds them and routes outcomes; `auth`: bearer tokens; `sweeper`: finishes
+//!   sessions' conversations at their deadline;
+//! - `link`: the owner task of the streams to pusher (state machine, pending windows, lanes);
+//! - `error`: every refusal as `ApiError`, and the one place it becomes a gRPC status;
+//! - `validate` (request limits and checks) and `wire` (stored types <-> protobuf): pure leaves;
+//! - `store`: the `ConversationStore` trait, SQLite and PostgreSQL.
 #![forbid(unsafe_code)]
 
 mod api;
