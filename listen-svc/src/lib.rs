@@ -12,8 +12,8 @@
 //!   registry that bounds them and routes outcomes; `auth`: bearer tokens; `sweeper`: finishes
 //!   sessions' conversations at their deadline;
 //! - `link`: the owner task of the streams to pusher (state machine, pending windows, lanes);
+//! - `validate` (request limits and checks) and `wire` (stored types <-> protobuf): pure;
 //! - `error`: every refusal as `ApiError`, and the one place it becomes a gRPC status;
-//! - `validate` (request limits and checks) and `wire` (stored types <-> protobuf): pure leaves;
 //! - `store`: the `ConversationStore` trait, SQLite and PostgreSQL.
 #![forbid(unsafe_code)]
 
