@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod http;
 mod jobs;
 mod llm;
 mod processor;
@@ -37,7 +38,7 @@ pub async fn run(
         .pusher_id
         .clone()
         .unwrap_or_else(|| gethostname_or("pusher"));
-    let client = http_client()?;
+    let client = http::client()?;
     let structurer: Arc<dyn processor::Structurer> = match &config.llm_url {
         Some(url) => {
             info!(%url, model = %config.llm_model, "structuring with an LLM");
@@ -52,7 +53,7 @@ pub async fn run(
                 client.clone(),
             ))
         }
-        None => Arc::new(processor::Builtin {
+        None => Arc::new(structurer::Builtin {
             simulated_latency: config.simulated_latency,
         }),
     };
@@ -146,14 +147,4 @@ fn gethostname_or(fallback: &str) -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| fallback.to_string())
-}
-
-/// The HTTP client for the LLM, webhooks and transcript webhooks. TLS is rustls with ring
-/// (installed here once), so no C/cmake build of aws-lc-rs is needed.
-pub(crate) fn http_client() -> reqwest::Result<reqwest::Client> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .user_agent(concat!("pusher-svc/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .build()
 }
