@@ -4,8 +4,8 @@
 //! - A request for a conversation whose job is running **attaches** to it: every requester
 //!   gets the Ack, each with its own attempt number.
 //! - A request for a conversation processed recently is answered from the **result cache**
-//!   (at most `cache_size` entries, each kept for `cache_ttl`; oldest evicted first). Only
-//!   successes are cached: a failure is worth trying again.
+//!   ([`cache`]: at most `cache_size` entries, each kept for `cache_ttl`; oldest evicted
+//!   first). Only successes are cached: a failure is worth trying again.
 //! - At most `max_concurrency` jobs process at once; up to `max_queued` more wait for a slot.
 //!   Beyond that a new request gets [`Admission::Busy`] and is not taken.
 //! - Jobs do not belong to a stream: a dropped stream does not cancel them, and their result
@@ -13,11 +13,14 @@
 //! - While a job runs (or waits for a slot), every requester on a stream receives `Progress`
 //!   each `progress_interval`.
 
+mod cache;
+
 use crate::processor::{ProcessError, Processor};
+use cache::ResultCache;
 use shared::proto::pusher::v1::{
     Ack, Failed, LinkResponse, ProcessConversation, Processed, Progress, ack, link_response,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -299,71 +302,6 @@ async fn deliver_async(requester: Requester, id: &str, outcome: Outcome) {
         Requester::Unary { tx, .. } => {
             let _ = tx.send(ack);
         }
-    }
-}
-
-/// Recent successful results, bounded by count and age. Oldest first out.
-#[derive(Default)]
-struct ResultCache {
-    capacity: usize,
-    ttl: Duration,
-    entries: HashMap<String, (Processed, Instant)>,
-    order: VecDeque<(String, Instant)>,
-}
-
-impl ResultCache {
-    fn new(capacity: usize, ttl: Duration) -> Self {
-        ResultCache {
-            capacity,
-            ttl,
-            ..Default::default()
-        }
-    }
-
-    fn get(&mut self, id: &str, now: Instant) -> Option<Processed> {
-        self.expire(now);
-        self.entries.get(id).map(|(processed, _)| processed.clone())
-    }
-
-    fn insert(&mut self, id: String, processed: Processed, now: Instant) {
-        if self.capacity == 0 {
-            return;
-        }
-        self.expire(now);
-        // A replaced entry leaves a stale order record behind; `pop_oldest` skips it.
-        self.entries.insert(id.clone(), (processed, now));
-        self.order.push_back((id, now));
-        while self.entries.len() > self.capacity {
-            self.pop_oldest();
-        }
-    }
-
-    fn expire(&mut self, now: Instant) {
-        while self
-            .order
-            .front()
-            .is_some_and(|(_, at)| now.duration_since(*at) >= self.ttl)
-        {
-            self.pop_oldest();
-        }
-    }
-
-    fn pop_oldest(&mut self) {
-        if let Some((id, at)) = self.order.pop_front() {
-            // Remove only if the entry is the one this order record belongs to.
-            if self
-                .entries
-                .get(&id)
-                .is_some_and(|(_, inserted)| *inserted == at)
-            {
-                self.entries.remove(&id);
-            }
-        }
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.entries.len()
     }
 }
 
