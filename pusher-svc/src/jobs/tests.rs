@@ -216,6 +216,15 @@ async fn beyond_concurrency_plus_queue_requests_are_busy() {
         2,
         "only max_concurrency run at once"
     );
+    assert_eq!(
+        jobs.stats(),
+        JobStats {
+            started: 3,
+            attached: 1,
+            busy: 1,
+            ..JobStats::default()
+        }
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -268,4 +277,56 @@ async fn dropped_stream_does_not_cancel_the_job() {
     assert_eq!(admission, Admission::Cached);
     assert_eq!(next_ack(&mut rx).await.attempt, 2);
     assert_eq!(processor.calls.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn each_event_counts_once_in_its_own_field() {
+    let mut stats = JobStats::default();
+    for event in [
+        JobEvent::Started,
+        JobEvent::Attached,
+        JobEvent::Attached,
+        JobEvent::Cached,
+        JobEvent::Busy,
+        JobEvent::Succeeded,
+        JobEvent::Failed,
+        JobEvent::Failed,
+        JobEvent::Failed,
+    ] {
+        stats.record(event);
+    }
+    assert_eq!(
+        stats,
+        JobStats {
+            started: 1,
+            attached: 2,
+            cached: 1,
+            busy: 1,
+            succeeded: 1,
+            failed: 3,
+        }
+    );
+}
+
+#[test]
+fn the_ack_names_the_conversation_and_the_requesters_attempt() {
+    let processed = Outcome::Processed(Processed::default());
+    assert_eq!(processed.event(), JobEvent::Succeeded);
+    assert_eq!(
+        processed.ack("c1", 4),
+        Ack {
+            conversation_id: "c1".into(),
+            attempt: 4,
+            outcome: Some(ack::Outcome::Processed(Processed::default())),
+        }
+    );
+    let failed = Outcome::Failed(ProcessError::retryable("LLM unavailable"));
+    assert_eq!(failed.event(), JobEvent::Failed);
+    assert_eq!(
+        failed.ack("c2", 1).outcome,
+        Some(ack::Outcome::Failed(Failed {
+            reason: "LLM unavailable".into(),
+            retryable: true,
+        }))
+    );
 }
