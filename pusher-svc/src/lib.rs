@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod error;
 mod http;
 mod jobs;
 mod llm;
