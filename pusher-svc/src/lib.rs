@@ -2,8 +2,21 @@
 //!
 //! Data flow: listen opens a Connect stream ([`service`]) and sends `ProcessConversation`
 //! requests; each is admitted into the job registry ([`jobs`]), which runs it through the
-//! [`processor`] (the built-in [`structurer`]) under a concurrency limit and answers with an
-//! `Ack` on every stream that asked for it. Results are cached so re-sends are cheap.
+//! [`processor`] (the built-in [`structurer`] or an [`llm`], then [`webhook`]s) under a
+//! concurrency limit and answers with an `Ack` on every stream that asked for it. Results are
+//! cached so re-sends are cheap.
+//!
+//! Modules, from the edge inwards (each imports only modules below it in this list):
+//! - [`config`]: flags and their checks;
+//! - [`service`]: `pusher.v1.Pusher`, the Connect read loops and unary Process;
+//! - [`error`]: every refusal as `PusherError`, and the one place it becomes a gRPC status;
+//! - [`transcripts`]: forwards live transcript batches to their webhooks;
+//! - [`jobs`]: the job registry, its result cache and its counters;
+//! - [`structurer`] and [`llm`]: the two `Structurer` implementations;
+//! - [`processor`]: the `Processor` and `Structurer` traits, their result types, and the
+//!   pipeline (structure, then [`webhook`]);
+//! - [`webhook`]: signed delivery of results to integrations;
+//! - [`http`]: the shared HTTP client (used by `run` to build the three above).
 #![forbid(unsafe_code)]
 
 mod config;

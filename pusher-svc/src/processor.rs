@@ -1,8 +1,8 @@
 //! The processing pipeline behind every job: structure, then discard or tell integrations.
 //!
 //! This module owns the step traits and their result types ([`Structurer`] answers a
-//! [`Structure`]); the implementations ([`crate::structurer::Builtin`], [`crate::llm::Llm`])
-//! depend on it, never the other way round.
+//! [`Structure`]); the implementations (`structurer::Builtin`, `llm::Llm`) depend on it,
+//! never the other way round.
 
 use crate::webhook::Webhooks;
 use shared::proto::pusher::v1::{ProcessConversation, Processed, Structured};
