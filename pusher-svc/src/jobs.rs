@@ -4,20 +4,27 @@
 //! - A request for a conversation whose job is running **attaches** to it: every requester
 //!   gets the Ack, each with its own attempt number.
 //! - A request for a conversation processed recently is answered from the **result cache**
-//!   (at most `cache_size` entries, each kept for `cache_ttl`; oldest evicted first). Only
-//!   successes are cached: a failure is worth trying again.
-//! - At most `max_concurrency` jobs process at once; up to `max_queued` more wait for a slot.
-//!   Beyond that a new request gets [`Admission::Busy`] and is not taken.
+//!   ([`cache`]: at most `cache_size` entries, each kept for `cache_ttl`; oldest evicted
+//!   first). Only successes are cached: a failure is worth trying again.
+//! - At most `max_concurrency` jobs process at once (a semaphore of that many slots); up to
+//!   `max_queued` more wait for a slot. Beyond that [`Jobs::submit`] answers
+//!   [`Admission::Busy`] and does not take the request.
 //! - Jobs do not belong to a stream: a dropped stream does not cancel them, and their result
 //!   lands in the cache for the replay.
 //! - While a job runs (or waits for a slot), every requester on a stream receives `Progress`
 //!   each `progress_interval`.
+//! - Each job event (started, attached, cached, busy, succeeded, failed) is a [`JobEvent`],
+//!   counted once by [`JobStats::record`] in its field and its metric; every `Ack` is built by
+//!   `Outcome::ack`.
+
+mod cache;
 
 use crate::processor::{ProcessError, Processor};
+use cache::ResultCache;
 use shared::proto::pusher::v1::{
     Ack, Failed, LinkResponse, ProcessConversation, Processed, Progress, ack, link_response,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -58,6 +65,43 @@ impl Requester {
             Requester::Stream { attempt, .. } | Requester::Unary { attempt, .. } => *attempt,
         }
     }
+
+    /// Delivers at once without waiting (cache hits, from the read loop).
+    fn deliver_now(self, id: &str, outcome: Outcome) {
+        let ack = outcome.ack(id, self.attempt());
+        match self {
+            Requester::Stream { tx, .. } => {
+                if tx
+                    .try_send(stream_message(link_response::Msg::Ack(ack)))
+                    .is_err()
+                {
+                    // Listen re-sends when its ack deadline passes; the cache answers again.
+                    debug!(conversation_id = %id, "stream full or closed; cached ack not delivered");
+                }
+            }
+            Requester::Unary { tx, .. } => {
+                let _ = tx.send(ack);
+            }
+        }
+    }
+
+    /// Delivers from a job task, waiting at most [`ACK_SEND_TIMEOUT`] for a slow stream.
+    async fn deliver(self, id: &str, outcome: Outcome) {
+        let ack = outcome.ack(id, self.attempt());
+        match self {
+            Requester::Stream { tx, .. } => {
+                let message = stream_message(link_response::Msg::Ack(ack));
+                match tokio::time::timeout(ACK_SEND_TIMEOUT, tx.send(message)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => debug!("stream closed before the ack; the result stays cached"),
+                    Err(_) => warn!("stream did not take the ack in time; the result stays cached"),
+                }
+            }
+            Requester::Unary { tx, .. } => {
+                let _ = tx.send(ack);
+            }
+        }
+    }
 }
 
 /// What happened to a request.
@@ -73,7 +117,18 @@ pub(crate) enum Admission {
     Busy { retry_after: Duration },
 }
 
-/// Counters for tests and status.
+/// One thing that happened to a request or a job, recorded by [`JobStats::record`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JobEvent {
+    Started,
+    Attached,
+    Cached,
+    Busy,
+    Succeeded,
+    Failed,
+}
+
+/// Counters for tests and status; each mirrors a metric.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct JobStats {
     pub started: u64,
@@ -82,6 +137,37 @@ pub(crate) struct JobStats {
     pub busy: u64,
     pub succeeded: u64,
     pub failed: u64,
+}
+
+impl JobStats {
+    /// The one place a job event is counted: its field here and its metric.
+    fn record(&mut self, event: JobEvent) {
+        let (count, counter) = match event {
+            JobEvent::Started => (
+                &mut self.started,
+                metrics::counter!("pusher_jobs_started_total"),
+            ),
+            JobEvent::Attached => (
+                &mut self.attached,
+                metrics::counter!("pusher_jobs_attached_total"),
+            ),
+            JobEvent::Cached => (
+                &mut self.cached,
+                metrics::counter!("pusher_jobs_cached_total"),
+            ),
+            JobEvent::Busy => (&mut self.busy, metrics::counter!("pusher_jobs_busy_total")),
+            JobEvent::Succeeded => (
+                &mut self.succeeded,
+                metrics::counter!("pusher_jobs_total", "result" => "succeeded"),
+            ),
+            JobEvent::Failed => (
+                &mut self.failed,
+                metrics::counter!("pusher_jobs_total", "result" => "failed"),
+            ),
+        };
+        *count += 1;
+        counter.increment(1);
+    }
 }
 
 pub(crate) struct Jobs {
@@ -93,9 +179,19 @@ pub(crate) struct Jobs {
 
 #[derive(Default)]
 struct State {
+    /// Who waits on each running (or queued) job; at most `max_concurrency + max_queued`.
     running: HashMap<String, Vec<Requester>>,
     cache: ResultCache,
     stats: JobStats,
+}
+
+impl State {
+    /// Records `event` and publishes the running-jobs gauge, which follows `running`: change
+    /// `running` first.
+    fn record(&mut self, event: JobEvent) {
+        self.stats.record(event);
+        metrics::gauge!("pusher_jobs_running").set(self.running.len() as f64);
+    }
 }
 
 impl Jobs {
@@ -132,29 +228,24 @@ impl Jobs {
         let id = request.conversation_id.clone();
         let mut state = self.lock();
         if let Some(processed) = state.cache.get(&id, Instant::now()) {
-            state.stats.cached += 1;
-            metrics::counter!("pusher_jobs_cached_total").increment(1);
+            state.record(JobEvent::Cached);
             drop(state);
-            deliver(requester, &id, Outcome::Processed(processed));
+            requester.deliver_now(&id, Outcome::Processed(processed));
             return Admission::Cached;
         }
         if let Some(requesters) = state.running.get_mut(&id) {
             requesters.push(requester);
-            state.stats.attached += 1;
-            metrics::counter!("pusher_jobs_attached_total").increment(1);
+            state.record(JobEvent::Attached);
             return Admission::Attached;
         }
         if state.running.len() >= self.config.max_concurrency + self.config.max_queued {
-            state.stats.busy += 1;
-            metrics::counter!("pusher_jobs_busy_total").increment(1);
+            state.record(JobEvent::Busy);
             return Admission::Busy {
                 retry_after: self.config.busy_retry_after,
             };
         }
         state.running.insert(id.clone(), vec![requester]);
-        state.stats.started += 1;
-        metrics::counter!("pusher_jobs_started_total").increment(1);
-        metrics::gauge!("pusher_jobs_running").set(state.running.len() as f64);
+        state.record(JobEvent::Started);
         drop(state);
 
         let span = info_span!("job", conversation_id = %id, attempt = request.attempt);
@@ -190,21 +281,13 @@ impl Jobs {
         };
         let requesters = {
             let mut state = self.lock();
-            match &outcome {
-                Outcome::Processed(processed) => {
-                    state.stats.succeeded += 1;
-                    metrics::counter!("pusher_jobs_total", "result" => "succeeded").increment(1);
-                    state
-                        .cache
-                        .insert(id.clone(), processed.clone(), Instant::now());
-                }
-                Outcome::Failed(_) => {
-                    state.stats.failed += 1;
-                    metrics::counter!("pusher_jobs_total", "result" => "failed").increment(1);
-                }
-            }
             let requesters = state.running.remove(&id).unwrap_or_default();
-            metrics::gauge!("pusher_jobs_running").set(state.running.len() as f64);
+            if let Outcome::Processed(processed) = &outcome {
+                state
+                    .cache
+                    .insert(id.clone(), processed.clone(), Instant::now());
+            }
+            state.record(outcome.event());
             requesters
         };
         metrics::histogram!("pusher_processing_duration_seconds")
@@ -220,7 +303,7 @@ impl Jobs {
             }
         }
         for requester in requesters {
-            deliver_async(requester, &id, outcome.clone()).await;
+            requester.deliver(&id, outcome.clone()).await;
         }
     }
 
@@ -233,9 +316,7 @@ impl Jobs {
                     attempt: *attempt,
                 };
                 // Progress is advisory: a full or closed stream simply misses one.
-                let _ = tx.try_send(Ok(LinkResponse {
-                    msg: Some(link_response::Msg::Progress(progress)),
-                }));
+                let _ = tx.try_send(stream_message(link_response::Msg::Progress(progress)));
             }
         }
     }
@@ -247,124 +328,34 @@ enum Outcome {
     Failed(ProcessError),
 }
 
-fn ack_for(id: &str, attempt: u32, outcome: Outcome) -> Ack {
-    Ack {
-        conversation_id: id.to_string(),
-        attempt,
-        outcome: Some(match outcome {
-            Outcome::Processed(processed) => ack::Outcome::Processed(processed),
-            Outcome::Failed(error) => ack::Outcome::Failed(Failed {
-                reason: error.reason,
-                retryable: error.retryable,
+impl Outcome {
+    /// The event that records this outcome.
+    fn event(&self) -> JobEvent {
+        match self {
+            Outcome::Processed(_) => JobEvent::Succeeded,
+            Outcome::Failed(_) => JobEvent::Failed,
+        }
+    }
+
+    /// The Ack for a requester that sent `attempt`: the one place pusher builds an `Ack`.
+    fn ack(self, id: &str, attempt: u32) -> Ack {
+        Ack {
+            conversation_id: id.to_string(),
+            attempt,
+            outcome: Some(match self {
+                Outcome::Processed(processed) => ack::Outcome::Processed(processed),
+                Outcome::Failed(error) => ack::Outcome::Failed(Failed {
+                    reason: error.reason,
+                    retryable: error.retryable,
+                }),
             }),
-        }),
-    }
-}
-
-/// Delivers at once without waiting (cache hits, from the read loop).
-fn deliver(requester: Requester, id: &str, outcome: Outcome) {
-    let ack = ack_for(id, requester.attempt(), outcome);
-    match requester {
-        Requester::Stream { tx, .. } => {
-            if tx
-                .try_send(Ok(LinkResponse {
-                    msg: Some(link_response::Msg::Ack(ack)),
-                }))
-                .is_err()
-            {
-                // Listen re-sends when its ack deadline passes; the cache answers again.
-                debug!(conversation_id = %id, "stream full or closed; cached ack not delivered");
-            }
-        }
-        Requester::Unary { tx, .. } => {
-            let _ = tx.send(ack);
         }
     }
 }
 
-/// Delivers from a job task, waiting a bounded time for a slow stream.
-async fn deliver_async(requester: Requester, id: &str, outcome: Outcome) {
-    let ack = ack_for(id, requester.attempt(), outcome);
-    match requester {
-        Requester::Stream { tx, .. } => {
-            let message = Ok(LinkResponse {
-                msg: Some(link_response::Msg::Ack(ack)),
-            });
-            match tokio::time::timeout(ACK_SEND_TIMEOUT, tx.send(message)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => debug!("stream closed before the ack; the result stays cached"),
-                Err(_) => warn!("stream did not take the ack in time; the result stays cached"),
-            }
-        }
-        Requester::Unary { tx, .. } => {
-            let _ = tx.send(ack);
-        }
-    }
-}
-
-/// Recent successful results, bounded by count and age. Oldest first out.
-#[derive(Default)]
-struct ResultCache {
-    capacity: usize,
-    ttl: Duration,
-    entries: HashMap<String, (Processed, Instant)>,
-    order: VecDeque<(String, Instant)>,
-}
-
-impl ResultCache {
-    fn new(capacity: usize, ttl: Duration) -> Self {
-        ResultCache {
-            capacity,
-            ttl,
-            ..Default::default()
-        }
-    }
-
-    fn get(&mut self, id: &str, now: Instant) -> Option<Processed> {
-        self.expire(now);
-        self.entries.get(id).map(|(processed, _)| processed.clone())
-    }
-
-    fn insert(&mut self, id: String, processed: Processed, now: Instant) {
-        if self.capacity == 0 {
-            return;
-        }
-        self.expire(now);
-        // A replaced entry leaves a stale order record behind; `pop_oldest` skips it.
-        self.entries.insert(id.clone(), (processed, now));
-        self.order.push_back((id, now));
-        while self.entries.len() > self.capacity {
-            self.pop_oldest();
-        }
-    }
-
-    fn expire(&mut self, now: Instant) {
-        while self
-            .order
-            .front()
-            .is_some_and(|(_, at)| now.duration_since(*at) >= self.ttl)
-        {
-            self.pop_oldest();
-        }
-    }
-
-    fn pop_oldest(&mut self) {
-        if let Some((id, at)) = self.order.pop_front() {
-            // Remove only if the entry is the one this order record belongs to.
-            if self
-                .entries
-                .get(&id)
-                .is_some_and(|(_, inserted)| *inserted == at)
-            {
-                self.entries.remove(&id);
-            }
-        }
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.entries.len()
-    }
+/// A message for the outbound half of a Connect stream.
+fn stream_message(msg: link_response::Msg) -> Result<LinkResponse, tonic::Status> {
+    Ok(LinkResponse { msg: Some(msg) })
 }
 
 #[cfg(test)]

@@ -2,11 +2,26 @@
 //!
 //! Data flow: listen opens a Connect stream ([`service`]) and sends `ProcessConversation`
 //! requests; each is admitted into the job registry ([`jobs`]), which runs it through the
-//! [`processor`] (the built-in [`structurer`]) under a concurrency limit and answers with an
-//! `Ack` on every stream that asked for it. Results are cached so re-sends are cheap.
+//! [`processor`] (the built-in [`structurer`] or an [`llm`], then [`webhook`]s) under a
+//! concurrency limit and answers with an `Ack` on every stream that asked for it. Results are
+//! cached so re-sends are cheap.
+//!
+//! Modules, from the edge inwards (each imports only modules below it in this list):
+//! - [`config`]: flags and their checks;
+//! - [`service`]: `pusher.v1.Pusher`, the Connect read loops and unary Process;
+//! - [`error`]: every refusal as `PusherError`, and the one place it becomes a gRPC status;
+//! - [`transcripts`]: forwards live transcript batches to their webhooks;
+//! - [`jobs`]: the job registry, its result cache and its counters;
+//! - [`structurer`] and [`llm`]: the two `Structurer` implementations;
+//! - [`processor`]: the `Processor` and `Structurer` traits, their result types, and the
+//!   pipeline (structure, then [`webhook`]);
+//! - [`webhook`]: signed delivery of results to integrations;
+//! - [`http`]: the shared HTTP client (used by `run` to build the three above).
 #![forbid(unsafe_code)]
 
 mod config;
+mod error;
+mod http;
 mod jobs;
 mod llm;
 mod processor;
@@ -37,7 +52,7 @@ pub async fn run(
         .pusher_id
         .clone()
         .unwrap_or_else(|| gethostname_or("pusher"));
-    let client = http_client()?;
+    let client = http::client()?;
     let structurer: Arc<dyn processor::Structurer> = match &config.llm_url {
         Some(url) => {
             info!(%url, model = %config.llm_model, "structuring with an LLM");
@@ -52,7 +67,7 @@ pub async fn run(
                 client.clone(),
             ))
         }
-        None => Arc::new(processor::Builtin {
+        None => Arc::new(structurer::Builtin {
             simulated_latency: config.simulated_latency,
         }),
     };
@@ -146,14 +161,4 @@ fn gethostname_or(fallback: &str) -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| fallback.to_string())
-}
-
-/// The HTTP client for the LLM, webhooks and transcript webhooks. TLS is rustls with ring
-/// (installed here once), so no C/cmake build of aws-lc-rs is needed.
-pub(crate) fn http_client() -> reqwest::Result<reqwest::Client> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .user_agent(concat!("pusher-svc/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .build()
 }

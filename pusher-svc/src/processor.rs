@@ -1,10 +1,12 @@
 //! The processing pipeline behind every job: structure, then discard or tell integrations.
+//!
+//! This module owns the step traits and their result types ([`Structurer`] answers a
+//! [`Structure`]); the implementations (`structurer::Builtin`, `llm::Llm`) depend on it,
+//! never the other way round.
 
-use crate::structurer;
 use crate::webhook::Webhooks;
 use shared::proto::pusher::v1::{ProcessConversation, Processed, Structured};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Why a conversation could not be processed, and whether trying again may help.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -41,22 +43,6 @@ pub(crate) struct Structure {
 #[async_trait::async_trait]
 pub(crate) trait Structurer: Send + Sync + 'static {
     async fn structure(&self, request: &ProcessConversation) -> Result<Structure, ProcessError>;
-}
-
-/// The built-in deterministic structurer, optionally preceded by a simulated latency (to
-/// stand in for an LLM call in demos and load tests).
-pub(crate) struct Builtin {
-    pub simulated_latency: Duration,
-}
-
-#[async_trait::async_trait]
-impl Structurer for Builtin {
-    async fn structure(&self, request: &ProcessConversation) -> Result<Structure, ProcessError> {
-        if !self.simulated_latency.is_zero() {
-            tokio::time::sleep(self.simulated_latency).await;
-        }
-        Ok(structurer::structure(&request.segments))
-    }
 }
 
 /// structure -> discard, or deliver to webhooks. A webhook that fails never fails the

@@ -4,7 +4,11 @@
 //! request into [`Jobs`] and answers `Busy` when jobs are saturated. The only thing it ever
 //! waits on is the stream's own outbound buffer (`stream_buffer` messages), that is, on the
 //! peer reading. On shutdown every stream is told `Draining` and its read loop ends.
+//!
+//! Every refusal is a [`PusherError`], returned through [`reject`] (logged and counted once);
+//! nothing here builds a `Status` itself.
 
+use crate::error::{PusherError, reject};
 use crate::jobs::{Admission, Jobs, Requester, StreamTx};
 use crate::transcripts::Forwarder;
 use shared::proto::pusher::v1::{
@@ -15,7 +19,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn_span};
 
 pub(crate) struct PusherService {
     pub jobs: Arc<Jobs>,
@@ -65,40 +69,42 @@ impl Pusher for PusherService {
         &self,
         request: Request<ProcessConversation>,
     ) -> Result<Response<Ack>, Status> {
-        let request = request.into_inner();
+        self.process_one(request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(reject)
+    }
+}
+
+impl PusherService {
+    /// Unary Process: the same job registry as the stream, answered when the job ends.
+    async fn process_one(&self, request: ProcessConversation) -> Result<Ack, PusherError> {
         validate(&request, self.max_segments)?;
         if *self.draining.borrow() {
-            return Err(Status::unavailable(
-                "pusher is draining; send to another replica",
-            ));
+            return Err(PusherError::Draining);
         }
         let (tx, rx) = oneshot::channel();
         let attempt = request.attempt;
         match self.jobs.submit(request, Requester::Unary { tx, attempt }) {
-            Admission::Busy { retry_after } => Err(Status::resource_exhausted(format!(
-                "pusher is at its job limit; retry after {} ms",
-                retry_after.as_millis()
-            ))),
-            _ => rx
-                .await
-                .map(Response::new)
-                .map_err(|_| Status::internal("job ended without a result")),
+            Admission::Busy { retry_after } => Err(PusherError::Busy { retry_after }),
+            _ => rx.await.map_err(|_| PusherError::NoResult),
         }
     }
 }
 
 /// Checks a request before it becomes a job. Names the offending field.
-fn validate(request: &ProcessConversation, max_segments: usize) -> Result<(), Status> {
+fn validate(request: &ProcessConversation, max_segments: usize) -> Result<(), PusherError> {
     if request.conversation_id.trim().is_empty() {
-        return Err(Status::invalid_argument(
-            "conversation_id: must not be empty",
-        ));
+        return Err(PusherError::invalid("conversation_id", "must not be empty"));
     }
     if request.segments.len() > max_segments {
-        return Err(Status::invalid_argument(format!(
-            "segments: {} segments exceeds the limit of {max_segments}",
-            request.segments.len()
-        )));
+        return Err(PusherError::invalid(
+            "segments",
+            format!(
+                "{} segments exceeds the limit of {max_segments}",
+                request.segments.len()
+            ),
+        ));
     }
     Ok(())
 }
@@ -156,12 +162,7 @@ impl StreamLoop {
                 }
                 link_request::Msg::Process(process) => {
                     if !greeted {
-                        let _ = self
-                            .tx
-                            .send(Err(Status::failed_precondition(
-                                "the first message on a Connect stream must be hello",
-                            )))
-                            .await;
+                        let _ = self.tx.send(Err(reject(PusherError::NotGreeted))).await;
                         return;
                     }
                     self.admit(process).await;
@@ -171,8 +172,11 @@ impl StreamLoop {
     }
 
     async fn admit(&self, process: ProcessConversation) {
-        if let Err(status) = validate(&process, self.max_segments) {
-            warn!(conversation_id = %process.conversation_id, %status, "rejected request on the link");
+        if let Err(error) = validate(&process, self.max_segments) {
+            // Listen checks requests before sending them, so this is a client bug: logged and
+            // counted, and not answered (the client's ack deadline re-sends it).
+            let _ = warn_span!("link_request", conversation_id = %process.conversation_id)
+                .in_scope(|| reject(error));
             return;
         }
         let (id, attempt) = (process.conversation_id.clone(), process.attempt);
@@ -210,5 +214,33 @@ async fn wait_for_drain(draining: &mut watch::Receiver<bool>) {
     if draining.wait_for(|d| *d).await.is_err() {
         // The sender is gone only when the server is gone; nothing to wait for.
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::proto::pusher::v1::Segment;
+
+    #[test]
+    fn validate_names_the_offending_field() {
+        let request = |id: &str, segments: usize| ProcessConversation {
+            conversation_id: id.into(),
+            segments: vec![Segment::default(); segments],
+            ..Default::default()
+        };
+        assert_eq!(validate(&request("c1", 3), 3), Ok(()));
+        for (request, message) in [
+            (request(" ", 0), "conversation_id: must not be empty"),
+            (
+                request("c1", 4),
+                "segments: 4 segments exceeds the limit of 3",
+            ),
+        ] {
+            assert_eq!(
+                validate(&request, 3).map_err(|error| error.to_string()),
+                Err(message.to_string())
+            );
+        }
     }
 }

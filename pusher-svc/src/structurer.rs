@@ -1,4 +1,4 @@
-//! The built-in deterministic structurer: no network, same input, same output.
+//! The built-in deterministic structurer ([`Builtin`]): no network, same input, same output.
 //!
 //! - **title**: the first sentence of the transcript with leading fillers ("so", "um", "okay")
 //!   removed, cut to 8 words, first letter upper-cased; "Untitled conversation" if none.
@@ -12,10 +12,11 @@
 //! - **discard**: fewer than 3 words that are not fillers in the whole transcript ("uh",
 //!   "hmm, okay", "yeah yeah"): noise, not a conversation.
 
-use crate::processor::Structure;
-use shared::proto::pusher::v1::{Segment, Structured};
+use crate::processor::{ProcessError, Structure, Structurer};
+use shared::proto::pusher::v1::{ProcessConversation, Segment, Structured};
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
+use std::time::Duration;
 
 const TITLE_WORDS: usize = 8;
 const OVERVIEW_SENTENCES: usize = 3;
@@ -126,6 +127,22 @@ static KEYWORDS: LazyLock<HashMap<&str, Vec<usize>>> = LazyLock::new(|| {
     }
     map
 });
+
+/// The built-in deterministic structurer, optionally preceded by a simulated latency (to
+/// stand in for an LLM call in demos and load tests).
+pub(crate) struct Builtin {
+    pub simulated_latency: Duration,
+}
+
+#[async_trait::async_trait]
+impl Structurer for Builtin {
+    async fn structure(&self, request: &ProcessConversation) -> Result<Structure, ProcessError> {
+        if !self.simulated_latency.is_zero() {
+            tokio::time::sleep(self.simulated_latency).await;
+        }
+        Ok(structure(&request.segments))
+    }
+}
 
 /// Structures a transcript and judges whether it is worth keeping. Never fails.
 ///
@@ -431,5 +448,21 @@ mod tests {
         assert!(structure(&transcript(&[])).discard);
         assert!(structure(&transcript(&["yeah yeah", "okay so"])).discard);
         assert!(!structure(&transcript(&["Call the bank", "tomorrow"])).discard);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn builtin_waits_its_simulated_latency_then_structures() {
+        let request = ProcessConversation {
+            conversation_id: "c1".into(),
+            segments: transcript(&["We should plan the trip."]),
+            ..Default::default()
+        };
+        let builtin = Builtin {
+            simulated_latency: Duration::from_secs(2),
+        };
+        let started = tokio::time::Instant::now();
+        let answer = builtin.structure(&request).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(answer, structure(&request.segments));
     }
 }

@@ -216,6 +216,15 @@ async fn beyond_concurrency_plus_queue_requests_are_busy() {
         2,
         "only max_concurrency run at once"
     );
+    assert_eq!(
+        jobs.stats(),
+        JobStats {
+            started: 3,
+            attached: 1,
+            busy: 1,
+            ..JobStats::default()
+        }
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -271,47 +280,53 @@ async fn dropped_stream_does_not_cancel_the_job() {
 }
 
 #[test]
-fn cache_is_bounded_by_size_and_age() {
-    let mut cache = ResultCache::new(2, Duration::from_secs(10));
-    let t0 = Instant::now();
-    let s = |t: &str| Processed {
-        structured: Some(Structured {
-            title: t.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    cache.insert("a".into(), s("a"), t0);
-    cache.insert("b".into(), s("b"), t0 + Duration::from_secs(1));
-    cache.insert("c".into(), s("c"), t0 + Duration::from_secs(2));
-    assert_eq!(cache.len(), 2, "oldest evicted at capacity");
-    assert!(cache.get("a", t0 + Duration::from_secs(2)).is_none());
+fn each_event_counts_once_in_its_own_field() {
+    let mut stats = JobStats::default();
+    for event in [
+        JobEvent::Started,
+        JobEvent::Attached,
+        JobEvent::Attached,
+        JobEvent::Cached,
+        JobEvent::Busy,
+        JobEvent::Succeeded,
+        JobEvent::Failed,
+        JobEvent::Failed,
+        JobEvent::Failed,
+    ] {
+        stats.record(event);
+    }
     assert_eq!(
-        cache
-            .get("b", t0 + Duration::from_secs(2))
-            .unwrap()
-            .structured
-            .unwrap()
-            .title,
-        "b"
+        stats,
+        JobStats {
+            started: 1,
+            attached: 2,
+            cached: 1,
+            busy: 1,
+            succeeded: 1,
+            failed: 3,
+        }
     );
-    assert!(
-        cache.get("b", t0 + Duration::from_secs(11)).is_none(),
-        "expired"
-    );
-    assert!(cache.get("c", t0 + Duration::from_secs(11)).is_some());
-    // Re-inserting a key refreshes it rather than leaving it to expire early.
-    cache.insert("c".into(), s("c2"), t0 + Duration::from_secs(11));
+}
+
+#[test]
+fn the_ack_names_the_conversation_and_the_requesters_attempt() {
+    let processed = Outcome::Processed(Processed::default());
+    assert_eq!(processed.event(), JobEvent::Succeeded);
     assert_eq!(
-        cache
-            .get("c", t0 + Duration::from_secs(20))
-            .unwrap()
-            .structured
-            .unwrap()
-            .title,
-        "c2"
+        processed.ack("c1", 4),
+        Ack {
+            conversation_id: "c1".into(),
+            attempt: 4,
+            outcome: Some(ack::Outcome::Processed(Processed::default())),
+        }
     );
-    let mut disabled = ResultCache::new(0, Duration::from_secs(10));
-    disabled.insert("a".into(), s("a"), t0);
-    assert!(disabled.get("a", t0).is_none());
+    let failed = Outcome::Failed(ProcessError::retryable("LLM unavailable"));
+    assert_eq!(failed.event(), JobEvent::Failed);
+    assert_eq!(
+        failed.ack("c2", 1).outcome,
+        Some(ack::Outcome::Failed(Failed {
+            reason: "LLM unavailable".into(),
+            retryable: true,
+        }))
+    );
 }

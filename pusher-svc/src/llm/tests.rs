@@ -24,7 +24,7 @@ fn llm(receiver: &Receiver, max_attempts: u32) -> Llm {
             timeout: Duration::from_millis(500),
             max_attempts,
         },
-        crate::http_client().unwrap(),
+        crate::http::client().unwrap(),
     )
 }
 

@@ -48,7 +48,7 @@ fn webhooks(
             max_attempts,
             concurrency: 4,
         },
-        crate::http_client().unwrap(),
+        crate::http::client().unwrap(),
     )
 }
 
