@@ -6,6 +6,7 @@
 //! claimed with, so late writes from a fenced-off owner change nothing.
 
 mod postgres;
+mod row;
 mod sqlite;
 
 pub(crate) use postgres::PostgresStore;
