@@ -5,6 +5,7 @@
 //! lease and bumping the fencing generation) and writes outcomes only with the generation it
 //! claimed with, so late writes from a fenced-off owner change nothing.
 
+mod list;
 mod postgres;
 mod row;
 mod sqlite;

@@ -7,6 +7,7 @@
 //!   row and never wait on each other.
 //! - Migrations run under an advisory lock, so replicas starting together apply them once.
 
+use super::list::{Arg, Placeholders, list_query};
 use super::row::{COLUMNS, RowAccess, in_queue_order, read_claimed, read_conversation};
 use super::{
     Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
@@ -188,24 +189,14 @@ impl ConversationStore for PostgresStore {
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<Conversation>, StoreError> {
         let client = self.client().await?;
-        let mut sql = format!("SELECT {COLUMNS} FROM conversations WHERE TRUE");
-        let status = filter.status.map(|s| s.as_str().to_string());
-        let limit = filter.limit as i64;
-        let mut args: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        if let Some(uid) = &filter.uid {
-            args.push(uid);
-            sql.push_str(&format!(" AND uid = ${}", args.len()));
-        }
-        if let Some(status) = &status {
-            args.push(status);
-            sql.push_str(&format!(" AND status = ${}", args.len()));
-        }
-        if let Some(before) = &filter.before_id {
-            args.push(before);
-            sql.push_str(&format!(" AND id < ${}", args.len()));
-        }
-        args.push(&limit);
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", args.len()));
+        let (sql, args) = list_query(filter, Placeholders::Dollar);
+        let args: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|arg| match arg {
+                Arg::Text(text) => text as &(dyn ToSql + Sync),
+                Arg::Int(n) => n,
+            })
+            .collect();
         let rows = client.query(&sql, &args).await.map_err(unavailable)?;
         rows.iter().map(read_conversation).collect()
     }

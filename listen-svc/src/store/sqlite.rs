@@ -13,6 +13,7 @@
 //!   the file is reused instead of growing without bound under sustained writes;
 //!   automatic checkpoints are off on the writer so its commits never pay for them.
 
+use super::list::{Arg, Placeholders, list_query};
 use super::row::{COLUMNS, in_queue_order, read_claimed, read_conversation};
 use super::{
     Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
@@ -412,22 +413,11 @@ impl ConversationStore for SqliteStore {
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<Conversation>, StoreError> {
         self.read(move |conn| {
-            let mut sql = format!("SELECT {COLUMNS} FROM conversations WHERE 1 = 1");
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            if let Some(uid) = filter.uid {
-                args.push(uid.into());
-                sql.push_str(&format!(" AND uid = ?{}", args.len()));
-            }
-            if let Some(status) = filter.status {
-                args.push(status.as_str().to_string().into());
-                sql.push_str(&format!(" AND status = ?{}", args.len()));
-            }
-            if let Some(before) = filter.before_id {
-                args.push(before.into());
-                sql.push_str(&format!(" AND id < ?{}", args.len()));
-            }
-            args.push((filter.limit as i64).into());
-            sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+            let (sql, args) = list_query(filter, Placeholders::Question);
+            let args = args.into_iter().map(|arg| match arg {
+                Arg::Text(text) => rusqlite::types::Value::Text(text),
+                Arg::Int(n) => rusqlite::types::Value::Integer(n),
+            });
             let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
             let mut rows = stmt
                 .query(rusqlite::params_from_iter(args))
