@@ -8,7 +8,10 @@
 //! - Migrations run under an advisory lock, so replicas starting together apply them once.
 
 use super::list::{Arg, Placeholders, list_query};
-use super::row::{COLUMNS, RowAccess, in_queue_order, read_claimed, read_conversation};
+use super::row::{
+    COLUMNS, RowAccess, in_queue_order, read_claimed, read_conversation, read_id_and_status,
+    read_resumable,
+};
 use super::{
     Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
     Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries, encode_segments,
@@ -166,8 +169,7 @@ impl ConversationStore for PostgresStore {
             )
             .await
             .map_err(unavailable)?;
-        let (id, status): (String, String) = (row.value("id")?, row.value("status")?);
-        let status = Status::parse_stored(&id, &status)?;
+        let (id, status) = read_id_and_status(&row)?;
         Ok(Submitted {
             id,
             status,
@@ -426,14 +428,7 @@ impl ConversationStore for PostgresStore {
             )
             .await
             .map_err(unavailable)?;
-        row.map(|r| {
-            Ok(Resumable {
-                id: r.value("id")?,
-                segment_count: r.value::<i64>("segment_count")? as u64,
-                deadline_ms: r.value("deadline_ms")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(read_resumable).transpose()
     }
 
     async fn finish_expired(
@@ -456,12 +451,6 @@ impl ConversationStore for PostgresStore {
             )
             .await
             .map_err(unavailable)?;
-        rows.iter()
-            .map(|r| {
-                let (id, status): (String, String) = (r.value("id")?, r.value("status")?);
-                let status = Status::parse_stored(&id, &status)?;
-                Ok((id, status))
-            })
-            .collect()
+        rows.iter().map(read_id_and_status).collect()
     }
 }

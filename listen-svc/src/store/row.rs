@@ -1,12 +1,12 @@
 //! Reading result rows, written once for both backends: the columns a [`Conversation`] is
-//! read from, and how a conversation row and a claimed row become values.
+//! read from, and how a conversation, claimed, resumable or (id, status) row becomes values.
 //!
 //! Columns are read by name through [`RowAccess`], so a query may return them in any order
 //! (and PostgreSQL's `c.id` reads as `id`). A missing or mistyped column is
 //! [`StoreError::Corrupt`] naming the column, never a panic.
 
 use super::{
-    Claimed, Conversation, Status, StoreError, decode_deliveries, decode_segments,
+    Claimed, Conversation, Resumable, Status, StoreError, decode_deliveries, decode_segments,
     decode_structured,
 };
 
@@ -85,6 +85,22 @@ pub(super) fn read_claimed(row: &impl RowAccess) -> Result<(i64, Claimed), Store
 pub(super) fn in_queue_order(mut claimed: Vec<(i64, Claimed)>) -> Vec<Claimed> {
     claimed.sort_by_key(|(queue_seq, _)| *queue_seq);
     claimed.into_iter().map(|(_, c)| c).collect()
+}
+
+/// A row of `id, status`: a conversation's id and its status.
+pub(super) fn read_id_and_status(row: &impl RowAccess) -> Result<(String, Status), StoreError> {
+    let id: String = row.value("id")?;
+    let status = Status::parse_stored(&id, &row.value::<String>("status")?)?;
+    Ok((id, status))
+}
+
+/// A row of `id, segment_count, deadline_ms` as a [`Resumable`].
+pub(super) fn read_resumable(row: &impl RowAccess) -> Result<Resumable, StoreError> {
+    Ok(Resumable {
+        id: row.value("id")?,
+        segment_count: row.value::<i64>("segment_count")? as u64,
+        deadline_ms: row.value("deadline_ms")?,
+    })
 }
 
 /// Stored as a 64-bit integer; read back clamped into `u32`.

@@ -14,7 +14,9 @@
 //!   automatic checkpoints are off on the writer so its commits never pay for them.
 
 use super::list::{Arg, Placeholders, list_query};
-use super::row::{COLUMNS, in_queue_order, read_claimed, read_conversation};
+use super::row::{
+    COLUMNS, in_queue_order, read_claimed, read_conversation, read_id_and_status, read_resumable,
+};
 use super::{
     Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
     Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries, encode_segments,
@@ -371,11 +373,11 @@ impl ConversationStore for SqliteStore {
                         "SELECT id, status FROM conversations WHERE uid = ?1 AND idempotency_key = ?2",
                     )
                     .map_err(unavailable)?
-                    .query_row(params![new.uid, key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                    .query_row(params![new.uid, key], |r| Ok(read_id_and_status(r)))
                     .optional()
-                    .map_err(unavailable)?;
+                    .map_err(unavailable)?
+                    .transpose()?;
                 if let Some((id, status)) = existing {
-                    let status = Status::parse_stored(&id, &status)?;
                     return Ok(Submitted { id, status, created: false });
                 }
             }
@@ -649,15 +651,10 @@ impl ConversationStore for SqliteStore {
         self.read(move |conn| {
             conn.prepare_cached(RESUMABLE_SQL)
                 .map_err(unavailable)?
-                .query_row(params![uid, now_ms], |row| {
-                    Ok(Resumable {
-                        id: row.get(0)?,
-                        segment_count: row.get::<_, i64>(1)? as u64,
-                        deadline_ms: row.get(2)?,
-                    })
-                })
+                .query_row(params![uid, now_ms], |row| Ok(read_resumable(row)))
                 .optional()
-                .map_err(unavailable)
+                .map_err(unavailable)?
+                .transpose()
         })
         .await
     }
