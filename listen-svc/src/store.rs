@@ -4,8 +4,14 @@
 //! ever sent to pusher; the link [`claim`](ConversationStore::claim)s rows to send (taking a
 //! lease and bumping the fencing generation) and writes outcomes only with the generation it
 //! claimed with, so late writes from a fenced-off owner change nothing.
+//!
+//! Two backends, [`SqliteStore`] and [`PostgresStore`], each keep their own dialect's SQL
+//! (claims, upserts, migrations). What they share is written once: `row` reads result rows
+//! (the column list, row to [`Conversation`], claimed rows) and `list` builds the list query.
 
+mod list;
 mod postgres;
+mod row;
 mod sqlite;
 
 pub(crate) use postgres::PostgresStore;

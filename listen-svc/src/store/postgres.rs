@@ -7,17 +7,22 @@
 //!   row and never wait on each other.
 //! - Migrations run under an advisory lock, so replicas starting together apply them once.
 
+use super::list::{Arg, Placeholders, list_query};
+use super::row::{
+    COLUMNS, RowAccess, in_queue_order, read_claimed, read_conversation, read_id_and_status,
+    read_resumable,
+};
 use super::{
     Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
-    Resumable, RetryOutcome, Status, StoreError, Submitted, decode_deliveries, decode_segments,
-    decode_structured, encode_deliveries, encode_segments, has_text,
+    Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries, encode_segments,
+    has_text,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prost::Message;
 use shared::proto::listen::v1 as api;
 use std::time::Duration;
+use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
 use tracing::debug;
 
 const POOL_SIZE: usize = 16;
@@ -32,9 +37,6 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0003_deliveries.sql"),
     include_str!("../../migrations/postgres/0004_partial_indexes.sql"),
 ];
-
-const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
-                       created_at_ms, finished_at_ms, completed_at_ms, deliveries";
 
 pub(crate) struct PostgresStore {
     pool: Pool,
@@ -90,12 +92,12 @@ impl PostgresStore {
         .map_err(unavailable)?;
         let applied: i64 = tx
             .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                "SELECT COALESCE(MAX(version), 0) AS applied FROM schema_migrations",
                 &[],
             )
             .await
             .map_err(unavailable)?
-            .get(0);
+            .value("applied")?;
         let known = MIGRATIONS.len() as i64;
         if applied > known {
             return Err(StoreError::Unavailable(format!(
@@ -124,31 +126,6 @@ fn unavailable(error: tokio_postgres::Error) -> StoreError {
         None => error.to_string(),
     };
     StoreError::Unavailable(detail)
-}
-
-fn conversation_from_row(row: &Row) -> Result<Conversation, StoreError> {
-    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt(e.to_string());
-    let id: String = row.try_get(0).map_err(corrupt)?;
-    let status: String = row.try_get(3).map_err(corrupt)?;
-    let segments: Vec<u8> = row.try_get(4).map_err(corrupt)?;
-    let structured: Option<Vec<u8>> = row.try_get(5).map_err(corrupt)?;
-    Ok(Conversation {
-        uid: row.try_get(1).map_err(corrupt)?,
-        language: row.try_get(2).map_err(corrupt)?,
-        status: Status::parse_stored(&id, &status)?,
-        segments: decode_segments(&id, &segments)?,
-        structured: decode_structured(&id, structured)?,
-        attempts: row
-            .try_get::<_, i64>(6)
-            .map_err(corrupt)?
-            .clamp(0, u32::MAX as i64) as u32,
-        last_error: row.try_get(7).map_err(corrupt)?,
-        created_at_ms: row.try_get(8).map_err(corrupt)?,
-        finished_at_ms: row.try_get(9).map_err(corrupt)?,
-        completed_at_ms: row.try_get(10).map_err(corrupt)?,
-        deliveries: decode_deliveries(&id, row.try_get(11).map_err(corrupt)?)?,
-        id,
-    })
 }
 
 #[async_trait::async_trait]
@@ -192,8 +169,7 @@ impl ConversationStore for PostgresStore {
             )
             .await
             .map_err(unavailable)?;
-        let (id, status): (String, String) = (row.get(0), row.get(1));
-        let status = Status::parse_stored(&id, &status)?;
+        let (id, status) = read_id_and_status(&row)?;
         Ok(Submitted {
             id,
             status,
@@ -210,31 +186,21 @@ impl ConversationStore for PostgresStore {
             )
             .await
             .map_err(unavailable)?;
-        row.as_ref().map(conversation_from_row).transpose()
+        row.as_ref().map(read_conversation).transpose()
     }
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<Conversation>, StoreError> {
         let client = self.client().await?;
-        let mut sql = format!("SELECT {COLUMNS} FROM conversations WHERE TRUE");
-        let status = filter.status.map(|s| s.as_str().to_string());
-        let limit = filter.limit as i64;
-        let mut args: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        if let Some(uid) = &filter.uid {
-            args.push(uid);
-            sql.push_str(&format!(" AND uid = ${}", args.len()));
-        }
-        if let Some(status) = &status {
-            args.push(status);
-            sql.push_str(&format!(" AND status = ${}", args.len()));
-        }
-        if let Some(before) = &filter.before_id {
-            args.push(before);
-            sql.push_str(&format!(" AND id < ${}", args.len()));
-        }
-        args.push(&limit);
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", args.len()));
+        let (sql, args) = list_query(filter, Placeholders::Dollar);
+        let args: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|arg| match arg {
+                Arg::Text(text) => text as &(dyn ToSql + Sync),
+                Arg::Int(n) => n,
+            })
+            .collect();
         let rows = client.query(&sql, &args).await.map_err(unavailable)?;
-        rows.iter().map(conversation_from_row).collect()
+        rows.iter().map(read_conversation).collect()
     }
 
     async fn retry(&self, id: &str) -> Result<RetryOutcome, StoreError> {
@@ -252,9 +218,7 @@ impl ConversationStore for PostgresStore {
             .await
             .map_err(unavailable)?;
         if let Some(row) = row {
-            return Ok(RetryOutcome::Retried(Box::new(conversation_from_row(
-                &row,
-            )?)));
+            return Ok(RetryOutcome::Retried(Box::new(read_conversation(&row)?)));
         }
         let status = client
             .query_opt("SELECT status FROM conversations WHERE id = $1", &[&id])
@@ -263,7 +227,7 @@ impl ConversationStore for PostgresStore {
         Ok(match status {
             None => RetryOutcome::NotFound,
             Some(row) => {
-                let status: String = row.get(0);
+                let status: String = row.value("status")?;
                 RetryOutcome::NotFailed(Status::parse_stored(id, &status)?)
             }
         })
@@ -293,25 +257,8 @@ impl ConversationStore for PostgresStore {
             )
             .await
             .map_err(unavailable)?;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id: String = row.get(0);
-            let segments: Vec<u8> = row.get(3);
-            claimed.push((
-                row.get::<_, i64>(6),
-                Claimed {
-                    uid: row.get(1),
-                    language: row.get(2),
-                    segments: decode_segments(&id, &segments)?,
-                    finished_at_ms: row.get(4),
-                    generation: row.get(5),
-                    attempts: row.get::<_, i64>(7).clamp(0, u32::MAX as i64) as u32,
-                    id,
-                },
-            ));
-        }
-        claimed.sort_by_key(|(seq, _)| *seq);
-        Ok(claimed.into_iter().map(|(_, c)| c).collect())
+        let claimed = rows.iter().map(read_claimed).collect::<Result<_, _>>()?;
+        Ok(in_queue_order(claimed))
     }
 
     async fn release(&self, owner: &str) -> Result<u64, StoreError> {
@@ -398,12 +345,12 @@ impl ConversationStore for PostgresStore {
         let client = self.client().await?;
         let row = client
             .query_one(
-                "SELECT COUNT(*) FROM conversations WHERE status = 'processing'",
+                "SELECT COUNT(*) AS processing FROM conversations WHERE status = 'processing'",
                 &[],
             )
             .await
             .map_err(unavailable)?;
-        Ok(row.get::<_, i64>(0) as u64)
+        Ok(row.value::<i64>("processing")? as u64)
     }
 
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError> {
@@ -442,7 +389,8 @@ impl ConversationStore for PostgresStore {
             )
             .await
             .map_err(unavailable)?;
-        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+        let count = row.map(|r| r.value::<i64>("segment_count")).transpose()?;
+        Ok(count.map(|n| n as u64))
     }
 
     async fn finish(&self, id: &str, now_ms: i64) -> Result<Option<Status>, StoreError> {
@@ -459,7 +407,7 @@ impl ConversationStore for PostgresStore {
             .await
             .map_err(unavailable)?;
         row.map(|r| {
-            let status: String = r.get(0);
+            let status: String = r.value("status")?;
             Status::parse_stored(id, &status)
         })
         .transpose()
@@ -480,11 +428,7 @@ impl ConversationStore for PostgresStore {
             )
             .await
             .map_err(unavailable)?;
-        Ok(row.map(|r| Resumable {
-            id: r.get(0),
-            segment_count: r.get::<_, i64>(1) as u64,
-            deadline_ms: r.get(2),
-        }))
+        row.as_ref().map(read_resumable).transpose()
     }
 
     async fn finish_expired(
@@ -507,12 +451,6 @@ impl ConversationStore for PostgresStore {
             )
             .await
             .map_err(unavailable)?;
-        rows.iter()
-            .map(|r| {
-                let (id, status): (String, String) = (r.get(0), r.get(1));
-                let status = Status::parse_stored(&id, &status)?;
-                Ok((id, status))
-            })
-            .collect()
+        rows.iter().map(read_id_and_status).collect()
     }
 }

@@ -13,13 +13,17 @@
 //!   the file is reused instead of growing without bound under sustained writes;
 //!   automatic checkpoints are off on the writer so its commits never pay for them.
 
+use super::list::{Arg, Placeholders, list_query};
+use super::row::{
+    COLUMNS, in_queue_order, read_claimed, read_conversation, read_id_and_status, read_resumable,
+};
 use super::{
     Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
-    Resumable, RetryOutcome, Status, StoreError, Submitted, decode_deliveries, decode_segments,
-    decode_structured, encode_deliveries, encode_segments, has_text,
+    Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries, encode_segments,
+    has_text,
 };
 use prost::Message;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use shared::proto::listen::v1 as api;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,9 +68,6 @@ const RESUMABLE_SQL: &str = "SELECT id, segment_count, deadline_ms FROM conversa
 const EXPIRED_SQL: &str = "SELECT id FROM conversations \
      WHERE status = 'in_progress' AND deadline_ms < ?1 ORDER BY deadline_ms LIMIT +?2";
 const COUNT_PROCESSING_SQL: &str = "SELECT COUNT(*) FROM conversations WHERE status = 'processing'";
-
-const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, last_error, \
-                       created_at_ms, finished_at_ms, completed_at_ms, deliveries";
 
 /// Runs inside the write transaction; returns what to tell the caller once the commit's
 /// outcome is known.
@@ -320,28 +321,6 @@ fn unavailable(error: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
 
-fn conversation_from_row(row: &Row<'_>) -> Result<Conversation, StoreError> {
-    let get = |e: rusqlite::Error| StoreError::Corrupt(e.to_string());
-    let id: String = row.get(0).map_err(get)?;
-    let status: String = row.get(3).map_err(get)?;
-    let segments: Vec<u8> = row.get(4).map_err(get)?;
-    let structured: Option<Vec<u8>> = row.get(5).map_err(get)?;
-    Ok(Conversation {
-        uid: row.get(1).map_err(get)?,
-        language: row.get(2).map_err(get)?,
-        status: Status::parse_stored(&id, &status)?,
-        segments: decode_segments(&id, &segments)?,
-        structured: decode_structured(&id, structured)?,
-        attempts: row.get::<_, i64>(6).map_err(get)?.clamp(0, u32::MAX as i64) as u32,
-        last_error: row.get(7).map_err(get)?,
-        created_at_ms: row.get(8).map_err(get)?,
-        finished_at_ms: row.get(9).map_err(get)?,
-        completed_at_ms: row.get(10).map_err(get)?,
-        deliveries: decode_deliveries(&id, row.get::<_, Option<Vec<u8>>>(11).map_err(get)?)?,
-        id,
-    })
-}
-
 fn get_conversation(conn: &Connection, id: &str) -> Result<Option<Conversation>, StoreError> {
     let mut stmt = conn
         .prepare_cached(&format!(
@@ -350,7 +329,7 @@ fn get_conversation(conn: &Connection, id: &str) -> Result<Option<Conversation>,
         .map_err(unavailable)?;
     let mut rows = stmt.query(params![id]).map_err(unavailable)?;
     match rows.next().map_err(unavailable)? {
-        Some(row) => conversation_from_row(row).map(Some),
+        Some(row) => read_conversation(row).map(Some),
         None => Ok(None),
     }
 }
@@ -394,11 +373,11 @@ impl ConversationStore for SqliteStore {
                         "SELECT id, status FROM conversations WHERE uid = ?1 AND idempotency_key = ?2",
                     )
                     .map_err(unavailable)?
-                    .query_row(params![new.uid, key], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                    .query_row(params![new.uid, key], |r| Ok(read_id_and_status(r)))
                     .optional()
-                    .map_err(unavailable)?;
+                    .map_err(unavailable)?
+                    .transpose()?;
                 if let Some((id, status)) = existing {
-                    let status = Status::parse_stored(&id, &status)?;
                     return Ok(Submitted { id, status, created: false });
                 }
             }
@@ -436,29 +415,18 @@ impl ConversationStore for SqliteStore {
 
     async fn list(&self, filter: ListFilter) -> Result<Vec<Conversation>, StoreError> {
         self.read(move |conn| {
-            let mut sql = format!("SELECT {COLUMNS} FROM conversations WHERE 1 = 1");
-            let mut args: Vec<rusqlite::types::Value> = Vec::new();
-            if let Some(uid) = filter.uid {
-                args.push(uid.into());
-                sql.push_str(&format!(" AND uid = ?{}", args.len()));
-            }
-            if let Some(status) = filter.status {
-                args.push(status.as_str().to_string().into());
-                sql.push_str(&format!(" AND status = ?{}", args.len()));
-            }
-            if let Some(before) = filter.before_id {
-                args.push(before.into());
-                sql.push_str(&format!(" AND id < ?{}", args.len()));
-            }
-            args.push((filter.limit as i64).into());
-            sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+            let (sql, args) = list_query(filter, Placeholders::Question);
+            let args = args.into_iter().map(|arg| match arg {
+                Arg::Text(text) => rusqlite::types::Value::Text(text),
+                Arg::Int(n) => rusqlite::types::Value::Integer(n),
+            });
             let mut stmt = conn.prepare_cached(&sql).map_err(unavailable)?;
             let mut rows = stmt
                 .query(rusqlite::params_from_iter(args))
                 .map_err(unavailable)?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(unavailable)? {
-                out.push(conversation_from_row(row)?);
+                out.push(read_conversation(row)?);
             }
             Ok(out)
         })
@@ -505,28 +473,9 @@ impl ConversationStore for SqliteStore {
                 .map_err(unavailable)?;
             let mut claimed = Vec::new();
             while let Some(row) = rows.next().map_err(unavailable)? {
-                let id: String = row.get(0).map_err(unavailable)?;
-                let segments: Vec<u8> = row.get(3).map_err(unavailable)?;
-                let queue_seq: i64 = row.get(6).map_err(unavailable)?;
-                claimed.push((
-                    queue_seq,
-                    Claimed {
-                        uid: row.get(1).map_err(unavailable)?,
-                        language: row.get(2).map_err(unavailable)?,
-                        segments: decode_segments(&id, &segments)?,
-                        finished_at_ms: row.get(4).map_err(unavailable)?,
-                        generation: row.get(5).map_err(unavailable)?,
-                        attempts: row
-                            .get::<_, i64>(7)
-                            .map_err(unavailable)?
-                            .clamp(0, u32::MAX as i64) as u32,
-                        id,
-                    },
-                ));
+                claimed.push(read_claimed(row)?);
             }
-            // RETURNING gives no order; hand them out oldest first.
-            claimed.sort_by_key(|(seq, _)| *seq);
-            Ok(claimed.into_iter().map(|(_, c)| c).collect())
+            Ok(in_queue_order(claimed))
         })
         .await
     }
@@ -702,15 +651,10 @@ impl ConversationStore for SqliteStore {
         self.read(move |conn| {
             conn.prepare_cached(RESUMABLE_SQL)
                 .map_err(unavailable)?
-                .query_row(params![uid, now_ms], |row| {
-                    Ok(Resumable {
-                        id: row.get(0)?,
-                        segment_count: row.get::<_, i64>(1)? as u64,
-                        deadline_ms: row.get(2)?,
-                    })
-                })
+                .query_row(params![uid, now_ms], |row| Ok(read_resumable(row)))
                 .optional()
-                .map_err(unavailable)
+                .map_err(unavailable)?
+                .transpose()
         })
         .await
     }

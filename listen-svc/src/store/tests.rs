@@ -84,6 +84,30 @@ impl Fixture {
             }
         }
     }
+
+    /// Stores a row's uid as bytes instead of text (on PostgreSQL the column's type changes).
+    async fn mistype_uid(&self, id: &str) {
+        match &self.location {
+            Location::Sqlite(path) => {
+                let raw = rusqlite::Connection::open(path).unwrap();
+                raw.execute("UPDATE conversations SET uid = x'75' WHERE id = ?1", [id])
+                    .unwrap();
+            }
+            Location::Postgres(url) => {
+                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client
+                    .batch_execute(
+                        "ALTER TABLE conversations ALTER COLUMN uid TYPE bytea \
+                         USING convert_to(uid, 'UTF8')",
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    }
 }
 
 /// Runs each named test against every store implementation.
@@ -113,6 +137,7 @@ conformance!(
     data_survives_reopening,
     a_failing_operation_does_not_undo_others,
     corrupt_rows_are_reported_not_misread,
+    mistyped_columns_are_reported_by_name_not_panicked_on,
     discarded_completions_and_delivery_results_are_stored,
     live_conversation_appends_in_order_and_finishes_to_processing,
     live_conversation_without_text_is_discarded,
@@ -561,6 +586,19 @@ async fn corrupt_rows_are_reported_not_misread(f: Fixture) {
     assert!(matches!(
         f.store.get(&id).await,
         Err(StoreError::Corrupt(_))
+    ));
+}
+
+async fn mistyped_columns_are_reported_by_name_not_panicked_on(f: Fixture) {
+    let id = f.queued().await;
+    f.mistype_uid(&id).await;
+    let names_uid = |result: Result<_, StoreError>| match result {
+        Err(StoreError::Corrupt(detail)) => detail.contains("uid"),
+        _ => false,
+    };
+    assert!(names_uid(f.store.get(&id).await.map(|_| ())));
+    assert!(names_uid(
+        f.store.claim("a", 0, LEASE, 10).await.map(|_| ())
     ));
 }
 
