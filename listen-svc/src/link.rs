@@ -39,6 +39,8 @@ mod series;
 mod state;
 mod stream;
 mod target;
+#[cfg(test)]
+mod tests;
 mod work;
 
 pub(crate) use handle::{EndpointSnapshot, LinkHandle, LinkSnapshot, SettledHook, Transcripts};
