@@ -6,6 +6,7 @@
 //! grows). These are rendered at scrape time instead, from the lanes that exist then: a lane
 //! registers its [`LaneMetrics`] when it is made, and dropping the lane drops its series.
 
+use super::error::Reason;
 use shared::metrics::{Buckets, Collector, Count, Family, Level};
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +23,8 @@ pub(super) struct LaneStats {
     pub(super) resent: Count,
     pub(super) busy: Count,
     pub(super) reconnects: Count,
-    pub(super) failures: Count,
+    /// By [`Reason::ALL`] (the `reason` label).
+    pub(super) failures: [Count; Reason::ALL.len()],
     /// By [`ACK_RESULTS`].
     pub(super) acks: [Count; 4],
     pub(super) ack_latency: Buckets,
@@ -57,7 +59,7 @@ impl EndpointSeries {
             resent: Count::default(),
             busy: Count::default(),
             reconnects: Count::default(),
-            failures: Count::default(),
+            failures: Default::default(),
             acks: Default::default(),
             ack_latency: Buckets::default(),
         });
@@ -101,9 +103,15 @@ impl Collector for EndpointSeries {
         per_lane(out, "listen_link_reconnects_total", "counter", |l| {
             l.reconnects.get() as f64
         });
-        per_lane(out, "listen_link_failures_total", "counter", |l| {
-            l.failures.get() as f64
-        });
+        let mut failures = Family::new(out, "listen_link_failures_total", "counter");
+        for lane in &lanes {
+            for (reason, count) in Reason::ALL.iter().zip(&lane.failures) {
+                failures.sample(
+                    &[("endpoint", &lane.endpoint), ("reason", reason.as_str())],
+                    count.get() as f64,
+                );
+            }
+        }
         let mut acks = Family::new(out, "listen_link_acks_total", "counter");
         for lane in &lanes {
             for (result, count) in ACK_RESULTS.iter().zip(&lane.acks) {
@@ -160,6 +168,7 @@ mod tests {
         a.sent.increment(3);
         a.up.set(1.0);
         a.acks[0].increment(2);
+        a.failures[Reason::Silent as usize].increment(1);
         b.ack_latency.record(0.002);
 
         let text = scrape(&series);
@@ -171,6 +180,12 @@ mod tests {
         assert!(
             text.contains("listen_link_ack_latency_seconds_count{endpoint=\"10.0.0.2:50052\"} 1\n")
         );
+        assert!(text.contains(
+            "listen_link_failures_total{endpoint=\"10.0.0.1:50052\",reason=\"silent\"} 1\n"
+        ));
+        assert!(text.contains(
+            "listen_link_failures_total{endpoint=\"10.0.0.1:50052\",reason=\"connect\"} 0\n"
+        ));
         assert_eq!(
             text.matches("# TYPE listen_link_sent_total counter")
                 .count(),

@@ -1,0 +1,348 @@
+//! The real link task ([`spawn`]) against the in-process fake pusher and a temporary SQLite
+//! store: its logic, end to end, in milliseconds. What needs real processes (SIGKILL,
+//! restarts, the real pusher) stays in the `tests` crate.
+
+use super::*;
+use crate::store::{Conversation, NewConversation, SqliteStore, Status as Stored, now_ms};
+use ::tests::dns::TestDns;
+use ::tests::fake_pusher::{Behaviour, FakePusher};
+use ::tests::proxy::{Mode, Proxy};
+use shared::proto::listen::v1 as api;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Every wait gives up after this long (each normally takes milliseconds).
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Fast everything: reconnects within 20 ms, resends within 50 ms.
+fn config(target: Target, max_attempts: u32, ack_timeout: Duration) -> LinkConfig {
+    let quick = |initial_ms: u64| Backoff {
+        initial: Duration::from_millis(initial_ms),
+        multiplier: 2.0,
+        jitter: 0.0,
+        max: Duration::from_millis(200),
+    };
+    LinkConfig {
+        target,
+        resolve_interval: Duration::from_millis(100),
+        max_endpoints: 4,
+        instance_id: "link-test".into(),
+        max_in_flight: 8,
+        attempts: Attempts {
+            max_attempts,
+            ack_timeout,
+            retry_backoff: quick(50),
+        },
+        policy: Policy {
+            backoff: quick(20),
+            degrade_after: 100,
+            probe_every: Duration::from_secs(1),
+            stable_after: Duration::from_secs(10),
+        },
+        connect_timeout: Duration::from_secs(2),
+        keepalive_interval: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(10),
+        heartbeat_interval: Duration::from_secs(1),
+        lease_ttl: Duration::from_secs(30),
+        max_message_bytes: 4 * 1024 * 1024,
+        transcript_buffer: 16,
+        tls: None,
+    }
+}
+
+fn url_target(url: &str) -> Target {
+    Target::parse(url).unwrap()
+}
+
+/// A running link over a fresh store.
+struct Rig {
+    store: Arc<SqliteStore>,
+    link: LinkHandle,
+    settled: Arc<Mutex<Vec<String>>>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn start(config: LinkConfig) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("listen.db")).unwrap());
+        let settled = Arc::new(Mutex::new(Vec::new()));
+        let hook: SettledHook = {
+            let settled = Arc::clone(&settled);
+            Arc::new(move |id: &str| settled.lock().unwrap().push(id.to_string()))
+        };
+        let (health, _) = tonic_health::server::health_reporter();
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (link, task) = spawn(
+            config,
+            Arc::clone(&store) as Arc<dyn ConversationStore>,
+            health,
+            hook,
+            shutdown_rx,
+        );
+        Rig {
+            store,
+            link,
+            settled,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+
+    /// Stores a PROCESSING conversation and wakes the link, as Submit does.
+    async fn submit(&self, text: &str) -> String {
+        let id = uuid::Uuid::now_v7().to_string();
+        self.store
+            .submit(NewConversation {
+                id: id.clone(),
+                uid: "u".into(),
+                idempotency_key: None,
+                language: "en".into(),
+                segments: vec![api::Segment {
+                    text: text.into(),
+                    ..Default::default()
+                }],
+                status: Stored::Processing,
+                now_ms: now_ms(),
+            })
+            .await
+            .unwrap();
+        self.link.wake();
+        id
+    }
+
+    async fn get(&self, id: &str) -> Conversation {
+        self.store.get(id).await.unwrap().unwrap()
+    }
+
+    async fn wait_status(&self, id: &str, status: Stored) -> Conversation {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let conversation = self.get(id).await;
+            if conversation.status == status {
+                return conversation;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never became {status:?}: {conversation:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the link's snapshot satisfies `check`.
+    async fn wait_link(&self, what: &str, check: impl Fn(&LinkSnapshot) -> bool) -> LinkSnapshot {
+        eventually(what, || {
+            let snapshot = self.link.snapshot();
+            check(&snapshot).then_some(snapshot)
+        })
+        .await
+    }
+
+    async fn stop(self) {
+        self.shutdown.send_replace(true);
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("the link stops")
+            .unwrap();
+    }
+}
+
+/// Polls `check` until it returns a value; panics after [`PATIENCE`].
+async fn eventually<T>(what: &str, check: impl Fn() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn connected(snapshot: &LinkSnapshot) -> bool {
+    snapshot.state == Wire::Connected
+}
+
+/// A stale permanent failure (for attempt 1, arriving on the stream after a reconnect, when
+/// attempt 2 is the one in flight) changes nothing and is counted.
+#[tokio::test]
+async fn a_stale_ack_changes_nothing_and_is_counted() {
+    let fake = FakePusher::start(Behaviour::Slow {
+        ack_after: None,
+        progress_every: None,
+    })
+    .await;
+    let proxy = Proxy::start(fake.addr).await;
+    let rig = Rig::start(config(url_target(&proxy.url()), 3, Duration::from_secs(30)));
+    let id = rig.submit("hello").await;
+    eventually("attempt 1 to arrive", || {
+        (fake.attempts(&id) == [1]).then_some(())
+    })
+    .await;
+
+    fake.send_stale_ack_on_connect(&id, 1);
+    fake.set(Behaviour::Normal);
+    proxy.set(Mode::Reset);
+    rig.wait_link("the reset to land", |s| {
+        !s.endpoints.is_empty() && s.endpoints.iter().all(|e| e.consecutive_failures >= 1)
+    })
+    .await;
+    proxy.set(Mode::Pass);
+
+    let conversation = rig.wait_status(&id, Stored::Completed).await;
+    assert_eq!(conversation.last_error, None);
+    assert_eq!(fake.attempts(&id), [1, 2]);
+    assert!(fake.streams() >= 2);
+    let snapshot = rig.link.snapshot();
+    assert!(snapshot.acks_ignored >= 1, "counted: {snapshot:?}");
+    assert_eq!(rig.settled.lock().unwrap().as_slice(), [id]);
+    rig.stop().await;
+}
+
+/// Work pending on a stream that breaks is re-sent on the next one with a fresh budget:
+/// two attempts were spent on the first stream (the budget is 2; the stream breaks before
+/// the second's deadline), yet the third goes out.
+#[tokio::test]
+async fn a_new_stream_replays_pending_work_with_a_fresh_budget() {
+    let fake = FakePusher::start(Behaviour::Slow {
+        ack_after: None,
+        progress_every: None,
+    })
+    .await;
+    let proxy = Proxy::start(fake.addr).await;
+    let rig = Rig::start(config(url_target(&proxy.url()), 2, Duration::from_secs(1)));
+    let id = rig.submit("hello").await;
+    eventually("two attempts on the first stream", || {
+        (fake.attempts(&id) == [1, 2]).then_some(())
+    })
+    .await;
+    let streams = fake.streams();
+
+    fake.set(Behaviour::Normal);
+    proxy.set(Mode::Reset);
+    rig.wait_link("the reset to land", |s| !connected(s)).await;
+    proxy.set(Mode::Pass);
+
+    let conversation = rig.wait_status(&id, Stored::Completed).await;
+    assert_eq!(
+        fake.attempts(&id),
+        [1, 2, 3],
+        "replayed once, on the new stream"
+    );
+    assert_eq!(conversation.attempts, 3);
+    assert!(fake.streams() > streams);
+    let snapshot = rig.wait_link("the link back up", connected).await;
+    assert!(snapshot.reconnects >= 1, "{snapshot:?}");
+    rig.stop().await;
+}
+
+/// An endpoint that leaves DNS retires: its work moves to the endpoint that joined, and the
+/// retired lane is dropped once its window is empty.
+#[tokio::test]
+async fn a_retiring_lane_hands_its_work_to_another_endpoint() {
+    let old = FakePusher::start(Behaviour::Slow {
+        ack_after: None,
+        progress_every: None,
+    })
+    .await;
+    let new = FakePusher::start(Behaviour::Normal).await;
+    let (port, old_ip, new_ip) = alias_pair(old.addr, new.addr).await;
+    let dns = TestDns::start("pusher.test", &[old_ip]).await;
+    let rig = Rig::start(config(
+        Target::parse(&dns.url(port)).unwrap(),
+        3,
+        Duration::from_secs(1),
+    ));
+    let old_endpoint = SocketAddr::new(IpAddr::V4(old_ip), port).to_string();
+    let new_endpoint = SocketAddr::new(IpAddr::V4(new_ip), port).to_string();
+
+    rig.wait_link("the first endpoint", connected).await;
+    let id = rig.submit("hello").await;
+    eventually("attempt 1 at the old endpoint", || {
+        (old.attempts(&id) == [1]).then_some(())
+    })
+    .await;
+
+    // The new endpoint is up and the old one retiring before attempt 1's ack deadline: the
+    // old lane gives up the entry instead of re-sending it itself.
+    dns.set(&[new_ip]);
+    rig.wait_link("the old endpoint retiring, the new one connected", |s| {
+        s.endpoints
+            .iter()
+            .any(|e| e.address == old_endpoint && e.retiring)
+            && s.endpoints
+                .iter()
+                .any(|e| e.address == new_endpoint && e.state == Wire::Connected)
+    })
+    .await;
+    let conversation = rig.wait_status(&id, Stored::Completed).await;
+    assert_eq!(conversation.last_error, None);
+    assert_eq!(old.attempts(&id), [1], "not re-sent where it was");
+    assert_eq!(new.attempts(&id), [2], "moved, attempt numbers carrying on");
+    let snapshot = rig
+        .wait_link("the retired lane dropped", |s| s.endpoints.len() == 1)
+        .await;
+    assert_eq!(snapshot.endpoints[0].address, new_endpoint);
+    assert_ne!(snapshot.endpoints[0].address, old_endpoint);
+    assert!(!snapshot.endpoints[0].retiring);
+    rig.stop().await;
+}
+
+/// Listeners on 127.0.0.1:PORT and 127.0.0.2:PORT (one port, as DNS answers give) that
+/// forward to `first` and `second`: two endpoints of one name on loopback.
+async fn alias_pair(first: SocketAddr, second: SocketAddr) -> (u16, Ipv4Addr, Ipv4Addr) {
+    let (a, b) = (Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2));
+    for _ in 0..20 {
+        let one = TcpListener::bind((a, 0)).await.unwrap();
+        let port = one.local_addr().unwrap().port();
+        let Ok(two) = TcpListener::bind((b, port)).await else {
+            continue; // taken on the other address: try another port
+        };
+        tokio::spawn(forward(one, first));
+        tokio::spawn(forward(two, second));
+        return (port, a, b);
+    }
+    panic!("no port free on both 127.0.0.1 and 127.0.0.2");
+}
+
+async fn forward(listener: TcpListener, to: SocketAddr) {
+    while let Ok((mut inbound, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = TcpStream::connect(to).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+/// Nothing listening: the lane fails with a connect error, says so, and keeps trying.
+#[tokio::test]
+async fn an_unreachable_endpoint_fails_with_a_connect_error() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let rig = Rig::start(config(
+        url_target(&format!("http://{addr}")),
+        3,
+        Duration::from_secs(1),
+    ));
+    let snapshot = rig
+        .wait_link("two failed connects", |s| {
+            !s.endpoints.is_empty() && s.endpoints.iter().all(|e| e.consecutive_failures >= 2)
+        })
+        .await;
+    assert!(
+        snapshot
+            .last_error
+            .starts_with(&format!("cannot connect to pusher at http://{addr}")),
+        "{snapshot:?}"
+    );
+    assert_eq!(snapshot.endpoints[0].last_error, snapshot.last_error);
+    assert_ne!(snapshot.state, Wire::Connected);
+    rig.stop().await;
+}

@@ -1,0 +1,135 @@
+//! The link's store I/O: claims, outcome writes and lease renewals. Each runs as its own
+//! task and reports back to the owner as an [`Event`], so a slow store never stalls a stream.
+//! At most one claim is out at a time, and each pending entry has at most one outcome write
+//! out.
+
+use super::{Event, SettledHook};
+use crate::store::{ConversationStore, StoreError, now_ms};
+use crate::wire::completion_of;
+use shared::proto::pusher::v1::Processed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+/// Leases renewed per store write.
+const RENEW_SLICE: usize = 256;
+/// Most rows claimed from the store in one go.
+const CLAIM_BATCH: usize = 256;
+
+/// Store I/O: claims, outcome writes and leases, each in its own task reporting back as an
+/// [`Event`], so a slow store never stalls a stream.
+pub(super) struct Work {
+    pub store: Arc<dyn ConversationStore>,
+    pub owner: String,
+    pub lease_ttl: Duration,
+    pub on_settled: SettledHook,
+    pub events: mpsc::Sender<Event>,
+    /// The store may hold claimable rows.
+    pub more_work: bool,
+    /// A claim is outstanding (at most one at a time).
+    pub claiming: bool,
+}
+
+impl Work {
+    /// Gives up every lease this instance holds; `Ok(n)` rows released.
+    pub(super) async fn release(&self) -> Result<u64, StoreError> {
+        self.store.release(&self.owner).await
+    }
+
+    /// Claims up to `free` rows (at most a batch), unless a claim is out or there is nothing
+    /// to claim.
+    pub(super) fn claim(&mut self, free: usize) {
+        if !self.more_work || self.claiming || free == 0 {
+            return;
+        }
+        self.claiming = true;
+        let limit = free.min(CLAIM_BATCH);
+        let (store, events) = (Arc::clone(&self.store), self.events.clone());
+        let owner = self.owner.clone();
+        let lease_ttl = self.lease_ttl.as_millis() as i64;
+        tokio::spawn(async move {
+            let now = now_ms();
+            let result = store.claim(&owner, now, now + lease_ttl, limit).await;
+            let _ = events.send(Event::Claimed { limit, result }).await;
+        });
+    }
+
+    /// Writes an outcome in its own task and reports back.
+    pub(super) fn settle(
+        &self,
+        id: String,
+        outcome: &'static str,
+        write: impl Future<Output = Result<bool, StoreError>> + Send + 'static,
+    ) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let result = write.await;
+            let _ = events
+                .send(Event::Settled {
+                    id,
+                    outcome,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    pub(super) fn complete(
+        &self,
+        id: String,
+        generation: i64,
+        processed: Processed,
+        attempts: u32,
+    ) {
+        let store = Arc::clone(&self.store);
+        let completion = completion_of(processed);
+        let outcome = if completion.discarded {
+            "discarded"
+        } else {
+            "completed"
+        };
+        self.settle(id.clone(), outcome, async move {
+            store
+                .complete(&id, generation, completion, attempts, now_ms())
+                .await
+        });
+    }
+
+    pub(super) fn fail(&self, id: String, generation: i64, reason: String, attempts: u32) {
+        warn!(conversation_id = %id, attempts, %reason, "conversation failed");
+        let store = Arc::clone(&self.store);
+        self.settle(id.clone(), "failed", async move {
+            store.fail(&id, generation, &reason, attempts).await
+        });
+    }
+
+    /// Renews the leases of `ids` (what the windows hold: a backlog of queued rows costs
+    /// nothing here), and sets the queued gauge on the same tick.
+    pub(super) fn renew(&self, ids: Vec<String>, pending: usize) {
+        let counter = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            if let Ok(processing) = counter.count_processing().await {
+                metrics::gauge!("listen_link_queued")
+                    .set(processing.saturating_sub(pending as u64) as f64);
+            }
+        });
+        if ids.is_empty() {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        let owner = self.owner.clone();
+        let lease_ttl = self.lease_ttl.as_millis() as i64;
+        tokio::spawn(async move {
+            let until = now_ms() + lease_ttl;
+            // In slices, so a renewal never holds the store's writer for long (a full
+            // window on every endpoint is 16 384 rows with the defaults).
+            for ids in ids.chunks(RENEW_SLICE) {
+                if let Err(error) = store.renew(&owner, ids.to_vec(), until).await {
+                    warn!(%error, "renewing leases failed");
+                    return;
+                }
+            }
+        });
+    }
+}
