@@ -7,7 +7,7 @@
 //!
 //! - `processes`: [`Service`] (start, stop, restart, logs, RSS), [`binary`],
 //!   [`build_services`] for the demo and bench.
-//! - `options`: how a test starts pusher ([`start_pusher`]) and listen ([`start_listen`]).
+//! - `options`: how a test starts pusher ([`PusherOptions`], [`start_pusher`]) and listen ([`start_listen`]).
 //! - `waits`: [`wait_for`] a condition with a deadline, and the waits built on it.
 //! - `metrics`: [`Service::metric`] and [`sum_series`] over a scrape of /metrics.
 //! - `requests`: clients, [`talk`], and the reads tests build their checks from.
@@ -33,8 +33,7 @@ pub use shared::proto::pusher::v1 as pusher;
 
 pub use metrics::sum_series;
 pub use options::{
-    FAST_LINK, ListenOptions, start_listen, start_pusher, start_pusher_at, start_pusher_tls,
-    start_pusher_with_env, with_defaults,
+    FAST_LINK, ListenOptions, PusherOptions, start_listen, start_pusher, with_defaults,
 };
 pub use processes::{
     START_TIMEOUT, Service, binary, build_services, free_port, set_log_filter, start_binary,

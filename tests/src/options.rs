@@ -3,54 +3,70 @@
 
 use crate::processes::{Service, free_port};
 use std::net::SocketAddr;
+use tonic::transport::ClientTlsConfig;
 
-/// Starts pusher-svc on `port` with extra flags, and waits for it to be healthy.
-pub async fn start_pusher(port: u16, extra: &[&str]) -> Service {
-    start_pusher_with_env(port, extra, &[]).await
+/// How [`start_pusher`] starts a pusher-svc: where it listens, its extra flags and
+/// environment, and the TLS the harness reaches it with.
+#[derive(Clone, Debug)]
+pub struct PusherOptions {
+    pub addr: SocketAddr,
+    /// Extra flags; an --admin-addr here replaces the harness's free port.
+    pub args: Vec<String>,
+    /// Environment variables (secrets that have no flag).
+    pub envs: Vec<(String, String)>,
+    /// Set for a pusher speaking TLS: the harness's health checks use it.
+    pub client_tls: Option<ClientTlsConfig>,
 }
 
-/// [`start_pusher`] with environment variables (secrets that have no flag).
-pub async fn start_pusher_with_env(port: u16, extra: &[&str], envs: &[(&str, &str)]) -> Service {
-    start_pusher_full(local(port), extra, envs, None).await
+impl PusherOptions {
+    /// A plaintext pusher on 127.0.0.1:`port`, default flags.
+    pub fn port(port: u16) -> PusherOptions {
+        PusherOptions::at(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// A plaintext pusher on `addr` (127.0.0.2, ...: Linux routes all of 127.0.0.0/8 to the
+    /// loopback interface), default flags.
+    pub fn at(addr: SocketAddr) -> PusherOptions {
+        PusherOptions {
+            addr,
+            args: Vec::new(),
+            envs: Vec::new(),
+            client_tls: None,
+        }
+    }
+
+    /// Adds flags (`--flag value` pairs).
+    pub fn args(mut self, args: &[&str]) -> PusherOptions {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Adds environment variables.
+    pub fn envs(mut self, envs: &[(&str, &str)]) -> PusherOptions {
+        self.envs
+            .extend(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// A pusher speaking TLS (its flags say so); the harness reaches it with `client_tls`.
+    pub fn tls(mut self, client_tls: ClientTlsConfig) -> PusherOptions {
+        self.client_tls = Some(client_tls);
+        self
+    }
 }
 
-/// [`start_pusher`] on another loopback address (127.0.0.2, ...: Linux routes all of
-/// 127.0.0.0/8 to the loopback interface).
-pub async fn start_pusher_at(addr: SocketAddr, extra: &[&str]) -> Service {
-    start_pusher_full(addr, extra, &[], None).await
-}
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// A pusher speaking TLS; the harness reaches it with `client_tls`.
-pub async fn start_pusher_tls(
-    port: u16,
-    extra: &[&str],
-    client_tls: tonic::transport::ClientTlsConfig,
-) -> Service {
-    start_pusher_full(local(port), extra, &[], Some(client_tls)).await
-}
-
-async fn start_pusher_full(
-    addr: SocketAddr,
-    extra: &[&str],
-    envs: &[(&str, &str)],
-    client_tls: Option<tonic::transport::ClientTlsConfig>,
-) -> Service {
+/// Starts pusher-svc as `options` say, and waits for it to be healthy.
+pub async fn start_pusher(options: PusherOptions) -> Service {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["--listen-addr".to_string(), addr.to_string()];
+    let extra: Vec<&str> = options.args.iter().map(String::as_str).collect();
+    let mut args = vec!["--listen-addr".to_string(), options.addr.to_string()];
     args.extend(with_defaults(
         &["--admin-addr", &format!("127.0.0.1:{}", free_port())],
-        extra,
+        &extra,
     ));
-    let mut service = Service::new("pusher-svc", addr, args, dir, "pusher.log");
-    service.envs = envs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    service.client_tls = client_tls;
+    let mut service = Service::new("pusher-svc", options.addr, args, dir, "pusher.log");
+    service.envs = options.envs;
+    service.client_tls = options.client_tls;
     service.launch().await
 }
 

@@ -69,10 +69,12 @@ async fn pusher_sigkill_at_random_points_loses_nothing() {
     const IN_FLIGHT: u32 = 32;
     const KILLS: usize = 3;
     let pusher_port = free_port();
-    let mut pusher = start_pusher(
-        pusher_port,
-        &["--simulated-latency", "200ms", "--log-format", "json"],
-    )
+    let mut pusher = start_pusher(PusherOptions::port(pusher_port).args(&[
+        "--simulated-latency",
+        "200ms",
+        "--log-format",
+        "json",
+    ]))
     .await;
     let listen = start_listen(ListenOptions {
         pusher_port,
@@ -120,7 +122,8 @@ async fn pusher_sigkill_at_random_points_loses_nothing() {
 /// answered).
 #[tokio::test]
 async fn lost_ack_is_recovered_from_the_result_cache() {
-    let pusher = start_pusher(free_port(), &["--log-format", "json"]).await;
+    let pusher =
+        start_pusher(PusherOptions::port(free_port()).args(&["--log-format", "json"])).await;
     let proxy = Proxy::start(pusher.addr).await;
     let listen = listen_to(&proxy.url(), &[]).await;
     let client = listen_client(&listen);
@@ -180,7 +183,9 @@ async fn lost_ack_is_recovered_from_the_result_cache() {
 /// keepalive interval + timeout; listen reconnects when the network heals and replays.
 #[tokio::test]
 async fn half_open_connection_is_detected_and_replayed() {
-    let pusher = start_pusher(free_port(), &["--simulated-latency", "300ms"]).await;
+    let pusher =
+        start_pusher(PusherOptions::port(free_port()).args(&["--simulated-latency", "300ms"]))
+            .await;
     let proxy = Proxy::start(pusher.addr).await;
     let listen = listen_to(&proxy.url(), &[]).await;
     let client = listen_client(&listen);
@@ -232,7 +237,7 @@ async fn half_open_connection_is_detected_and_replayed() {
 /// max_in_flight, and everything queued completes once pusher is back.
 #[tokio::test]
 async fn pusher_down_never_slows_listen_and_queued_work_completes() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let proxy = Proxy::start(pusher.addr).await;
     // Fast keepalive so the outage is noticed in ~2 s, but the default 5 s connect timeout:
     // reconnects then hang in the handshake, and a Submit that waited on pusher would take 5 s.
@@ -493,7 +498,7 @@ async fn poison_conversation_fails_at_once_without_blocking_others() {
 /// rather than a tight loop, and no conversation is lost.
 #[tokio::test]
 async fn reset_storm_backs_off_and_loses_nothing() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let proxy = Proxy::start(pusher.addr).await;
     // Stay in Backoff (no Degraded) to see the curve: 100 ms, x1.6, at most 2 s.
     let listen = listen_to(
@@ -559,17 +564,14 @@ async fn recovery_herd_of_5000_drains_bounded_and_complete() {
     let status = link_status(&mut client.clone()).await;
     assert_eq!((status.pending, status.queued), (0, 5000));
 
-    let _pusher = start_pusher(
-        pusher_port,
-        &[
-            "--max-concurrency",
-            "4",
-            "--max-queued",
-            "8",
-            "--busy-retry-after",
-            "50ms",
-        ],
-    )
+    let _pusher = start_pusher(PusherOptions::port(pusher_port).args(&[
+        "--max-concurrency",
+        "4",
+        "--max-queued",
+        "8",
+        "--busy-retry-after",
+        "50ms",
+    ]))
     .await;
     let mut max_pending = 0;
     let drained = wait_drained(&client, Duration::from_secs(120), |status| {
@@ -643,7 +645,7 @@ async fn stale_ack_after_reconnect_changes_nothing() {
 /// returns to CONNECTED when pusher comes back.
 #[tokio::test]
 async fn degraded_probes_half_open_and_recovers() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let proxy = Proxy::start(pusher.addr).await;
     proxy.set(Mode::BLACKHOLE); // connections open but the handshake never completes
     let listen = listen_to(
@@ -724,7 +726,9 @@ fn fastrand(below: u64) -> u64 {
 #[tokio::test]
 async fn listen_sigkill_with_work_in_flight_resumes_on_restart() {
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &["--simulated-latency", "500ms"]).await;
+    let _pusher =
+        start_pusher(PusherOptions::port(pusher_port).args(&["--simulated-latency", "500ms"]))
+            .await;
     let mut listen = start_listen(ListenOptions {
         pusher_port,
         extra: &["--max-in-flight", "16"],
@@ -755,7 +759,7 @@ async fn listen_sigkill_with_work_in_flight_resumes_on_restart() {
 /// once each.
 #[tokio::test]
 async fn slow_fragmented_network_still_delivers_everything() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let proxy = Proxy::start(pusher.addr).await;
     proxy.set(Mode::Latency {
         base: Duration::from_millis(20),
@@ -805,7 +809,7 @@ async fn slow_fragmented_network_still_delivers_everything() {
 /// soon as connections are accepted again.
 #[tokio::test]
 async fn refused_connections_back_off_then_connect() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let proxy = Proxy::start(pusher.addr).await;
     proxy.set(Mode::Refuse);
     let listen = listen_to(&proxy.url(), &["--degrade-after", "1000"]).await;

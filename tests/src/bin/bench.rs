@@ -206,10 +206,15 @@ async fn main() {
             for condition in (0..3).map(|i| (i + round) % 3) {
                 let pusher_port = free_port();
                 let _pusher = match condition {
-                    0 => Some(start_pusher(pusher_port, &[]).await),
+                    0 => Some(start_pusher(PusherOptions::port(pusher_port)).await),
                     // Down: nothing listens on the port; the link stays in backoff.
                     1 => None,
-                    _ => Some(start_pusher(pusher_port, &["--simulated-latency", "5s"]).await),
+                    _ => Some(
+                        start_pusher(
+                            PusherOptions::port(pusher_port).args(&["--simulated-latency", "5s"]),
+                        )
+                        .await,
+                    ),
                 };
                 let listen = start_listen(ListenOptions {
                     pusher_port,
@@ -266,7 +271,7 @@ async fn main() {
     let mut e2e_rate = f64::NAN;
     if want("P3") {
         let pusher_port = free_port();
-        let _pusher = start_pusher(pusher_port, &[]).await;
+        let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
         let listen = start_listen(ListenOptions {
             pusher_port,
             extra: &["--max-in-flight", "512"],
@@ -319,7 +324,7 @@ async fn main() {
         let mut pushers = Vec::new();
         for last in 1..=3u8 {
             let addr = std::net::SocketAddr::from(([127, 0, 0, last], pusher_port));
-            pushers.push(start_pusher_at(addr, &[]).await);
+            pushers.push(start_pusher(PusherOptions::at(addr)).await);
         }
         let ips: Vec<std::net::Ipv4Addr> = (1..=3).map(|i| [127, 0, 0, i].into()).collect();
         let dns = tests::dns::TestDns::start("pusher.bench", &ips).await;
@@ -365,7 +370,7 @@ async fn main() {
         let rss_before = listen.rss_kib();
         loadgen(listen.addr, "submit", 50, sizes.replay);
         let rss_queued = listen.rss_kib();
-        let _pusher = start_pusher(pusher_port, &[]).await;
+        let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
         let mut rss_peak = rss_queued;
         let drain = wait_drained(&client, Duration::from_secs(900), |_| {
             rss_peak = rss_peak.max(listen.rss_kib());
@@ -391,17 +396,14 @@ async fn main() {
     // P5: memory per in-flight conversation and per session; the pending bound.
     if want("P5") {
         let pusher_port = free_port();
-        let _pusher = start_pusher(
-            pusher_port,
-            &[
-                "--simulated-latency",
-                "600s",
-                "--max-concurrency",
-                "100000",
-                "--max-queued",
-                "100000",
-            ],
-        )
+        let _pusher = start_pusher(PusherOptions::port(pusher_port).args(&[
+            "--simulated-latency",
+            "600s",
+            "--max-concurrency",
+            "100000",
+            "--max-queued",
+            "100000",
+        ]))
         .await;
         let bound = sizes.in_flight.to_string();
         let listen = start_listen(ListenOptions {
