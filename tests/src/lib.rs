@@ -43,6 +43,6 @@ pub use requests::{
     status_of, submit_many, talk,
 };
 pub use waits::{
-    wait_all, wait_drained, wait_endpoints_connected, wait_for, wait_link_down, wait_link_up,
-    wait_one,
+    LinkWait, wait_all, wait_drained, wait_endpoints_connected, wait_for, wait_for_every,
+    wait_link, wait_one,
 };

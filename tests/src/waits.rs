@@ -3,11 +3,30 @@
 
 use crate::listen;
 use crate::requests::{ListenClient, link_status};
+use std::cell::RefCell;
+use std::fmt;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+/// How often [`wait_for`] checks.
+const POLL: Duration = Duration::from_millis(20);
+
 /// Calls `check` until it returns `Some`, or panics after `timeout` naming `what`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: impl fmt::Display, timeout: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    wait_for_every(what, timeout, POLL, check).await
+}
+
+/// [`wait_for`], checking every `interval`.
+pub async fn wait_for_every<T, F, Fut>(
+    what: impl fmt::Display,
+    timeout: Duration,
+    interval: Duration,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -21,49 +40,54 @@ where
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(interval).await;
     }
 }
 
-/// Waits until every id has `status`, returning the conversations.
+/// Waits until every id has `status` (reading those not there yet every 50 ms), returning the
+/// conversations in the order they got there.
 pub async fn wait_all(
     client: &ListenClient,
     ids: &[String],
     status: listen::ConversationStatus,
     timeout: Duration,
 ) -> Vec<listen::Conversation> {
-    let mut done = Vec::new();
-    let mut remaining: Vec<String> = ids.to_vec();
-    let deadline = Instant::now() + timeout;
-    while !remaining.is_empty() {
-        let mut still = Vec::new();
-        for id in remaining {
-            let mut client = client.clone();
-            let conversation = client
-                .get_conversation(listen::GetConversationRequest {
-                    conversation_id: id.clone(),
-                })
-                .await
-                .expect("get")
-                .into_inner();
-            if conversation.status == status as i32 {
-                done.push(conversation);
-            } else {
-                still.push(id);
+    let done = RefCell::new(Vec::new());
+    let remaining = RefCell::new(ids.to_vec());
+    let what = fmt::from_fn(|f| {
+        write!(
+            f,
+            "every conversation to be {status:?}: {} of {} are not",
+            remaining.borrow().len(),
+            ids.len()
+        )
+    });
+    wait_for_every(&what, timeout, Duration::from_millis(50), || {
+        let (done, remaining) = (&done, &remaining);
+        async move {
+            let mut still = Vec::new();
+            for id in remaining.take() {
+                let mut client = client.clone();
+                let conversation = client
+                    .get_conversation(listen::GetConversationRequest {
+                        conversation_id: id.clone(),
+                    })
+                    .await
+                    .expect("get")
+                    .into_inner();
+                if conversation.status == status as i32 {
+                    done.borrow_mut().push(conversation);
+                } else {
+                    still.push(id);
+                }
             }
+            let finished = still.is_empty();
+            remaining.replace(still);
+            finished.then_some(())
         }
-        remaining = still;
-        if !remaining.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "{} of {} not {status:?} after {timeout:?}",
-                remaining.len(),
-                ids.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    done
+    })
+    .await;
+    done.into_inner()
 }
 
 /// Waits until conversation `id` has `status`, returning it.
@@ -129,29 +153,47 @@ pub async fn wait_drained(
     started.elapsed()
 }
 
-/// Waits until listen's link is CONNECTED, or panics.
-pub async fn wait_link_up(client: &ListenClient) {
-    wait_for(
-        "the link to pusher connected",
-        Duration::from_secs(10),
-        || {
-            let mut client = client.clone();
-            async move {
-                (link_status(&mut client).await.state == listen::LinkState::Connected as i32)
-                    .then_some(())
-            }
-        },
-    )
-    .await
+/// What [`wait_link`] waits for: listen's link in a state, or out of it.
+#[derive(Clone, Copy, Debug)]
+pub enum LinkWait {
+    Is(listen::LinkState),
+    /// Anything but this state (a fault was noticed, when it is CONNECTED).
+    Not(listen::LinkState),
 }
 
-/// Waits until listen's link has left CONNECTED (a fault was noticed), or panics naming `what`.
-pub async fn wait_link_down(client: &ListenClient, what: &str, timeout: Duration) {
-    wait_for(what, timeout, || {
+impl From<listen::LinkState> for LinkWait {
+    fn from(state: listen::LinkState) -> LinkWait {
+        LinkWait::Is(state)
+    }
+}
+
+impl fmt::Display for LinkWait {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkWait::Is(state) => write!(f, "listen's link to be {state:?}"),
+            LinkWait::Not(state) => write!(f, "listen's link to leave {state:?}"),
+        }
+    }
+}
+
+/// Waits until listen's link (its overall state) is as `wanted` says, returning the status
+/// that showed it, or panics after `timeout`.
+pub async fn wait_link(
+    client: &ListenClient,
+    wanted: impl Into<LinkWait>,
+    timeout: Duration,
+) -> listen::LinkStatus {
+    let wanted = wanted.into();
+    wait_for(wanted, timeout, || {
         let mut client = client.clone();
         async move {
-            (link_status(&mut client).await.state != listen::LinkState::Connected as i32)
-                .then_some(())
+            let status = link_status(&mut client).await;
+            let state = listen::LinkState::try_from(status.state).ok();
+            let matches = match wanted {
+                LinkWait::Is(wanted) => state == Some(wanted),
+                LinkWait::Not(unwanted) => state != Some(unwanted),
+            };
+            matches.then_some(status)
         }
     })
     .await

@@ -264,7 +264,12 @@ async fn pusher_killed_with_work_in_flight_then_restarted_completes_everything()
     pusher.kill();
 
     // While pusher is gone: submits still answer at once and everything stays PROCESSING.
-    wait_link_down(&client, "link to notice", Duration::from_secs(10)).await;
+    wait_link(
+        &client,
+        LinkWait::Not(LinkState::Connected),
+        Duration::from_secs(10),
+    )
+    .await;
     for i in 60..70 {
         let started = Instant::now();
         ids.push(
@@ -692,7 +697,7 @@ async fn both_services_exit_cleanly_on_sigterm_with_the_link_open() {
     })
     .await;
     let mut client = listen_client(&listen);
-    wait_link_up(&client).await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
     let _ = link_status(&mut client).await;
     let started = Instant::now();
     assert!(pusher.terminate(Duration::from_secs(10)).success());

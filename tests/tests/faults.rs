@@ -30,22 +30,6 @@ async fn listen_to(url: &str, extra: &[&str]) -> Service {
     .await
 }
 
-async fn wait_link(
-    client: &ListenClient,
-    what: &str,
-    timeout: Duration,
-    state: LinkState,
-) -> listen::LinkStatus {
-    wait_for(what, timeout, || {
-        let mut client = client.clone();
-        async move {
-            let status = link_status(&mut client).await;
-            (status.state == state as i32).then_some(status)
-        }
-    })
-    .await
-}
-
 async fn get(client: &ListenClient, id: &str) -> listen::Conversation {
     client
         .clone()
@@ -127,13 +111,7 @@ async fn lost_ack_is_recovered_from_the_result_cache() {
     let proxy = Proxy::start(pusher.addr).await;
     let listen = listen_to(&proxy.url(), &[]).await;
     let client = listen_client(&listen);
-    wait_link(
-        &client,
-        "connected",
-        Duration::from_secs(10),
-        LinkState::Connected,
-    )
-    .await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
 
     proxy.set(Mode::BLACKHOLE_DOWNSTREAM);
     let id = client
@@ -148,9 +126,9 @@ async fn lost_ack_is_recovered_from_the_result_cache() {
     })
     .await;
     // Listen notices the silent stream and gives it up.
-    wait_link_down(
+    wait_link(
         &client,
-        "link to drop the silent stream",
+        LinkWait::Not(LinkState::Connected),
         Duration::from_secs(10),
     )
     .await;
@@ -189,18 +167,17 @@ async fn half_open_connection_is_detected_and_replayed() {
     let proxy = Proxy::start(pusher.addr).await;
     let listen = listen_to(&proxy.url(), &[]).await;
     let client = listen_client(&listen);
-    wait_link(
-        &client,
-        "connected",
-        Duration::from_secs(10),
-        LinkState::Connected,
-    )
-    .await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
 
     proxy.set(Mode::BLACKHOLE);
     let blackholed = Instant::now();
     let ids = submit_many(&client, "halfopen", 10).await;
-    wait_link_down(&client, "half-open detection", Duration::from_secs(15)).await;
+    wait_link(
+        &client,
+        LinkWait::Not(LinkState::Connected),
+        Duration::from_secs(15),
+    )
+    .await;
     let detected = blackholed.elapsed();
     eprintln!("half-open connection detected after {detected:?} (keepalive 1 s + 1 s)");
     // 1 s interval + 1 s timeout, plus one heartbeat tick and polling slack.
@@ -222,13 +199,7 @@ async fn half_open_connection_is_detected_and_replayed() {
         Duration::from_secs(30),
     )
     .await;
-    let status = wait_link(
-        &client,
-        "reconnected",
-        Duration::from_secs(10),
-        LinkState::Connected,
-    )
-    .await;
+    let status = wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
     assert!(status.reconnects >= 1);
 }
 
@@ -257,18 +228,17 @@ async fn pusher_down_never_slows_listen_and_queued_work_completes() {
     })
     .await;
     let client = listen_client(&listen);
-    wait_link(
-        &client,
-        "connected",
-        Duration::from_secs(10),
-        LinkState::Connected,
-    )
-    .await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
 
     let before = latencies(&client, &listen, "up", 100).await;
     proxy.set(Mode::BLACKHOLE);
     // Measure while listen knows pusher is gone, not just while bytes are in flight.
-    wait_link_down(&client, "the outage to be noticed", Duration::from_secs(10)).await;
+    wait_link(
+        &client,
+        LinkWait::Not(LinkState::Connected),
+        Duration::from_secs(10),
+    )
+    .await;
     let during = latencies(&client, &listen, "down", 300).await;
     eprintln!(
         "p99 submit {:?} -> {:?}, health {:?} -> {:?} (pusher up -> down)",
@@ -507,13 +477,7 @@ async fn reset_storm_backs_off_and_loses_nothing() {
     )
     .await;
     let client = listen_client(&listen);
-    wait_link(
-        &client,
-        "connected",
-        Duration::from_secs(10),
-        LinkState::Connected,
-    )
-    .await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
 
     let before = proxy.accepted();
     let storm = Instant::now();
@@ -621,7 +585,12 @@ async fn stale_ack_after_reconnect_changes_nothing() {
     fake.send_stale_ack_on_connect(&id, 1);
     fake.set(Behaviour::Normal);
     proxy.set(Mode::Reset);
-    wait_link_down(&client, "the reset to land", Duration::from_secs(10)).await;
+    wait_link(
+        &client,
+        LinkWait::Not(LinkState::Connected),
+        Duration::from_secs(10),
+    )
+    .await;
     proxy.set(Mode::Pass);
 
     let conversation = wait_one(
@@ -669,29 +638,11 @@ async fn degraded_probes_half_open_and_recovers() {
         .into_inner()
         .conversation_id;
 
-    let degraded = wait_link(
-        &client,
-        "DEGRADED",
-        Duration::from_secs(20),
-        LinkState::Degraded,
-    )
-    .await;
+    let degraded = wait_link(&client, LinkState::Degraded, Duration::from_secs(20)).await;
     assert!(degraded.consecutive_failures >= 3, "{degraded:?}");
     assert!(!degraded.last_error.is_empty());
-    wait_link(
-        &client,
-        "HALF_OPEN probe",
-        Duration::from_secs(5),
-        LinkState::HalfOpen,
-    )
-    .await;
-    wait_link(
-        &client,
-        "back to DEGRADED",
-        Duration::from_secs(5),
-        LinkState::Degraded,
-    )
-    .await;
+    wait_link(&client, LinkState::HalfOpen, Duration::from_secs(5)).await;
+    wait_link(&client, LinkState::Degraded, Duration::from_secs(5)).await;
 
     // Probes on schedule: one per 1 s cooldown + 0.5 s attempt.
     let (before, watch) = (proxy.accepted(), Instant::now());
@@ -701,13 +652,7 @@ async fn degraded_probes_half_open_and_recovers() {
     assert!((1..=3).contains(&probes), "{probes} probes in 3 s");
 
     proxy.set(Mode::Pass);
-    wait_link(
-        &client,
-        "CONNECTED",
-        Duration::from_secs(5),
-        LinkState::Connected,
-    )
-    .await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(5)).await;
     wait_one(
         &client,
         &id,

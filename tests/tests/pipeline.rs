@@ -7,7 +7,8 @@ use sha2::Sha256;
 use std::time::{Duration, Instant};
 use tests::http::{Receiver, Reply};
 use tests::listen::{
-    ConversationStatus, Segments, SessionRequest, Start, session_event::Event, session_request::Msg,
+    ConversationStatus, LinkState, Segments, SessionRequest, Start, session_event::Event,
+    session_request::Msg,
 };
 use tests::proxy::Proxy;
 use tests::*;
@@ -243,7 +244,7 @@ async fn live_segments_are_forwarded_to_transcript_webhooks() {
     })
     .await;
     let client = listen_client(&listen);
-    wait_link_up(&client).await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
     let (tx, mut events) = start_session(&client, "live").await;
     say(&tx, &mut events, "first words").await;
     say(&tx, &mut events, "second words").await;

@@ -222,7 +222,12 @@ async fn main() {
                 })
                 .await;
                 if condition != 1 {
-                    wait_link_up(&listen_client(&listen)).await;
+                    wait_link(
+                        &listen_client(&listen),
+                        listen::LinkState::Connected,
+                        Duration::from_secs(10),
+                    )
+                    .await;
                 }
                 runs[condition].push((
                     loadgen(listen.addr, "health", 10, sizes.probe_health),
@@ -413,13 +418,11 @@ async fn main() {
         .await;
         let mut client = listen_client(&listen);
         // Baseline once the link is up, so its own start-up is not counted as in-flight memory.
-        wait_for("link connected", Duration::from_secs(30), || {
-            let mut client = client.clone();
-            async move {
-                (link_status(&mut client).await.state == listen::LinkState::Connected as i32)
-                    .then_some(())
-            }
-        })
+        wait_link(
+            &client,
+            listen::LinkState::Connected,
+            Duration::from_secs(30),
+        )
         .await;
         let rss_idle = listen.rss_kib();
         loadgen(listen.addr, "submit", 50, sizes.in_flight * 3);
