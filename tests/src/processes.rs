@@ -2,6 +2,7 @@
 //! health (never by sleeping), stop it with SIGKILL or SIGTERM, restart it on the same port
 //! and store, and read its log and memory. Also builds the services for the demo and bench.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -284,6 +285,11 @@ fn log_filter() -> String {
 
 /// Builds listen-svc and pusher-svc with the cargo running this program, in its profile, so a
 /// `cargo run -p tests --bin ...` finds them next to itself. Returns that directory.
+///
+/// Cargo's own progress goes to the terminal. The child cargo does not inherit what
+/// `cargo run` set for this package (`is_per_package_env`): ring's build script tracks
+/// `CARGO_MANIFEST_DIR`, so with it ring, rustls, tonic and everything above them would be
+/// rebuilt on every switch between the demo and a plain `cargo build` or `cargo test`.
 pub fn build_services() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
@@ -291,7 +297,6 @@ pub fn build_services() -> PathBuf {
     build
         .args([
             "build",
-            "--quiet",
             "-p",
             "listen-svc",
             "-p",
@@ -302,7 +307,12 @@ pub fn build_services() -> PathBuf {
     if !cfg!(debug_assertions) {
         build.arg("--release");
     }
-    println!("building listen-svc and pusher-svc ...");
+    for (key, _) in std::env::vars_os() {
+        if is_per_package_env(&key) {
+            build.env_remove(key);
+        }
+    }
+    println!("building listen-svc and pusher-svc (cargo's progress follows) ...");
     let status = build.status().expect("run cargo build");
     if !status.success() {
         eprintln!("error: building the services failed");
@@ -313,4 +323,59 @@ pub fn build_services() -> PathBuf {
         .parent()
         .expect("bin dir")
         .to_path_buf()
+}
+
+/// Whether `key` is one of the variables cargo sets for the package it runs or builds (as
+/// opposed to the user's own configuration, such as `CARGO_HOME` or `CARGO_TARGET_DIR`).
+fn is_per_package_env(key: &OsStr) -> bool {
+    const SET_FOR_A_PACKAGE: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
+    let Some(key) = key.to_str() else {
+        return false;
+    };
+    SET_FOR_A_PACKAGE.contains(&key)
+        || key.starts_with("CARGO_PKG_")
+        || key.starts_with("CARGO_BIN_EXE_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_per_package_env;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn per_package_variables_are_told_from_the_users_configuration() {
+        for key in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_BIN_EXE_listen-svc",
+        ] {
+            assert!(is_per_package_env(OsStr::new(key)), "{key}");
+        }
+        for key in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_JOBS",
+            "CARGO_PROFILE_DEV_OPT_LEVEL",
+            "CARGO_TERM_COLOR",
+            "RUSTFLAGS",
+            "PATH",
+        ] {
+            assert!(!is_per_package_env(OsStr::new(key)), "{key}");
+        }
+    }
 }
