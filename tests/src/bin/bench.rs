@@ -3,7 +3,8 @@
 //!
 //! `cargo run --release -p tests --bin bench` (about 3 minutes on 2 cores), or `-- --smoke`
 //! for a seconds-long run that only checks every scenario works (CI runs that; no timing is
-//! asserted), or `-- --only P1,P3` for some scenarios. Prints a markdown table.
+//! asserted), or `-- --only P1,P3` for some scenarios; `-- --help` lists the options.
+//! Prints a markdown table.
 
 use serde_json::Value;
 use std::process::Command;
@@ -141,15 +142,53 @@ fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
     sorted[index].as_secs_f64() * 1e3
 }
 
+const USAGE: &str = "\
+usage: cargo run --release -p tests --bin bench -- [--smoke] [--only P1,P2,...]
+
+Runs the benchmark scenarios of BENCHMARKS.md against the real binaries (built first, in this
+program's profile) and prints a markdown table. The full run takes minutes.
+
+  --smoke        tiny counts: a seconds-long run that checks every scenario works (no timing)
+  --only LIST    only these scenarios, comma-separated: P1, P2, P3, P4, P5, P6, NATS
+  -h, --help     this text";
+
+struct Args {
+    smoke: bool,
+    /// `--only`: the scenarios to run (all when absent).
+    only: Option<Vec<String>>,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        smoke: false,
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--smoke" => args.smoke = true,
+            "--only" => {
+                let list = it.next().unwrap_or_else(|| usage("--only needs a value"));
+                args.only = Some(list.split(',').map(str::to_string).collect());
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    args
+}
+
+fn usage(error: &str) -> ! {
+    eprintln!("error: {error}\n\n{USAGE}");
+    std::process::exit(64)
+}
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = args.iter().any(|a| a == "--smoke");
-    let only: Option<Vec<String>> = args.iter().position(|a| a == "--only").map(|i| {
-        args.get(i + 1)
-            .map(|s| s.split(',').map(str::to_string).collect())
-            .unwrap_or_default()
-    });
+    let Args { smoke, only } = parse_args();
     let want = |scenario: &str| {
         only.as_ref()
             .is_none_or(|o| o.iter().any(|s| s == scenario))
