@@ -7,7 +7,8 @@
 //!
 //! - `processes`: [`Service`] (start, stop, restart, logs, RSS), [`binary`],
 //!   [`build_services`] for the demo and bench.
-//! - `options`: how a test starts pusher ([`PusherOptions`], [`start_pusher`]) and listen ([`start_listen`]).
+//! - `options`: how a test starts pusher ([`PusherOptions`], [`start_pusher`]) and listen
+//!   ([`ListenOptions`], [`start_listen`]).
 //! - `waits`: [`wait_for`] a condition with a deadline, and the waits built on it.
 //! - `metrics`: [`Service::metric`] and [`sum_series`] over a scrape of /metrics.
 //! - `requests`: clients, [`talk`], and the reads tests build their checks from.

@@ -88,6 +88,9 @@ pub const FAST_LINK: &[&str] = &[
     "1s",
 ];
 
+/// Starts listen-svc as `options` say, and waits for it to be healthy: pointed at pusher on
+/// `pusher_port`, with its own SQLite store, instance id "listen-test" and [`FAST_LINK`],
+/// each unless `extra` names it.
 pub async fn start_listen(options: ListenOptions<'_>) -> Service {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
