@@ -40,7 +40,7 @@ fn with_token<T>(message: T, token: &str) -> Request<T> {
 
 async fn system(extra: &[&str]) -> (Service, Service) {
     let pusher_port = free_port();
-    let pusher = start_pusher(pusher_port, &[]).await;
+    let pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let mut args = vec!["--auth-jwt-secret", SECRET];
     args.extend_from_slice(extra);
     let listen = start_listen(ListenOptions {
@@ -225,7 +225,7 @@ async fn rs256_tokens_verify_against_a_jwks_file() {
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let jwks = fixtures.join("test-jwks.json").display().to_string();
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &[]).await;
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &[

@@ -11,7 +11,7 @@ const SETTLE: Duration = Duration::from_secs(30);
 #[tokio::test]
 async fn submitted_conversation_is_processed_to_completed() {
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &[]).await;
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &[],
@@ -63,7 +63,7 @@ async fn submitted_conversation_is_processed_to_completed() {
 #[tokio::test]
 async fn resubmitting_with_the_same_key_returns_the_same_conversation() {
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &[]).await;
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &[],
@@ -126,7 +126,7 @@ async fn resubmitting_with_the_same_key_returns_the_same_conversation() {
 #[tokio::test]
 async fn a_conversation_without_text_is_discarded_and_never_sent() {
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &[]).await;
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &[],
@@ -221,7 +221,7 @@ async fn work_submitted_before_pusher_starts_completes_when_it_does() {
         Some(ServingStatus::NotServing)
     );
 
-    let _pusher = start_pusher(pusher_port, &[]).await;
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     wait_all(&client, &ids, ConversationStatus::Completed, SETTLE).await;
     let link = link_status(&mut client).await;
     assert_eq!(
@@ -234,7 +234,8 @@ async fn work_submitted_before_pusher_starts_completes_when_it_does() {
 async fn pusher_killed_with_work_in_flight_then_restarted_completes_everything() {
     let pusher_port = free_port();
     // Jobs take 1 s, so SIGKILL lands with work in flight.
-    let mut pusher = start_pusher(pusher_port, &["--simulated-latency", "1s"]).await;
+    let mut pusher =
+        start_pusher(PusherOptions::port(pusher_port).args(&["--simulated-latency", "1s"])).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &["--max-in-flight", "16"],
@@ -263,7 +264,12 @@ async fn pusher_killed_with_work_in_flight_then_restarted_completes_everything()
     pusher.kill();
 
     // While pusher is gone: submits still answer at once and everything stays PROCESSING.
-    wait_link_down(&client, "link to notice", Duration::from_secs(10)).await;
+    wait_link(
+        &client,
+        LinkWait::Not(LinkState::Connected),
+        Duration::from_secs(10),
+    )
+    .await;
     for i in 60..70 {
         let started = Instant::now();
         ids.push(
@@ -317,7 +323,7 @@ async fn completed(client: &ListenClient, ids: &[String]) -> u64 {
 #[tokio::test]
 async fn bad_input_gets_a_status_naming_the_field_and_stores_nothing() {
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &[]).await;
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &["--max-segments", "5", "--max-segment-bytes", "64"],
@@ -448,7 +454,7 @@ fn uuid_like() -> String {
 #[tokio::test]
 async fn list_pages_through_a_users_conversations_newest_first() {
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &[]).await;
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &[],
@@ -493,7 +499,7 @@ async fn list_pages_through_a_users_conversations_newest_first() {
 #[tokio::test]
 async fn reflection_lists_only_each_servers_own_services_in_v1_and_v1alpha() {
     let pusher_port = free_port();
-    let pusher = start_pusher(pusher_port, &[]).await;
+    let pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &[],
@@ -598,7 +604,7 @@ mod reflection {
 
 #[tokio::test]
 async fn pusher_process_rpc_answers_and_is_idempotent() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let mut client = pusher_client(&pusher);
     let request = pusher::ProcessConversation {
         conversation_id: "debug-1".into(),
@@ -649,7 +655,7 @@ async fn pusher_process_rpc_answers_and_is_idempotent() {
 #[tokio::test]
 async fn listen_restarts_on_the_same_store_and_keeps_its_data() {
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &[]).await;
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let mut listen = start_listen(ListenOptions {
         pusher_port,
         extra: &[],
@@ -684,14 +690,14 @@ async fn listen_restarts_on_the_same_store_and_keeps_its_data() {
 #[tokio::test]
 async fn both_services_exit_cleanly_on_sigterm_with_the_link_open() {
     let pusher_port = free_port();
-    let mut pusher = start_pusher(pusher_port, &[]).await;
+    let mut pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let mut listen = start_listen(ListenOptions {
         pusher_port,
         extra: &[],
     })
     .await;
     let mut client = listen_client(&listen);
-    wait_link_up(&client).await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
     let _ = link_status(&mut client).await;
     let started = Instant::now();
     assert!(pusher.terminate(Duration::from_secs(10)).success());
@@ -702,7 +708,7 @@ async fn both_services_exit_cleanly_on_sigterm_with_the_link_open() {
 #[tokio::test]
 async fn prometheus_metrics_are_served_and_move() {
     let pusher_port = free_port();
-    let pusher = start_pusher(pusher_port, &[]).await;
+    let pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &[],
@@ -820,10 +826,12 @@ async fn prometheus_metrics_are_served_and_move() {
 #[tokio::test]
 async fn oversized_messages_and_slow_unary_calls_get_precise_statuses() {
     let pusher_port = free_port();
-    let pusher = start_pusher(
-        pusher_port,
-        &["--simulated-latency", "2s", "--request-timeout", "300ms"],
-    )
+    let pusher = start_pusher(PusherOptions::port(pusher_port).args(&[
+        "--simulated-latency",
+        "2s",
+        "--request-timeout",
+        "300ms",
+    ]))
     .await;
     let listen = start_listen(ListenOptions {
         pusher_port,

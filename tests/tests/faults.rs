@@ -30,22 +30,6 @@ async fn listen_to(url: &str, extra: &[&str]) -> Service {
     .await
 }
 
-async fn wait_link(
-    client: &ListenClient,
-    what: &str,
-    timeout: Duration,
-    state: LinkState,
-) -> listen::LinkStatus {
-    wait_for(what, timeout, || {
-        let mut client = client.clone();
-        async move {
-            let status = link_status(&mut client).await;
-            (status.state == state as i32).then_some(status)
-        }
-    })
-    .await
-}
-
 async fn get(client: &ListenClient, id: &str) -> listen::Conversation {
     client
         .clone()
@@ -69,10 +53,12 @@ async fn pusher_sigkill_at_random_points_loses_nothing() {
     const IN_FLIGHT: u32 = 32;
     const KILLS: usize = 3;
     let pusher_port = free_port();
-    let mut pusher = start_pusher(
-        pusher_port,
-        &["--simulated-latency", "200ms", "--log-format", "json"],
-    )
+    let mut pusher = start_pusher(PusherOptions::port(pusher_port).args(&[
+        "--simulated-latency",
+        "200ms",
+        "--log-format",
+        "json",
+    ]))
     .await;
     let listen = start_listen(ListenOptions {
         pusher_port,
@@ -120,17 +106,12 @@ async fn pusher_sigkill_at_random_points_loses_nothing() {
 /// answered).
 #[tokio::test]
 async fn lost_ack_is_recovered_from_the_result_cache() {
-    let pusher = start_pusher(free_port(), &["--log-format", "json"]).await;
+    let pusher =
+        start_pusher(PusherOptions::port(free_port()).args(&["--log-format", "json"])).await;
     let proxy = Proxy::start(pusher.addr).await;
     let listen = listen_to(&proxy.url(), &[]).await;
     let client = listen_client(&listen);
-    wait_link(
-        &client,
-        "connected",
-        Duration::from_secs(10),
-        LinkState::Connected,
-    )
-    .await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
 
     proxy.set(Mode::BLACKHOLE_DOWNSTREAM);
     let id = client
@@ -145,9 +126,9 @@ async fn lost_ack_is_recovered_from_the_result_cache() {
     })
     .await;
     // Listen notices the silent stream and gives it up.
-    wait_link_down(
+    wait_link(
         &client,
-        "link to drop the silent stream",
+        LinkWait::Not(LinkState::Connected),
         Duration::from_secs(10),
     )
     .await;
@@ -180,22 +161,23 @@ async fn lost_ack_is_recovered_from_the_result_cache() {
 /// keepalive interval + timeout; listen reconnects when the network heals and replays.
 #[tokio::test]
 async fn half_open_connection_is_detected_and_replayed() {
-    let pusher = start_pusher(free_port(), &["--simulated-latency", "300ms"]).await;
+    let pusher =
+        start_pusher(PusherOptions::port(free_port()).args(&["--simulated-latency", "300ms"]))
+            .await;
     let proxy = Proxy::start(pusher.addr).await;
     let listen = listen_to(&proxy.url(), &[]).await;
     let client = listen_client(&listen);
-    wait_link(
-        &client,
-        "connected",
-        Duration::from_secs(10),
-        LinkState::Connected,
-    )
-    .await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
 
     proxy.set(Mode::BLACKHOLE);
     let blackholed = Instant::now();
     let ids = submit_many(&client, "halfopen", 10).await;
-    wait_link_down(&client, "half-open detection", Duration::from_secs(15)).await;
+    wait_link(
+        &client,
+        LinkWait::Not(LinkState::Connected),
+        Duration::from_secs(15),
+    )
+    .await;
     let detected = blackholed.elapsed();
     eprintln!("half-open connection detected after {detected:?} (keepalive 1 s + 1 s)");
     // 1 s interval + 1 s timeout, plus one heartbeat tick and polling slack.
@@ -217,13 +199,7 @@ async fn half_open_connection_is_detected_and_replayed() {
         Duration::from_secs(30),
     )
     .await;
-    let status = wait_link(
-        &client,
-        "reconnected",
-        Duration::from_secs(10),
-        LinkState::Connected,
-    )
-    .await;
+    let status = wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
     assert!(status.reconnects >= 1);
 }
 
@@ -232,7 +208,7 @@ async fn half_open_connection_is_detected_and_replayed() {
 /// max_in_flight, and everything queued completes once pusher is back.
 #[tokio::test]
 async fn pusher_down_never_slows_listen_and_queued_work_completes() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let proxy = Proxy::start(pusher.addr).await;
     // Fast keepalive so the outage is noticed in ~2 s, but the default 5 s connect timeout:
     // reconnects then hang in the handshake, and a Submit that waited on pusher would take 5 s.
@@ -252,18 +228,17 @@ async fn pusher_down_never_slows_listen_and_queued_work_completes() {
     })
     .await;
     let client = listen_client(&listen);
-    wait_link(
-        &client,
-        "connected",
-        Duration::from_secs(10),
-        LinkState::Connected,
-    )
-    .await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
 
     let before = latencies(&client, &listen, "up", 100).await;
     proxy.set(Mode::BLACKHOLE);
     // Measure while listen knows pusher is gone, not just while bytes are in flight.
-    wait_link_down(&client, "the outage to be noticed", Duration::from_secs(10)).await;
+    wait_link(
+        &client,
+        LinkWait::Not(LinkState::Connected),
+        Duration::from_secs(10),
+    )
+    .await;
     let during = latencies(&client, &listen, "down", 300).await;
     eprintln!(
         "p99 submit {:?} -> {:?}, health {:?} -> {:?} (pusher up -> down)",
@@ -493,7 +468,7 @@ async fn poison_conversation_fails_at_once_without_blocking_others() {
 /// rather than a tight loop, and no conversation is lost.
 #[tokio::test]
 async fn reset_storm_backs_off_and_loses_nothing() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let proxy = Proxy::start(pusher.addr).await;
     // Stay in Backoff (no Degraded) to see the curve: 100 ms, x1.6, at most 2 s.
     let listen = listen_to(
@@ -502,13 +477,7 @@ async fn reset_storm_backs_off_and_loses_nothing() {
     )
     .await;
     let client = listen_client(&listen);
-    wait_link(
-        &client,
-        "connected",
-        Duration::from_secs(10),
-        LinkState::Connected,
-    )
-    .await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
 
     let before = proxy.accepted();
     let storm = Instant::now();
@@ -559,17 +528,14 @@ async fn recovery_herd_of_5000_drains_bounded_and_complete() {
     let status = link_status(&mut client.clone()).await;
     assert_eq!((status.pending, status.queued), (0, 5000));
 
-    let _pusher = start_pusher(
-        pusher_port,
-        &[
-            "--max-concurrency",
-            "4",
-            "--max-queued",
-            "8",
-            "--busy-retry-after",
-            "50ms",
-        ],
-    )
+    let _pusher = start_pusher(PusherOptions::port(pusher_port).args(&[
+        "--max-concurrency",
+        "4",
+        "--max-queued",
+        "8",
+        "--busy-retry-after",
+        "50ms",
+    ]))
     .await;
     let mut max_pending = 0;
     let drained = wait_drained(&client, Duration::from_secs(120), |status| {
@@ -619,7 +585,12 @@ async fn stale_ack_after_reconnect_changes_nothing() {
     fake.send_stale_ack_on_connect(&id, 1);
     fake.set(Behaviour::Normal);
     proxy.set(Mode::Reset);
-    wait_link_down(&client, "the reset to land", Duration::from_secs(10)).await;
+    wait_link(
+        &client,
+        LinkWait::Not(LinkState::Connected),
+        Duration::from_secs(10),
+    )
+    .await;
     proxy.set(Mode::Pass);
 
     let conversation = wait_one(
@@ -643,7 +614,7 @@ async fn stale_ack_after_reconnect_changes_nothing() {
 /// returns to CONNECTED when pusher comes back.
 #[tokio::test]
 async fn degraded_probes_half_open_and_recovers() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let proxy = Proxy::start(pusher.addr).await;
     proxy.set(Mode::BLACKHOLE); // connections open but the handshake never completes
     let listen = listen_to(
@@ -667,29 +638,11 @@ async fn degraded_probes_half_open_and_recovers() {
         .into_inner()
         .conversation_id;
 
-    let degraded = wait_link(
-        &client,
-        "DEGRADED",
-        Duration::from_secs(20),
-        LinkState::Degraded,
-    )
-    .await;
+    let degraded = wait_link(&client, LinkState::Degraded, Duration::from_secs(20)).await;
     assert!(degraded.consecutive_failures >= 3, "{degraded:?}");
     assert!(!degraded.last_error.is_empty());
-    wait_link(
-        &client,
-        "HALF_OPEN probe",
-        Duration::from_secs(5),
-        LinkState::HalfOpen,
-    )
-    .await;
-    wait_link(
-        &client,
-        "back to DEGRADED",
-        Duration::from_secs(5),
-        LinkState::Degraded,
-    )
-    .await;
+    wait_link(&client, LinkState::HalfOpen, Duration::from_secs(5)).await;
+    wait_link(&client, LinkState::Degraded, Duration::from_secs(5)).await;
 
     // Probes on schedule: one per 1 s cooldown + 0.5 s attempt.
     let (before, watch) = (proxy.accepted(), Instant::now());
@@ -699,13 +652,7 @@ async fn degraded_probes_half_open_and_recovers() {
     assert!((1..=3).contains(&probes), "{probes} probes in 3 s");
 
     proxy.set(Mode::Pass);
-    wait_link(
-        &client,
-        "CONNECTED",
-        Duration::from_secs(5),
-        LinkState::Connected,
-    )
-    .await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(5)).await;
     wait_one(
         &client,
         &id,
@@ -724,7 +671,9 @@ fn fastrand(below: u64) -> u64 {
 #[tokio::test]
 async fn listen_sigkill_with_work_in_flight_resumes_on_restart() {
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &["--simulated-latency", "500ms"]).await;
+    let _pusher =
+        start_pusher(PusherOptions::port(pusher_port).args(&["--simulated-latency", "500ms"]))
+            .await;
     let mut listen = start_listen(ListenOptions {
         pusher_port,
         extra: &["--max-in-flight", "16"],
@@ -755,7 +704,7 @@ async fn listen_sigkill_with_work_in_flight_resumes_on_restart() {
 /// once each.
 #[tokio::test]
 async fn slow_fragmented_network_still_delivers_everything() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let proxy = Proxy::start(pusher.addr).await;
     proxy.set(Mode::Latency {
         base: Duration::from_millis(20),
@@ -805,7 +754,7 @@ async fn slow_fragmented_network_still_delivers_everything() {
 /// soon as connections are accepted again.
 #[tokio::test]
 async fn refused_connections_back_off_then_connect() {
-    let pusher = start_pusher(free_port(), &[]).await;
+    let pusher = start_pusher(PusherOptions::port(free_port())).await;
     let proxy = Proxy::start(pusher.addr).await;
     proxy.set(Mode::Refuse);
     let listen = listen_to(&proxy.url(), &["--degrade-after", "1000"]).await;

@@ -7,7 +7,8 @@ use sha2::Sha256;
 use std::time::{Duration, Instant};
 use tests::http::{Receiver, Reply};
 use tests::listen::{
-    ConversationStatus, Segments, SessionRequest, Start, session_event::Event, session_request::Msg,
+    ConversationStatus, LinkState, Segments, SessionRequest, Start, session_event::Event,
+    session_request::Msg,
 };
 use tests::proxy::Proxy;
 use tests::*;
@@ -20,15 +21,12 @@ const SETTLE: Duration = Duration::from_secs(30);
 async fn processed_conversations_are_announced_to_signed_webhooks_and_results_stored() {
     let hook = Receiver::start(vec![Reply::Status(200)]).await;
     let pusher_port = free_port();
-    let _pusher = start_pusher(
-        pusher_port,
-        &[
-            "--webhook",
-            &hook.url("/events"),
-            "--webhook-secret",
-            "whsec_test",
-        ],
-    )
+    let _pusher = start_pusher(PusherOptions::port(pusher_port).args(&[
+        "--webhook",
+        &hook.url("/events"),
+        "--webhook-secret",
+        "whsec_test",
+    ]))
     .await;
     let listen = start_listen(ListenOptions {
         pusher_port,
@@ -82,10 +80,12 @@ async fn processed_conversations_are_announced_to_signed_webhooks_and_results_st
 async fn a_webhook_that_is_down_never_fails_the_conversation() {
     let hook = Receiver::start(vec![Reply::Status(503)]).await;
     let pusher_port = free_port();
-    let _pusher = start_pusher(
-        pusher_port,
-        &["--webhook", &hook.url("/"), "--webhook-max-attempts", "2"],
-    )
+    let _pusher = start_pusher(PusherOptions::port(pusher_port).args(&[
+        "--webhook",
+        &hook.url("/"),
+        "--webhook-max-attempts",
+        "2",
+    ]))
     .await;
     let listen = start_listen(ListenOptions {
         pusher_port,
@@ -114,7 +114,8 @@ async fn a_webhook_that_is_down_never_fails_the_conversation() {
 async fn noise_is_discarded_by_the_structurer_and_not_announced() {
     let hook = Receiver::start(vec![Reply::Status(200)]).await;
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &["--webhook", &hook.url("/")]).await;
+    let _pusher =
+        start_pusher(PusherOptions::port(pusher_port).args(&["--webhook", &hook.url("/")])).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &[],
@@ -147,10 +148,10 @@ async fn the_llm_structurer_end_to_end() {
     );
     let llm = Receiver::start(vec![Reply::Status(429), Reply::Json(200, body)]).await;
     let pusher_port = free_port();
-    let _pusher = start_pusher_with_env(
-        pusher_port,
-        &["--llm-url", &llm.url("/v1"), "--llm-model", "tiny"],
-        &[("PUSHER_LLM_API_KEY", "sk-e2e")],
+    let _pusher = start_pusher(
+        PusherOptions::port(pusher_port)
+            .args(&["--llm-url", &llm.url("/v1"), "--llm-model", "tiny"])
+            .envs(&[("PUSHER_LLM_API_KEY", "sk-e2e")]),
     )
     .await;
     let listen = start_listen(ListenOptions {
@@ -234,8 +235,7 @@ async fn live_segments_are_forwarded_to_transcript_webhooks() {
     .await;
     let pusher_port = free_port();
     let _pusher = start_pusher(
-        pusher_port,
-        &["--transcript-webhook", &realtime.url("/live")],
+        PusherOptions::port(pusher_port).args(&["--transcript-webhook", &realtime.url("/live")]),
     )
     .await;
     let listen = start_listen(ListenOptions {
@@ -244,7 +244,7 @@ async fn live_segments_are_forwarded_to_transcript_webhooks() {
     })
     .await;
     let client = listen_client(&listen);
-    wait_link_up(&client).await;
+    wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
     let (tx, mut events) = start_session(&client, "live").await;
     say(&tx, &mut events, "first words").await;
     say(&tx, &mut events, "second words").await;
@@ -297,7 +297,7 @@ async fn realtime_buffer_drops_oldest_while_the_link_is_down_and_conversations_a
     else {
         panic!()
     };
-    let _pusher = start_pusher(pusher_port, &[]).await;
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let conversation = wait_one(
         &client,
         &processing.conversation_id,
@@ -317,12 +317,15 @@ async fn realtime_buffer_drops_oldest_while_the_link_is_down_and_conversations_a
 /// everything completes, and nothing is processed twice.
 #[tokio::test]
 async fn draining_pusher_finishes_its_jobs_and_listen_moves_on() {
-    let mut first = start_pusher(
-        free_port(),
-        &["--simulated-latency", "1500ms", "--log-format", "json"],
-    )
+    let mut first = start_pusher(PusherOptions::port(free_port()).args(&[
+        "--simulated-latency",
+        "1500ms",
+        "--log-format",
+        "json",
+    ]))
     .await;
-    let second = start_pusher(free_port(), &["--log-format", "json"]).await;
+    let second =
+        start_pusher(PusherOptions::port(free_port()).args(&["--log-format", "json"])).await;
     let proxy = Proxy::start_failover(vec![first.addr, second.addr]).await;
     let listen = start_listen(ListenOptions {
         pusher_port: 0,

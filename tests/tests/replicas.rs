@@ -20,7 +20,10 @@ async fn json_pusher(extra: &[&str]) -> (Service, u16) {
         .copied()
         .chain(["--log-format", "json"])
         .collect();
-    (start_pusher(port, &args).await, port)
+    (
+        start_pusher(PusherOptions::port(port).args(&args)).await,
+        port,
+    )
 }
 
 /// A listen replica `id` on the database at `url`, with a 3 s lease and a pending window of
@@ -177,7 +180,7 @@ async fn stopped_database_gives_unavailable_then_recovers_by_itself() {
     database.create_database("listen").await;
     let url = database.url("listen");
     let pusher_port = free_port();
-    let _pusher = start_pusher(pusher_port, &[]).await;
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &["--store", &url],

@@ -24,10 +24,12 @@ async fn start_pushers(port: u16, latencies: [&str; 3]) -> Vec<Service> {
     for (ip, latency) in IPS.iter().zip(latencies) {
         let addr = SocketAddr::new((*ip).into(), port);
         pushers.push(
-            start_pusher_at(
-                addr,
-                &["--simulated-latency", latency, "--log-format", "json"],
-            )
+            start_pusher(PusherOptions::at(addr).args(&[
+                "--simulated-latency",
+                latency,
+                "--log-format",
+                "json",
+            ]))
             .await,
         );
     }
@@ -255,7 +257,7 @@ async fn endpoints_join_and_leave_with_dns() {
 #[tokio::test]
 async fn work_waits_for_the_first_pusher_to_appear_in_dns() {
     let port = free_port();
-    let pusher = start_pusher_at(SocketAddr::new(IPS[1].into(), port), &[]).await;
+    let pusher = start_pusher(PusherOptions::at(SocketAddr::new(IPS[1].into(), port))).await;
     let dns = TestDns::start(NAME, &[]).await;
     let listen = start_listen(ListenOptions {
         pusher_port: 0,

@@ -107,7 +107,7 @@ impl Session {
 
 async fn system(extra: &[&str]) -> (Service, Service) {
     let pusher_port = free_port();
-    let pusher = start_pusher(pusher_port, &[]).await;
+    let pusher = start_pusher(PusherOptions::port(pusher_port)).await;
     let listen = start_listen(ListenOptions {
         pusher_port,
         extra: &with_defaults(FAST_SESSIONS, extra)

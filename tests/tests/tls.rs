@@ -87,7 +87,12 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 async fn mtls_pusher(pki: &Pki) -> Service {
     let flags = pki.pusher_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    start_pusher_tls(free_port(), &flags, pki.harness_client()).await
+    start_pusher(
+        PusherOptions::port(free_port())
+            .args(&flags)
+            .tls(pki.harness_client()),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -263,7 +268,12 @@ async fn a_dns_target_checks_pushers_certificate_against_the_name() {
     let pki = Pki::new();
     let flags = pki.pusher_flags_with("headless");
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let pusher = start_pusher_tls(free_port(), &flags, pki.harness_client_for("pusher.test")).await;
+    let pusher = start_pusher(
+        PusherOptions::port(free_port())
+            .args(&flags)
+            .tls(pki.harness_client_for("pusher.test")),
+    )
+    .await;
     let dns = tests::dns::TestDns::start("pusher.test", &["127.0.0.1".parse().unwrap()]).await;
     let listen = mtls_listen(&pki, &dns.url(pusher.addr.port())).await;
     submit_and_complete(&listen, "tls-dns").await;

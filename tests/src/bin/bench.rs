@@ -3,7 +3,8 @@
 //!
 //! `cargo run --release -p tests --bin bench` (about 3 minutes on 2 cores), or `-- --smoke`
 //! for a seconds-long run that only checks every scenario works (CI runs that; no timing is
-//! asserted), or `-- --only P1,P3` for some scenarios. Prints a markdown table.
+//! asserted), or `-- --only P1,P3` for some scenarios; `-- --help` lists the options.
+//! Prints a markdown table.
 
 use serde_json::Value;
 use std::process::Command;
@@ -141,15 +142,53 @@ fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
     sorted[index].as_secs_f64() * 1e3
 }
 
+const USAGE: &str = "\
+usage: cargo run --release -p tests --bin bench -- [--smoke] [--only P1,P2,...]
+
+Runs the benchmark scenarios of BENCHMARKS.md against the real binaries (built first, in this
+program's profile) and prints a markdown table. The full run takes minutes.
+
+  --smoke        tiny counts: a seconds-long run that checks every scenario works (no timing)
+  --only LIST    only these scenarios, comma-separated: P1, P2, P3, P4, P5, P6, NATS
+  -h, --help     this text";
+
+struct Args {
+    smoke: bool,
+    /// `--only`: the scenarios to run (all when absent).
+    only: Option<Vec<String>>,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        smoke: false,
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--smoke" => args.smoke = true,
+            "--only" => {
+                let list = it.next().unwrap_or_else(|| usage("--only needs a value"));
+                args.only = Some(list.split(',').map(str::to_string).collect());
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    args
+}
+
+fn usage(error: &str) -> ! {
+    eprintln!("error: {error}\n\n{USAGE}");
+    std::process::exit(64)
+}
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = args.iter().any(|a| a == "--smoke");
-    let only: Option<Vec<String>> = args.iter().position(|a| a == "--only").map(|i| {
-        args.get(i + 1)
-            .map(|s| s.split(',').map(str::to_string).collect())
-            .unwrap_or_default()
-    });
+    let Args { smoke, only } = parse_args();
     let want = |scenario: &str| {
         only.as_ref()
             .is_none_or(|o| o.iter().any(|s| s == scenario))
@@ -206,10 +245,15 @@ async fn main() {
             for condition in (0..3).map(|i| (i + round) % 3) {
                 let pusher_port = free_port();
                 let _pusher = match condition {
-                    0 => Some(start_pusher(pusher_port, &[]).await),
+                    0 => Some(start_pusher(PusherOptions::port(pusher_port)).await),
                     // Down: nothing listens on the port; the link stays in backoff.
                     1 => None,
-                    _ => Some(start_pusher(pusher_port, &["--simulated-latency", "5s"]).await),
+                    _ => Some(
+                        start_pusher(
+                            PusherOptions::port(pusher_port).args(&["--simulated-latency", "5s"]),
+                        )
+                        .await,
+                    ),
                 };
                 let listen = start_listen(ListenOptions {
                     pusher_port,
@@ -217,7 +261,12 @@ async fn main() {
                 })
                 .await;
                 if condition != 1 {
-                    wait_link_up(&listen_client(&listen)).await;
+                    wait_link(
+                        &listen_client(&listen),
+                        listen::LinkState::Connected,
+                        Duration::from_secs(10),
+                    )
+                    .await;
                 }
                 runs[condition].push((
                     loadgen(listen.addr, "health", 10, sizes.probe_health),
@@ -266,7 +315,7 @@ async fn main() {
     let mut e2e_rate = f64::NAN;
     if want("P3") {
         let pusher_port = free_port();
-        let _pusher = start_pusher(pusher_port, &[]).await;
+        let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
         let listen = start_listen(ListenOptions {
             pusher_port,
             extra: &["--max-in-flight", "512"],
@@ -319,7 +368,7 @@ async fn main() {
         let mut pushers = Vec::new();
         for last in 1..=3u8 {
             let addr = std::net::SocketAddr::from(([127, 0, 0, last], pusher_port));
-            pushers.push(start_pusher_at(addr, &[]).await);
+            pushers.push(start_pusher(PusherOptions::at(addr)).await);
         }
         let ips: Vec<std::net::Ipv4Addr> = (1..=3).map(|i| [127, 0, 0, i].into()).collect();
         let dns = tests::dns::TestDns::start("pusher.bench", &ips).await;
@@ -365,7 +414,7 @@ async fn main() {
         let rss_before = listen.rss_kib();
         loadgen(listen.addr, "submit", 50, sizes.replay);
         let rss_queued = listen.rss_kib();
-        let _pusher = start_pusher(pusher_port, &[]).await;
+        let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
         let mut rss_peak = rss_queued;
         let drain = wait_drained(&client, Duration::from_secs(900), |_| {
             rss_peak = rss_peak.max(listen.rss_kib());
@@ -391,17 +440,14 @@ async fn main() {
     // P5: memory per in-flight conversation and per session; the pending bound.
     if want("P5") {
         let pusher_port = free_port();
-        let _pusher = start_pusher(
-            pusher_port,
-            &[
-                "--simulated-latency",
-                "600s",
-                "--max-concurrency",
-                "100000",
-                "--max-queued",
-                "100000",
-            ],
-        )
+        let _pusher = start_pusher(PusherOptions::port(pusher_port).args(&[
+            "--simulated-latency",
+            "600s",
+            "--max-concurrency",
+            "100000",
+            "--max-queued",
+            "100000",
+        ]))
         .await;
         let bound = sizes.in_flight.to_string();
         let listen = start_listen(ListenOptions {
@@ -411,13 +457,11 @@ async fn main() {
         .await;
         let mut client = listen_client(&listen);
         // Baseline once the link is up, so its own start-up is not counted as in-flight memory.
-        wait_for("link connected", Duration::from_secs(30), || {
-            let mut client = client.clone();
-            async move {
-                (link_status(&mut client).await.state == listen::LinkState::Connected as i32)
-                    .then_some(())
-            }
-        })
+        wait_link(
+            &client,
+            listen::LinkState::Connected,
+            Duration::from_secs(30),
+        )
         .await;
         let rss_idle = listen.rss_kib();
         loadgen(listen.addr, "submit", 50, sizes.in_flight * 3);

@@ -3,6 +3,7 @@
 //! PROCESSING to COMPLETED with its structured result, and keeps both running for grpcurl
 //! until Ctrl-C (or exits at once with `--exit`).
 
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -79,7 +80,9 @@ impl Drop for Running {
                 let _ = child.kill();
             }
             let _ = child.wait();
-            println!("stopped {name}");
+            // Not println!: with stdout gone (a closed pipe) it would panic here and leave
+            // the remaining children running.
+            let _ = writeln!(std::io::stdout(), "stopped {name}");
         }
     }
 }
