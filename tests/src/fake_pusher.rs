@@ -1,11 +1,11 @@
 //! A controllable pusher for the faults the real one cannot produce: acks that never come,
 //! jobs slower than the ack timeout (with or without `Progress`), a conversation that always
-//! fails, a stale ack on a new stream. It speaks the real `pusher.v1.Pusher` Connect protocol
+//! fails, a stale ack on a new stream, a drain. It speaks the real `pusher.v1.Pusher` Connect protocol
 //! on a loopback port and records every request it receives.
 
 use shared::proto::pusher::v1::{
-    Ack, Failed, LinkRequest, LinkResponse, ProcessConversation, Processed, Progress, Structured,
-    Welcome, ack, link_request, link_response,
+    Ack, Draining, Failed, LinkRequest, LinkResponse, ProcessConversation, Processed, Progress,
+    Structured, Welcome, ack, link_request, link_response,
     pusher_server::{Pusher, PusherServer},
 };
 use std::collections::HashMap;
@@ -39,6 +39,8 @@ struct State {
     received: HashMap<String, Vec<u32>>,
     /// Sent first on every new stream: a permanent failure for (id, attempt).
     stale_ack: Option<(String, u32)>,
+    /// Every stream's response half, held weakly: a stream ends when its own tasks do.
+    open: Vec<mpsc::WeakSender<Result<LinkResponse, Status>>>,
 }
 
 pub struct FakePusher {
@@ -86,6 +88,17 @@ impl FakePusher {
     /// On every stream opened from now on, first send a permanent failure for (id, attempt).
     pub fn send_stale_ack_on_connect(&self, id: &str, attempt: u32) {
         self.state.lock().unwrap().stale_ack = Some((id.to_string(), attempt));
+    }
+
+    /// Tells every open stream `Draining`, as a pusher does on SIGTERM; requests already
+    /// received are still answered.
+    pub fn drain(&self) {
+        let open = self.state.lock().unwrap().open.clone();
+        for tx in open.iter().filter_map(mpsc::WeakSender::upgrade) {
+            let _ = tx.try_send(Ok(LinkResponse {
+                msg: Some(link_response::Msg::Draining(Draining {})),
+            }));
+        }
     }
 
     /// Attempts received for conversation `id`, in arrival order.
@@ -141,6 +154,11 @@ impl Pusher for Service {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4096);
         let state = Arc::clone(&self.state);
+        {
+            let mut state = state.lock().unwrap();
+            state.open.retain(|tx| tx.strong_count() > 0);
+            state.open.push(tx.downgrade());
+        }
         tokio::spawn(async move {
             while let Ok(Some(LinkRequest { msg: Some(msg) })) = inbound.message().await {
                 match msg {

@@ -293,6 +293,71 @@ async fn a_retiring_lane_hands_its_work_to_another_endpoint() {
     rig.stop().await;
 }
 
+/// A pusher that drains keeps its in-flight work (its acks still come) and takes no new
+/// work: that goes to the other endpoint.
+#[tokio::test]
+async fn a_draining_pusher_finishes_its_work_and_new_work_goes_elsewhere() {
+    let draining = FakePusher::start(Behaviour::Slow {
+        ack_after: Some(Duration::from_millis(500)),
+        progress_every: None,
+    })
+    .await;
+    let other = FakePusher::start(Behaviour::Normal).await;
+    let (port, draining_ip, other_ip) = alias_pair(draining.addr, other.addr).await;
+    let dns = TestDns::start("pusher.test", &[draining_ip]).await;
+    let rig = Rig::start(config(
+        Target::parse(&dns.url(port)).unwrap(),
+        3,
+        Duration::from_secs(5),
+    ));
+    let draining_endpoint = SocketAddr::new(IpAddr::V4(draining_ip), port).to_string();
+
+    rig.wait_link("the first endpoint", connected).await;
+    let in_flight = rig.submit("hello").await;
+    eventually("attempt 1 at the first endpoint", || {
+        (draining.attempts(&in_flight) == [1]).then_some(())
+    })
+    .await;
+    dns.set(&[draining_ip, other_ip]);
+    rig.wait_link("both endpoints connected", |s| {
+        s.endpoints.len() == 2 && s.endpoints.iter().all(|e| e.state == Wire::Connected)
+    })
+    .await;
+
+    draining.drain();
+    rig.wait_link("the first endpoint draining", |s| {
+        s.endpoints
+            .iter()
+            .any(|e| e.address == draining_endpoint && e.draining)
+    })
+    .await;
+    let mut new_work = Vec::new();
+    for _ in 0..4 {
+        new_work.push(rig.submit("hello again").await);
+    }
+    for id in &new_work {
+        rig.wait_status(id, Stored::Completed).await;
+        assert_eq!(
+            other.attempts(id),
+            [1],
+            "new work goes to the endpoint taking it"
+        );
+        assert!(draining.attempts(id).is_empty(), "none to the draining one");
+    }
+    let conversation = rig.wait_status(&in_flight, Stored::Completed).await;
+    assert_eq!(conversation.last_error, None);
+    assert_eq!(
+        draining.attempts(&in_flight),
+        [1],
+        "answered where it was sent"
+    );
+    assert!(
+        other.attempts(&in_flight).is_empty(),
+        "not moved while in flight"
+    );
+    rig.stop().await;
+}
+
 /// Listeners on 127.0.0.1:PORT and 127.0.0.2:PORT (one port, as DNS answers give) that
 /// forward to `first` and `second`: two endpoints of one name on loopback.
 async fn alias_pair(first: SocketAddr, second: SocketAddr) -> (u16, Ipv4Addr, Ipv4Addr) {
