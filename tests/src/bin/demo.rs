@@ -16,6 +16,9 @@ use tonic_health::pb::{
 struct Args {
     listen_addr: String,
     pusher_addr: String,
+    /// Metrics endpoints (each service's `--admin-addr`), beside the service's own address.
+    listen_admin_addr: String,
+    pusher_admin_addr: String,
     store: String,
     latency: String,
     exit: bool,
@@ -25,6 +28,8 @@ fn parse_args() -> Args {
     let mut args = Args {
         listen_addr: "127.0.0.1:50051".into(),
         pusher_addr: "127.0.0.1:50052".into(),
+        listen_admin_addr: String::new(),
+        pusher_admin_addr: String::new(),
         store: "sqlite://./data/listen.db".into(),
         latency: "1s".into(),
         exit: false,
@@ -56,8 +61,10 @@ fn usage(error: &str) -> ! {
         "usage: cargo run -p tests --bin demo -- [--listen-addr 127.0.0.1:50051] [--pusher-addr 127.0.0.1:50052]\n\
          \x20                                      [--store sqlite://./data/listen.db] [--latency 1s] [--exit]\n\n\
          Starts pusher-svc and listen-svc, submits a conversation and shows it processed.\n\
+         --listen-addr, --pusher-addr  where the services serve gRPC; a port of 0 picks a free one,\n\
+         \x20          and then the service's metrics port (--admin-addr) is a free one too; otherwise\n\
+         \x20          metrics are on the same host at 9464 (listen) and 9465 (pusher)\n\
          --latency  simulated processing time in pusher, so PROCESSING is visible (0s for none)\n\
-         \x20          a port of 0 picks a free one\n\
          --exit     stop both services after the demonstration instead of waiting for Ctrl-C"
     );
     std::process::exit(if error.is_empty() { 0 } else { 64 })
@@ -90,6 +97,8 @@ impl Drop for Running {
 #[tokio::main]
 async fn main() {
     let mut args = parse_args();
+    args.listen_admin_addr = admin_addr_for(&args.listen_addr, 9464);
+    args.pusher_admin_addr = admin_addr_for(&args.pusher_addr, 9465);
     args.listen_addr = with_free_port(&args.listen_addr);
     args.pusher_addr = with_free_port(&args.pusher_addr);
     let bin_dir = tests::build_services();
@@ -102,6 +111,8 @@ async fn main() {
         &[
             "--listen-addr",
             &args.pusher_addr,
+            "--admin-addr",
+            &args.pusher_admin_addr,
             "--simulated-latency",
             &args.latency,
         ],
@@ -115,6 +126,8 @@ async fn main() {
         &[
             "--listen-addr",
             &args.listen_addr,
+            "--admin-addr",
+            &args.listen_admin_addr,
             "--pusher-url",
             &pusher_url,
             "--store",
@@ -124,8 +137,9 @@ async fn main() {
     running.0.push(("listen-svc", listen));
     wait_serving(&mut running, &args.listen_addr, "listen.v1.Listen").await;
     println!(
-        "pusher-svc on {} and listen-svc on {} are SERVING (logs in ./data/*.log)\n",
-        args.pusher_addr, args.listen_addr
+        "pusher-svc on {} and listen-svc on {} are SERVING (logs in ./data/*.log; metrics at \
+         http://{}/metrics and http://{}/metrics)\n",
+        args.pusher_addr, args.listen_addr, args.pusher_admin_addr, args.listen_admin_addr
     );
 
     let mut client = listen::listen_client::ListenClient::new(channel(&args.listen_addr));
@@ -210,8 +224,15 @@ async fn main() {
     println!();
 }
 
+/// Starts `name` with its output appended to `./data/{name}.log` (appended, so a second demo
+/// never truncates the log of one still running).
 fn spawn(bin_dir: &Path, name: &str, args: &[&str]) -> Child {
-    let log = std::fs::File::create(format!("data/{name}.log")).expect("create log");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(format!("data/{name}.log"))
+        .expect("open log");
+    let _ = writeln!(log, "--- started by the demo: {name} {}", args.join(" "));
     Command::new(bin_dir.join(name))
         .args(args)
         .stdin(Stdio::null())
@@ -234,12 +255,15 @@ async fn wait_serving(running: &mut Running, addr: &str, service: &str) {
     loop {
         for (name, child) in running.0.iter_mut() {
             if let Ok(Some(status)) = child.try_wait() {
-                let hint = if *name == starting {
-                    format!(" (is {addr} already in use?)")
-                } else {
-                    String::new()
-                };
-                eprintln!("error: {name} exited ({status}); see ./data/{name}.log{hint}");
+                eprintln!("error: {name} exited ({status}); the end of ./data/{name}.log:");
+                for line in last_lines(&format!("data/{name}.log"), 5) {
+                    eprintln!("  {line}");
+                }
+                if *name == starting {
+                    eprintln!(
+                        "(an address in use? choose others with --listen-addr/--pusher-addr, or port 0)"
+                    );
+                }
                 std::process::exit(1);
             }
         }
@@ -257,6 +281,26 @@ async fn wait_serving(running: &mut Running, addr: &str, service: &str) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The last `n` lines of a log: what a service said before it exited.
+fn last_lines(path: &str, n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
+}
+
+/// A service's metrics address: on its host, at `default_port`, or a free port when the
+/// service itself was given port 0 (so demos side by side do not collide).
+fn admin_addr_for(service_addr: &str, default_port: u16) -> String {
+    let Ok(parsed) = service_addr.parse::<std::net::SocketAddr>() else {
+        usage(&format!("{service_addr} is not host:port"))
+    };
+    let port = if parsed.port() == 0 { 0 } else { default_port };
+    with_free_port(&std::net::SocketAddr::new(parsed.ip(), port).to_string())
 }
 
 /// `host:0` becomes `host:N` with a port free right now, since listen must be told where
