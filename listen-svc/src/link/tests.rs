@@ -251,22 +251,11 @@ async fn a_retiring_lane_hands_its_work_to_another_endpoint() {
     })
     .await;
     let new = FakePusher::start(Behaviour::Normal).await;
-    let (port, old_ip, new_ip) = alias_pair(old.addr, new.addr).await;
-    let dns = TestDns::start("pusher.test", &[old_ip]).await;
-    let rig = Rig::start(config(
-        Target::parse(&dns.url(port)).unwrap(),
-        3,
-        Duration::from_secs(1),
-    ));
-    let old_endpoint = SocketAddr::new(IpAddr::V4(old_ip), port).to_string();
-    let new_endpoint = SocketAddr::new(IpAddr::V4(new_ip), port).to_string();
-
-    rig.wait_link("the first endpoint", connected).await;
-    let id = rig.submit("hello").await;
-    eventually("attempt 1 at the old endpoint", || {
-        (old.attempts(&id) == [1]).then_some(())
-    })
-    .await;
+    let pair = Pair::start(&old, &new, Duration::from_secs(1)).await;
+    let (rig, dns) = (&pair.rig, &pair.dns);
+    let (new_ip, old_endpoint, new_endpoint) =
+        (pair.second_ip, &pair.first_endpoint, &pair.second_endpoint);
+    let id = pair.submit_to_first(&old).await;
 
     // The new endpoint is up and the old one retiring before attempt 1's ack deadline: the
     // old lane gives up the entry instead of re-sending it itself.
@@ -274,10 +263,10 @@ async fn a_retiring_lane_hands_its_work_to_another_endpoint() {
     rig.wait_link("the old endpoint retiring, the new one connected", |s| {
         s.endpoints
             .iter()
-            .any(|e| e.address == old_endpoint && e.retiring)
+            .any(|e| &e.address == old_endpoint && e.retiring)
             && s.endpoints
                 .iter()
-                .any(|e| e.address == new_endpoint && e.state == Wire::Connected)
+                .any(|e| &e.address == new_endpoint && e.state == Wire::Connected)
     })
     .await;
     let conversation = rig.wait_status(&id, Stored::Completed).await;
@@ -287,10 +276,10 @@ async fn a_retiring_lane_hands_its_work_to_another_endpoint() {
     let snapshot = rig
         .wait_link("the retired lane dropped", |s| s.endpoints.len() == 1)
         .await;
-    assert_eq!(snapshot.endpoints[0].address, new_endpoint);
-    assert_ne!(snapshot.endpoints[0].address, old_endpoint);
+    assert_eq!(&snapshot.endpoints[0].address, new_endpoint);
+    assert_ne!(&snapshot.endpoints[0].address, old_endpoint);
     assert!(!snapshot.endpoints[0].retiring);
-    rig.stop().await;
+    pair.rig.stop().await;
 }
 
 /// A pusher that drains keeps its in-flight work (its acks still come) and takes no new
@@ -303,22 +292,10 @@ async fn a_draining_pusher_finishes_its_work_and_new_work_goes_elsewhere() {
     })
     .await;
     let other = FakePusher::start(Behaviour::Normal).await;
-    let (port, draining_ip, other_ip) = alias_pair(draining.addr, other.addr).await;
-    let dns = TestDns::start("pusher.test", &[draining_ip]).await;
-    let rig = Rig::start(config(
-        Target::parse(&dns.url(port)).unwrap(),
-        3,
-        Duration::from_secs(5),
-    ));
-    let draining_endpoint = SocketAddr::new(IpAddr::V4(draining_ip), port).to_string();
-
-    rig.wait_link("the first endpoint", connected).await;
-    let in_flight = rig.submit("hello").await;
-    eventually("attempt 1 at the first endpoint", || {
-        (draining.attempts(&in_flight) == [1]).then_some(())
-    })
-    .await;
-    dns.set(&[draining_ip, other_ip]);
+    let pair = Pair::start(&draining, &other, Duration::from_secs(5)).await;
+    let (rig, draining_endpoint) = (&pair.rig, &pair.first_endpoint);
+    let in_flight = pair.submit_to_first(&draining).await;
+    pair.dns.set(&[pair.first_ip, pair.second_ip]);
     rig.wait_link("both endpoints connected", |s| {
         s.endpoints.len() == 2 && s.endpoints.iter().all(|e| e.state == Wire::Connected)
     })
@@ -328,7 +305,7 @@ async fn a_draining_pusher_finishes_its_work_and_new_work_goes_elsewhere() {
     rig.wait_link("the first endpoint draining", |s| {
         s.endpoints
             .iter()
-            .any(|e| e.address == draining_endpoint && e.draining)
+            .any(|e| &e.address == draining_endpoint && e.draining)
     })
     .await;
     let mut new_work = Vec::new();
@@ -355,7 +332,50 @@ async fn a_draining_pusher_finishes_its_work_and_new_work_goes_elsewhere() {
         other.attempts(&in_flight).is_empty(),
         "not moved while in flight"
     );
-    rig.stop().await;
+    pair.rig.stop().await;
+}
+
+/// Two fake pushers as two endpoints of one DNS name (127.0.0.1 and 127.0.0.2 at one port),
+/// with only the first in DNS at the start and the link connected to it.
+struct Pair {
+    rig: Rig,
+    dns: TestDns,
+    first_ip: Ipv4Addr,
+    second_ip: Ipv4Addr,
+    first_endpoint: String,
+    second_endpoint: String,
+}
+
+impl Pair {
+    async fn start(first: &FakePusher, second: &FakePusher, ack_timeout: Duration) -> Pair {
+        let (port, first_ip, second_ip) = alias_pair(first.addr, second.addr).await;
+        let dns = TestDns::start("pusher.test", &[first_ip]).await;
+        let rig = Rig::start(config(
+            Target::parse(&dns.url(port)).unwrap(),
+            3,
+            ack_timeout,
+        ));
+        rig.wait_link("the first endpoint", connected).await;
+        let endpoint = |ip| SocketAddr::new(IpAddr::V4(ip), port).to_string();
+        Pair {
+            first_endpoint: endpoint(first_ip),
+            second_endpoint: endpoint(second_ip),
+            rig,
+            dns,
+            first_ip,
+            second_ip,
+        }
+    }
+
+    /// Submits a conversation and waits for its attempt 1 at the first endpoint.
+    async fn submit_to_first(&self, first: &FakePusher) -> String {
+        let id = self.rig.submit("hello").await;
+        eventually("attempt 1 at the first endpoint", || {
+            (first.attempts(&id) == [1]).then_some(())
+        })
+        .await;
+        id
+    }
 }
 
 /// Listeners on 127.0.0.1:PORT and 127.0.0.2:PORT (one port, as DNS answers give) that
