@@ -27,6 +27,7 @@ pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
 /// A stored conversation as the API returns it.
 pub(crate) fn to_proto(c: Conversation) -> api::Conversation {
     api::Conversation {
+        segment_count: c.segments.len() as u32,
         id: c.id,
         uid: c.uid,
         status: c.status.to_proto() as i32,

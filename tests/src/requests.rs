@@ -49,6 +49,7 @@ pub async fn status_of(client: &mut ListenClient, id: &str) -> listen::Conversat
     let conversation = client
         .get_conversation(listen::GetConversationRequest {
             conversation_id: id.to_string(),
+            ..Default::default()
         })
         .await
         .expect("get")
@@ -111,6 +112,7 @@ pub async fn count_listed(
                 status: status as i32,
                 page_size: 500,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .expect("list")

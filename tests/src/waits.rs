@@ -71,6 +71,7 @@ pub async fn wait_all(
                 let conversation = client
                     .get_conversation(listen::GetConversationRequest {
                         conversation_id: id.clone(),
+                        ..Default::default()
                     })
                     .await
                     .expect("get")

@@ -73,6 +73,7 @@ async fn a_user_may_only_touch_its_own_conversations() {
         with_token(
             listen::GetConversationRequest {
                 conversation_id: mine.clone(),
+                ..Default::default()
             },
             &token,
         )
@@ -173,6 +174,7 @@ async fn a_service_token_may_act_for_anyone() {
     let get = with_token(
         listen::GetConversationRequest {
             conversation_id: id,
+            ..Default::default()
         },
         &service,
     );
@@ -261,6 +263,7 @@ async fn rs256_tokens_verify_against_a_jwks_file() {
                 .get_conversation(with_token(
                     listen::GetConversationRequest {
                         conversation_id: id,
+                        ..Default::default()
                     },
                     &token,
                 ))

@@ -174,6 +174,7 @@ async fn a_conversation_without_text_is_discarded_and_never_sent() {
     let conversation = client
         .get_conversation(listen::GetConversationRequest {
             conversation_id: response.conversation_id,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -374,6 +375,7 @@ async fn bad_input_gets_a_status_naming_the_field_and_stores_nothing() {
     let status = client
         .get_conversation(listen::GetConversationRequest {
             conversation_id: missing.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -382,6 +384,7 @@ async fn bad_input_gets_a_status_naming_the_field_and_stores_nothing() {
     let status = client
         .get_conversation(listen::GetConversationRequest {
             conversation_id: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -482,6 +485,7 @@ async fn list_pages_through_a_users_conversations_newest_first() {
                 status: ConversationStatus::Completed as i32,
                 page_size: 3,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -725,6 +729,7 @@ async fn prometheus_metrics_are_served_and_move() {
     let _ = client
         .get_conversation(listen::GetConversationRequest {
             conversation_id: "bad".into(),
+            ..Default::default()
         })
         .await;
 

@@ -35,6 +35,7 @@ async fn get(client: &ListenClient, id: &str) -> listen::Conversation {
         .clone()
         .get_conversation(listen::GetConversationRequest {
             conversation_id: id.to_string(),
+            ..Default::default()
         })
         .await
         .expect("get")

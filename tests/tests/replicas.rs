@@ -222,6 +222,7 @@ async fn stopped_database_gives_unavailable_then_recovers_by_itself() {
     let status = client
         .get_conversation(listen::GetConversationRequest {
             conversation_id: before.clone(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -102,6 +102,7 @@ async fn completion_latencies(client: &ListenClient) -> Vec<Duration> {
                     status: 0,
                     page_size: 500,
                     page_token: token,
+                    ..Default::default()
                 })
                 .await
                 .expect("list")

@@ -166,6 +166,7 @@ async fn main() {
         let conversation = client
             .get_conversation(listen::GetConversationRequest {
                 conversation_id: submitted.conversation_id.clone(),
+                ..Default::default()
             })
             .await
             .expect("GetConversation")
