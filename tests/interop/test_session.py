@@ -1,0 +1,71 @@
+"""Session from grpcio, which half-closes when the request iterator ends: the server finishes
+a conversation still in progress, keeps the stream open until each finished conversation
+has its outcome event, then ends the stream with OK."""
+
+from helpers import (CALL_TIMEOUT, OUTCOMES, finish, kinds, run_session, segments, start, unique)
+from listen.v1 import listen_pb2 as listen
+
+
+def started_conversation(events) -> str:
+    ids = [e.conversation_started.conversation_id for e in events if e.HasField("conversation_started")]
+    assert len(ids) == 1, kinds(events)
+    return ids[0]
+
+
+def check_processed(event, conversation_id, uid):
+    processed = event.conversation_processed.conversation
+    assert processed.id == conversation_id
+    assert processed.uid == uid
+    assert processed.status == listen.CONVERSATION_STATUS_COMPLETED, processed
+    # BASIC view: the client sent the segments; segment_count says how many there were.
+    assert len(processed.segments) == 0, processed
+    assert processed.segment_count == 2, processed
+    assert processed.structured.action_items, processed
+
+
+def test_half_close_after_finish_gets_conversation_processed(listen_stub):
+    uid = unique("session")
+    events = run_session(listen_stub, [
+        start(uid),
+        segments("So, the launch checklist."),
+        segments("I will book the venue.", at=2),
+        finish(),
+    ])
+    seen = kinds(events)
+    assert seen[0] == "session_started", seen
+    assert seen.count("segments_stored") == 2, seen
+    assert "processing_started" in seen, seen
+    # The stream ended (OK) right after the conversation's outcome.
+    assert seen[-1] == "conversation_processed", seen
+    assert sum(kind in OUTCOMES for kind in seen) == 1, seen
+    check_processed(events[-1], started_conversation(events), uid)
+    stored = [e.segments_stored.total_segments for e in events if e.HasField("segments_stored")]
+    assert stored == [1, 2], stored
+
+
+def test_half_close_without_finish_finishes_the_conversation(listen_stub):
+    uid = unique("session")
+    events = run_session(listen_stub, [
+        start(uid),
+        segments("So, the budget review."),
+        segments("Remember to send the invoice.", at=2),
+    ])
+    seen = kinds(events)
+    assert seen.count("segments_stored") == 2, seen
+    assert seen[-1] in OUTCOMES, seen
+    assert seen[-1] == "conversation_processed", seen
+    check_processed(events[-1], started_conversation(events), uid)
+
+
+def test_the_finished_conversation_reads_back_in_full(listen_stub):
+    uid = unique("session")
+    events = run_session(listen_stub, [start(uid), segments("One.", "Two, I will call the bank."), finish()])
+    conversation_id = started_conversation(events)
+    full = listen_stub.GetConversation(listen.GetConversationRequest(conversation_id=conversation_id),
+                                       timeout=CALL_TIMEOUT)
+    assert [s.text for s in full.segments] == ["One.", "Two, I will call the bank."]
+    assert full.segment_count == 2
+    basic = listen_stub.GetConversation(
+        listen.GetConversationRequest(conversation_id=conversation_id, view=listen.CONVERSATION_VIEW_BASIC),
+        timeout=CALL_TIMEOUT)
+    assert len(basic.segments) == 0 and basic.segment_count == 2, basic
