@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # grpcurl 1.8.6 (v1alpha reflection only, like many users' installs) against the real
-# binaries: list, describe, and call both services with no .proto files.
+# binaries: list, describe, and call both services with no .proto files, and run the
+# README's Session example as pasted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,4 +74,14 @@ bad=$(grpcurl -plaintext -d '{"uid":""}' "$L" listen.v1.Listen/SubmitConversatio
 expect "bad input names the field" "InvalidArgument" "$bad"
 expect "bad input message" "uid: must not be empty" "$bad"
 expect "pusher Process" "actionItems" "$(grpcurl -plaintext -d '{"conversation_id":"smoke-1","attempt":1,"segments":[{"text":"Remember to call the client."}]}' "$P" pusher.v1.Pusher/Process)"
+
+# The README's Session example, read from README.md and run as pasted (with its $L): grpcurl
+# half-closes at the end of the heredoc, and the server answers with the outcome before it
+# ends the call. Bounded, since a server that never ends the call would hang here.
+session_example=$(awk '/^grpcurl -plaintext -d @ \$L listen\.v1\.Listen\/Session <<.EOF.$/,/^EOF$/' README.md)
+[ -n "$session_example" ] || { echo "grpcurl smoke: README.md has no Session heredoc starting with: grpcurl -plaintext -d @ \$L listen.v1.Listen/Session <<'EOF'"; exit 1; }
+echo "$session_example"
+session=$(L="$L" timeout 60 bash -c "$session_example" 2>&1) \
+    || { echo "grpcurl smoke: the README's Session example failed:"; echo "$session"; cat "$work"/*.log; exit 1; }
+expect "README's Session example" "conversationProcessed" "$session"
 echo "grpcurl smoke passed"
