@@ -57,7 +57,7 @@ mkdir -p "$stubs"
 
 if [ -z "$bin_dir" ]; then
     echo "interop: building listen-svc and pusher-svc"
-    "${CARGO:-cargo}" build --locked -q -p listen-svc -p pusher-svc || fail "building the services failed"
+    "${CARGO:-cargo}" build --locked -p listen-svc -p pusher-svc || fail "building the services failed"
     bin_dir=target/debug
 fi
 for bin in listen-svc pusher-svc; do
