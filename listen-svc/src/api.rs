@@ -7,8 +7,10 @@ use crate::error::{ApiError, reject};
 use crate::link::LinkHandle;
 use crate::session;
 use crate::store::{ConversationStore, ListFilter, RetryOutcome, Status};
-use crate::validate::{Limits, MAX_ID_BYTES, validate_id, validate_submit, validate_text};
-use crate::wire::{status_name, to_proto};
+use crate::validate::{
+    Limits, MAX_ID_BYTES, validate_id, validate_submit, validate_text, validate_view,
+};
+use crate::wire::{View, status_name, to_proto, to_proto_in};
 use shared::proto::listen::v1 as api;
 use shared::proto::listen::v1::listen_server::Listen;
 use std::sync::Arc;
@@ -17,6 +19,9 @@ use tonic::{Request, Response, Streaming};
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 500;
+/// Conversations read from the store at once while filling a FULL page: bounds the memory
+/// of one page to this many conversations beyond what the page keeps.
+const FULL_PAGE_BATCH: usize = 8;
 
 pub(crate) struct ListenService {
     pub store: Arc<dyn ConversationStore>,
@@ -24,6 +29,8 @@ pub(crate) struct ListenService {
     pub limits: Limits,
     pub pusher_url: String,
     pub max_in_flight: usize,
+    /// Most encoded bytes in one ListConversations response (`--max-page-bytes`).
+    pub max_page_bytes: usize,
     pub sessions: session::Context,
 }
 
@@ -136,10 +143,12 @@ impl ListenService {
         request: Request<api::GetConversationRequest>,
     ) -> Result<api::Conversation, ApiError> {
         let caller = auth::caller(&request)?;
-        let id = validate_id("conversation_id", &request.into_inner().conversation_id)?;
+        let request = request.into_inner();
+        let id = validate_id("conversation_id", &request.conversation_id)?;
+        let view = validate_view("view", request.view, View::Full)?;
         let conversation = self.store.get(&id).await?.ok_or(ApiError::NotFound(id))?;
         caller.require("conversation_id", &conversation.uid)?;
-        Ok(to_proto(conversation))
+        Ok(to_proto_in(view, conversation))
     }
 
     async fn list(
@@ -162,39 +171,74 @@ impl ListenService {
             Err(_) => {
                 return Err(ApiError::invalid(
                     "status",
-                    format!("unknown value {}", request.status),
+                    format!(
+                        "{} is not a conversation status; use 0 (any) or CONVERSATION_STATUS_IN_PROGRESS (1) to CONVERSATION_STATUS_DISCARDED (5)",
+                        request.status
+                    ),
                 ));
             }
         };
-        let before_id = match request.page_token.as_str() {
+        let view = validate_view("view", request.view, View::Basic)?;
+        let mut cursor = match request.page_token.as_str() {
             "" => None,
-            token => Some(validate_id("page_token", token)?),
+            token => Some(validate_id("page_token", token).map_err(|_| {
+                ApiError::invalid(
+                    "page_token",
+                    "not a next_page_token from this API; send it back as received, or empty for the first page",
+                )
+            })?),
         };
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         } as usize;
-        let mut conversations = self
-            .store
-            .list(ListFilter {
-                uid,
-                status,
-                before_id,
-                limit: page_size + 1,
-            })
-            .await?;
-        let next_page_token = if conversations.len() > page_size {
-            conversations.truncate(page_size);
-            conversations
-                .last()
-                .map(|c| c.id.clone())
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let batch = match view {
+            View::Basic => page_size,
+            View::Full => FULL_PAGE_BATCH,
         };
+        // The page is cut at page_size conversations or at max_page_bytes, whichever comes
+        // first (but holds at least one); each store read asks for one more row than it
+        // needs, to know whether anything follows.
+        let mut page = Vec::new();
+        let mut bytes = NEXT_PAGE_TOKEN_BYTES;
+        let mut more = false;
+        'fill: loop {
+            let limit = batch.min(page_size - page.len()) + 1;
+            let rows = self
+                .store
+                .list(ListFilter {
+                    uid: uid.clone(),
+                    status,
+                    before_id: cursor.clone(),
+                    limit,
+                    with_segments: view == View::Full,
+                })
+                .await?;
+            let exhausted = rows.len() < limit;
+            for row in rows {
+                let conversation = to_proto_in(view, row);
+                let size = repeated_field_len(&conversation);
+                if page.len() == page_size
+                    || (!page.is_empty() && bytes + size > self.max_page_bytes)
+                {
+                    more = true;
+                    break 'fill;
+                }
+                bytes += size;
+                cursor = Some(conversation.id.clone());
+                page.push(conversation);
+            }
+            if exhausted {
+                break;
+            }
+        }
         Ok(api::ListConversationsResponse {
-            conversations: conversations.into_iter().map(to_proto).collect(),
-            next_page_token,
+            next_page_token: if more {
+                cursor.unwrap_or_default()
+            } else {
+                String::new()
+            },
+            conversations: page,
         })
     }
 
@@ -271,4 +315,13 @@ impl ListenService {
                 .collect(),
         })
     }
+}
+
+/// Bytes `next_page_token` can add to a page (tag, length, a conversation id).
+const NEXT_PAGE_TOKEN_BYTES: usize = 2 + MAX_ID_BYTES;
+
+/// Bytes `conversation` adds to a response as one element of a repeated message field.
+fn repeated_field_len(conversation: &api::Conversation) -> usize {
+    let len = prost::Message::encoded_len(conversation);
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
 }

@@ -129,8 +129,8 @@ impl Authenticator {
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or_else(|| ApiError::Unauthenticated("expected \"Bearer <token>\"".into()))?;
         let invalid =
-            |reason: String| ApiError::Unauthenticated(format!("invalid token: {reason}"));
-        let head = decode_header(token).map_err(|e| invalid(e.to_string()))?;
+            |reason: String| ApiError::Unauthenticated(format!("invalid bearer token: {reason}"));
+        let head = decode_header(token).map_err(|e| invalid(token_problem(&e)))?;
         let mut validation = Validation::new(head.alg);
         validation.leeway = 30;
         validation.set_required_spec_claims(&["exp", "sub"]);
@@ -149,10 +149,21 @@ impl Authenticator {
                 .filter(|(kid, _)| head.kid.is_none() || kid.is_none() || *kid == head.kid)
                 .map(|(_, key)| key)
                 .collect(),
-            other => return Err(invalid(format!("algorithm {other:?} is not accepted"))),
+            other => {
+                return Err(invalid(format!(
+                    "its algorithm {other:?} is not accepted; sign with HS256 or RS256"
+                )));
+            }
         };
         if keys.is_empty() {
-            return Err(invalid(format!("no key configured for {:?}", head.alg)));
+            return Err(invalid(format!(
+                "this server has no {:?} key{}; sign with the algorithm and key it is configured with",
+                head.alg,
+                head.kid
+                    .as_deref()
+                    .map(|kid| format!(" with kid {kid:?}"))
+                    .unwrap_or_default()
+            )));
         }
         let mut last = String::new();
         for key in keys {
@@ -160,7 +171,7 @@ impl Authenticator {
                 Ok(data) => {
                     let claims = data.claims;
                     if claims.sub.trim().is_empty() {
-                        return Err(invalid("empty sub".into()));
+                        return Err(invalid("its sub claim is empty; it must be the uid".into()));
                     }
                     let scopes = claims
                         .scope
@@ -174,7 +185,7 @@ impl Authenticator {
                         Caller::User(claims.sub)
                     });
                 }
-                Err(error) => last = error.to_string(),
+                Err(error) => last = token_problem(&error),
             }
         }
         Err(invalid(last))
@@ -196,4 +207,77 @@ fn load_jwks(path: &Path) -> Result<Vec<(Option<String>, DecodingKey)>, String> 
         return Err(format!("--auth-jwks-file {}: no keys", path.display()));
     }
     Ok(keys)
+}
+
+/// What is wrong with a token, in words a caller can act on (jsonwebtoken's own messages
+/// name its enum variants, such as `InvalidToken`).
+fn token_problem(error: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
+            "it is not a JWT (three base64url parts joined by dots); send the token your identity provider issued".into()
+        }
+        ErrorKind::Json(_) => "its header or claims are not the JSON a JWT holds".into(),
+        ErrorKind::InvalidSignature => {
+            "its signature does not match any key this server has; was it signed for another service?".into()
+        }
+        ErrorKind::ExpiredSignature => "it has expired (its exp is in the past); get a new token".into(),
+        ErrorKind::ImmatureSignature => "it is not valid yet (its nbf is in the future)".into(),
+        ErrorKind::InvalidIssuer => "its iss is not the issuer this server accepts (--auth-issuer)".into(),
+        ErrorKind::InvalidAudience => "its aud does not name this server (--auth-audience)".into(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("it has no {claim} claim"),
+        ErrorKind::InvalidClaimFormat(claim) => format!("its {claim} claim has the wrong type"),
+        ErrorKind::InvalidAlgorithm => "its algorithm does not match the key it names".into(),
+        _ => "it cannot be verified with the keys this server has".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authenticator() -> Authenticator {
+        Authenticator::from_config(&AuthConfig {
+            jwt_secret: Some("0123456789abcdef0123456789abcdef".into()),
+            ..AuthConfig::default()
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    fn refusal(header: &str) -> String {
+        match authenticator().authenticate(Some(header)) {
+            Err(ApiError::Unauthenticated(message)) => message,
+            other => panic!("expected UNAUTHENTICATED, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn refusals_say_what_is_wrong_in_plain_words() {
+        let not_a_jwt = refusal("Bearer not-a-token");
+        assert!(
+            not_a_jwt.starts_with("invalid bearer token: it is not a JWT"),
+            "{not_a_jwt}"
+        );
+        let expired = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"sub": "u1", "exp": 1_000}),
+            &jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap();
+        assert!(refusal(&format!("Bearer {expired}")).contains("it has expired"));
+        let other_key = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"sub": "u1", "exp": 4_000_000_000u64}),
+            &jsonwebtoken::EncodingKey::from_secret(b"another secret, another service!"),
+        )
+        .unwrap();
+        assert!(refusal(&format!("Bearer {other_key}")).contains("signature does not match"));
+        for message in [not_a_jwt, refusal("Bearer a.b.c"), refusal("Bearer x.y")] {
+            assert!(
+                !message.contains("Invalid") && !message.contains("Error"),
+                "no library type names: {message}"
+            );
+        }
+    }
 }

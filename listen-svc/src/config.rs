@@ -232,6 +232,31 @@ pub struct Config {
     #[arg(long, env = "LISTEN_REQUEST_TIMEOUT", default_value = "30s", value_parser = shared::cli::parse_positive_duration)]
     pub request_timeout: Duration,
 
+    /// After a client half-closes a Session, time the stream stays open for the outcomes of
+    /// the conversations it finished (processed, failed or discarded); then it ends with OK.
+    #[arg(long, env = "LISTEN_SESSION_LINGER", default_value = "120s", value_parser = shared::cli::parse_duration)]
+    pub session_linger: Duration,
+
+    /// Most encoded bytes of conversations in one ListConversations page (a page always holds
+    /// at least one). The default stays under the 4 MiB every gRPC client accepts by default.
+    #[arg(long, env = "LISTEN_MAX_PAGE_BYTES", default_value_t = 4_000_000,
+          value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
+    pub max_page_bytes: u32,
+
+    /// Compress responses to clients that accept it: `none`, or a comma-separated list of
+    /// gzip, deflate, zstd (a bare flag means all three; the client's grpc-accept-encoding
+    /// order picks). Compressed requests are accepted either way (gzip, deflate, zstd).
+    #[arg(long, env = "LISTEN_RESPONSE_COMPRESSION", default_value = "none",
+          num_args = 0..=1, default_missing_value = "gzip,deflate,zstd",
+          value_parser = shared::compression::parse_algorithms)]
+    pub response_compression: shared::compression::Algorithms,
+
+    /// Compress the messages listen sends to pusher: none, gzip, deflate or zstd. Worth it
+    /// when the link crosses a network that charges for bytes; costs CPU on both sides.
+    #[arg(long, env = "LISTEN_PUSHER_COMPRESSION", default_value = "none",
+          value_parser = shared::compression::parse_one)]
+    pub pusher_compression: shared::compression::SendCompression,
+
     /// Log line format (RUST_LOG sets the filter, default "info").
     #[arg(long, env = "LISTEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -376,6 +401,7 @@ impl Config {
             max_message_bytes: self.max_message_bytes as usize,
             transcript_buffer: self.transcript_buffer as usize,
             tls: self.pusher_tls()?,
+            compression: self.pusher_compression,
         })
     }
 

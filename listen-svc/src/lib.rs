@@ -32,6 +32,7 @@ mod wire;
 
 pub use config::{Config, ConfigError, StoreLocation};
 
+use shared::compression::Compressible;
 use shared::proto::listen::v1::{LINK_HEALTH_NAME, SERVICE_NAME, listen_server::ListenServer};
 use std::future::Future;
 use std::sync::Arc;
@@ -72,7 +73,6 @@ pub async fn run(
     let sessions = session::Sessions::new(
         config.max_sessions as usize,
         config.max_sessions_per_uid as usize,
-        Arc::clone(&store),
     );
     let on_settled: link::SettledHook = {
         let sessions = Arc::clone(&sessions);
@@ -101,12 +101,14 @@ pub async fn run(
         limits,
         pusher_url: config.pusher_url.clone(),
         max_in_flight: config.max_in_flight as usize,
+        max_page_bytes: config.max_page_bytes as usize,
         sessions: session::Context {
             store,
             link,
             sessions,
             limits,
             min_timeout: config.min_conversation_timeout,
+            linger: config.session_linger,
             shutdown: sessions_shutdown,
         },
     };
@@ -131,7 +133,8 @@ pub async fn run(
     let listen = tonic::service::interceptor::InterceptedService::new(
         ListenServer::new(service)
             .max_decoding_message_size(config.max_message_bytes as usize)
-            .max_encoding_message_size(config.max_message_bytes as usize),
+            .max_encoding_message_size(config.max_message_bytes as usize)
+            .with_compression(&config.response_compression),
         authenticate,
     );
 
@@ -145,10 +148,11 @@ pub async fn run(
     if let Some(tls) = config.server_tls()? {
         builder = builder.tls_config(tls)?;
     }
+    let respond = &config.response_compression;
     let router = builder
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(health_service.with_compression(respond))
+        .add_service(reflection_v1.with_compression(respond))
+        .add_service(reflection_v1alpha.with_compression(respond))
         .add_service(listen);
     let reporter = health_reporter.clone();
     let stopping = async move {

@@ -107,6 +107,9 @@ pub(crate) struct LinkConfig {
     pub transcript_buffer: usize,
     /// TLS (usually mutual) towards pusher, for an https:// URL or a dns: URL with a CA.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Compression of the messages sent to pusher (pusher's answers are decompressed
+    /// whatever it picks).
+    pub compression: shared::compression::SendCompression,
 }
 
 /// Starts the link task. It runs until `shutdown` turns true, then releases its leases.

@@ -6,19 +6,26 @@
 //! `conversation_timeout_s` of silence, or, once the session is gone, at its deadline (by a
 //! sweeper, on any instance) unless a new session for the same uid resumes it first.
 //!
+//! When the client half-closes, the conversation still IN_PROGRESS is finished as if `Finish`
+//! had been sent, and the stream stays open until every conversation the session finished
+//! has had its outcome event (processed, failed or discarded), or `--session-linger` has
+//! passed; then it ends with OK. A client that cancels instead leaves its conversation to
+//! the deadline.
+//!
 //! [`Sessions`] bounds the number of open sessions (`--max-sessions`; beyond it a new
-//! session gets RESOURCE_EXHAUSTED) and routes each processed or failed outcome to the
-//! session that finished the conversation, if it is still connected. Each session's event
-//! buffer holds `EVENT_BUFFER` events: the session's own events wait for the client to read;
-//! a routed outcome that finds the buffer full is dropped (it stays readable with
-//! GetConversation).
+//! session gets RESOURCE_EXHAUSTED) and tells the session that finished a conversation when
+//! the link settles it, if that session is still connected. The session then reads the
+//! outcome and sends it. Each session's event buffer holds `EVENT_BUFFER` events and its
+//! events wait for the client to read. Its queue of settled ids holds `OUTCOME_BUFFER`; an id
+//! that finds it full is dropped. The outcome stays readable with GetConversation, and a
+//! lingering session finds it by reading the store again every `RECHECK_INTERVAL`.
 
 use crate::auth::Caller;
 use crate::error::{ApiError, reject};
 use crate::link::LinkHandle;
 use crate::store::{ConversationStore, NewLive, Status as Lifecycle, now_ms};
 use crate::validate::{Limits, MAX_ID_BYTES, validate_language, validate_segments, validate_text};
-use crate::wire::{to_proto, transcript_batch};
+use crate::wire::{View, to_proto_in, transcript_batch};
 use shared::proto::listen::v1::{
     ConversationDiscarded, ConversationFailed, ConversationProcessed, ConversationStarted,
     ProcessingStarted, SegmentsStored, SessionEvent, SessionRequest, SessionStarted, Start,
@@ -34,18 +41,24 @@ use tracing::{debug, info, warn};
 
 /// Events buffered per session.
 pub(crate) const EVENT_BUFFER: usize = 64;
+/// Settled conversation ids queued for a session to report.
+const OUTCOME_BUFFER: usize = 64;
+/// While a half-closed session lingers, how often it reads the store for outcomes whose
+/// notice it may have missed.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_TIMEOUT_S: u32 = 120;
 const MAX_TIMEOUT_S: u32 = 3600;
 /// Time a client has to send Start after opening the stream.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(crate) type EventTx = mpsc::Sender<Result<SessionEvent, Status>>;
+/// Where the registry tells a session that one of its conversations settled.
+type OutcomeTx = mpsc::Sender<String>;
 
 /// Open sessions and the conversations they are waiting on.
 pub(crate) struct Sessions {
     max_sessions: usize,
     max_per_uid: usize,
-    store: Arc<dyn ConversationStore>,
     state: Mutex<State>,
 }
 
@@ -54,7 +67,9 @@ struct State {
     open: usize,
     /// Open sessions per uid (entries removed at zero, so bounded by `open`).
     per_uid: HashMap<String, usize>,
-    waiting: HashMap<String, EventTx>,
+    /// Settled-conversation notices, by conversation id (entries removed when routed or when
+    /// their session ends, so bounded by the conversations open sessions finished).
+    waiting: HashMap<String, OutcomeTx>,
 }
 
 /// Holds one of a uid's session slots; frees it when dropped.
@@ -87,15 +102,10 @@ impl Drop for Slot {
 }
 
 impl Sessions {
-    pub(crate) fn new(
-        max_sessions: usize,
-        max_per_uid: usize,
-        store: Arc<dyn ConversationStore>,
-    ) -> Arc<Self> {
+    pub(crate) fn new(max_sessions: usize, max_per_uid: usize) -> Arc<Self> {
         Arc::new(Sessions {
             max_sessions,
             max_per_uid,
-            store,
             state: Mutex::default(),
         })
     }
@@ -139,13 +149,13 @@ impl Sessions {
         Ok(Slot(Arc::clone(self)))
     }
 
-    fn wait_for(&self, conversation_id: &str, tx: &EventTx) {
+    fn wait_for(&self, conversation_id: &str, tx: &OutcomeTx) {
         self.lock()
             .waiting
             .insert(conversation_id.to_string(), tx.clone());
     }
 
-    fn forget(&self, conversation_ids: &HashSet<String>) {
+    fn forget<'a>(&self, conversation_ids: impl IntoIterator<Item = &'a String>) {
         let mut state = self.lock();
         for id in conversation_ids {
             state.waiting.remove(id);
@@ -153,39 +163,41 @@ impl Sessions {
     }
 
     /// The link settled `conversation_id`: tell the session waiting for it, if any. Never
-    /// waits (called from the link).
-    pub(crate) fn settled(self: &Arc<Self>, conversation_id: &str) {
+    /// waits (called from the link); a session whose notices are full misses this one.
+    pub(crate) fn settled(&self, conversation_id: &str) {
         let Some(tx) = self.lock().waiting.remove(conversation_id) else {
             return;
         };
-        let store = Arc::clone(&self.store);
-        let id = conversation_id.to_string();
-        tokio::spawn(async move {
-            let event = match store.get(&id).await {
-                Ok(Some(c)) if c.status == Lifecycle::Completed => {
-                    Event::ConversationProcessed(ConversationProcessed {
-                        conversation: Some(to_proto(c)),
-                    })
-                }
-                Ok(Some(c)) if c.status == Lifecycle::Failed => {
-                    Event::ConversationFailed(ConversationFailed {
-                        conversation_id: id.clone(),
-                        reason: c.last_error.unwrap_or_default(),
-                    })
-                }
-                Ok(_) => return,
-                Err(error) => {
-                    debug!(conversation_id = %id, %error, "cannot read the outcome for its session");
-                    return;
-                }
-            };
-            if tx
-                .try_send(Ok(SessionEvent { event: Some(event) }))
-                .is_err()
-            {
-                debug!(conversation_id = %id, "session gone or not reading; outcome not pushed");
-            }
-        });
+        if tx.try_send(conversation_id.to_string()).is_err() {
+            debug!(%conversation_id, "session gone or not reading; outcome not pushed");
+        }
+    }
+}
+
+/// The event that tells a session how conversation `id` ended; `None` while it has not.
+async fn outcome_event(store: &dyn ConversationStore, id: &str) -> Option<Event> {
+    let conversation = match store.get(id).await {
+        Ok(Some(conversation)) => conversation,
+        Ok(None) => return None,
+        Err(error) => {
+            debug!(conversation_id = %id, %error, "cannot read the outcome for its session");
+            return None;
+        }
+    };
+    let id = id.to_string();
+    match conversation.status {
+        Lifecycle::Completed => Some(Event::ConversationProcessed(ConversationProcessed {
+            // The client sent the segments; the event carries the rest (BASIC view).
+            conversation: Some(to_proto_in(View::Basic, conversation)),
+        })),
+        Lifecycle::Failed => Some(Event::ConversationFailed(ConversationFailed {
+            conversation_id: id,
+            reason: conversation.last_error.unwrap_or_default(),
+        })),
+        Lifecycle::Discarded => Some(Event::ConversationDiscarded(ConversationDiscarded {
+            conversation_id: id,
+        })),
+        Lifecycle::InProgress | Lifecycle::Processing => None,
     }
 }
 
@@ -197,7 +209,17 @@ pub(crate) struct Context {
     pub sessions: Arc<Sessions>,
     pub limits: Limits,
     pub min_timeout: Duration,
+    /// After a half-close, the longest the stream waits for outcomes (`--session-linger`).
+    pub linger: Duration,
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// How a session's inbound side ended.
+enum Inbound {
+    /// The client half-closed: it sends nothing more but still reads.
+    HalfClosed,
+    /// The client cancelled or the connection broke.
+    Gone,
 }
 
 /// The conversation a session is feeding.
@@ -235,7 +257,11 @@ pub(crate) async fn run(
         Ok(session) => session,
         Err((tx, error)) => return fail(&tx, error).await,
     };
-    let end = session.serve(&mut inbound).await;
+    let end = match session.serve(&mut inbound).await {
+        Ok(Inbound::HalfClosed) => session.linger().await,
+        Ok(Inbound::Gone) => Ok(()),
+        Err(error) => Err(error),
+    };
     session.ctx.sessions.forget(&session.watched);
     if let Err(error) = end {
         fail(&session.tx, error).await;
@@ -257,6 +283,9 @@ struct Session {
     current: Option<Current>,
     /// Conversations this session finished and waits on for outcomes.
     watched: HashSet<String>,
+    /// Notices of settled conversations (the registry holds clones of `notices`).
+    notices: OutcomeTx,
+    outcomes: mpsc::Receiver<String>,
     _uid_slot: UidSlot,
 }
 
@@ -306,6 +335,7 @@ impl Session {
             id: r.id,
         });
         info!(%session_id, %uid, resumed = current.as_ref().map(|c| c.id.as_str()), "session started");
+        let (notices, outcomes) = mpsc::channel(OUTCOME_BUFFER);
         let session = Session {
             ctx,
             tx,
@@ -315,6 +345,8 @@ impl Session {
             timeout,
             current,
             watched: HashSet::new(),
+            notices,
+            outcomes,
             _uid_slot: uid_slot,
         };
         let resumed_conversation_id = session
@@ -331,12 +363,19 @@ impl Session {
         Ok(session)
     }
 
-    async fn serve(&mut self, inbound: &mut Streaming<SessionRequest>) -> Result<(), ApiError> {
+    async fn serve(
+        &mut self,
+        inbound: &mut Streaming<SessionRequest>,
+    ) -> Result<Inbound, ApiError> {
         let mut shutdown = self.ctx.shutdown.clone();
         loop {
             let deadline = self.current.as_ref().map(|c| c.deadline);
             let message = tokio::select! {
                 message = inbound.message() => message,
+                Some(id) = self.outcomes.recv() => {
+                    self.report(&id).await;
+                    continue;
+                }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     debug!(uid = %self.uid, "silence timeout");
                     self.finish().await?;
@@ -364,9 +403,59 @@ impl Session {
                     });
                 }
                 Ok(Some(SessionRequest { msg: None })) => {}
+                Ok(None) => return Ok(Inbound::HalfClosed),
                 // The client is gone: the conversation stays IN_PROGRESS until its deadline.
-                Ok(None) | Err(_) => return Ok(()),
+                Err(_) => return Ok(Inbound::Gone),
             }
+        }
+    }
+
+    /// After a half-close: finishes the current conversation, then waits until every
+    /// conversation this session finished has had its outcome event, the linger time has
+    /// passed, or the client stops reading.
+    async fn linger(&mut self) -> Result<(), ApiError> {
+        self.finish().await?;
+        let until = Instant::now() + self.ctx.linger;
+        let mut shutdown = self.ctx.shutdown.clone();
+        let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.watched.is_empty() {
+            tokio::select! {
+                Some(id) = self.outcomes.recv() => self.report(&id).await,
+                _ = recheck.tick() => {
+                    let watched: Vec<String> = self.watched.iter().cloned().collect();
+                    for id in watched {
+                        self.report(&id).await;
+                    }
+                }
+                () = sleep_until(until) => {
+                    debug!(uid = %self.uid, waiting = self.watched.len(), "session linger over");
+                    break;
+                }
+                () = self.tx.closed() => break,
+                () = stopping(&mut shutdown) => {
+                    return Err(ApiError::ShuttingDown(
+                        "listen is shutting down; outcomes stay readable with GetConversation",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends conversation `id`'s outcome if it has one, and stops waiting for it.
+    async fn report(&mut self, id: &str) {
+        if !self.watched.contains(id) {
+            return;
+        }
+        match outcome_event(self.ctx.store.as_ref(), id).await {
+            Some(event) => {
+                self.watched.remove(id);
+                self.ctx.sessions.forget([&id.to_string()]);
+                self.send(event).await;
+            }
+            // Not settled after all (or unreadable just now): wait for the next notice.
+            None => self.ctx.sessions.wait_for(id, &self.notices),
         }
     }
 
@@ -440,7 +529,7 @@ impl Session {
         let finished = self.ctx.store.finish(&id, now_ms()).await?;
         match finished {
             Some(Lifecycle::Processing) => {
-                self.ctx.sessions.wait_for(&id, &self.tx);
+                self.ctx.sessions.wait_for(&id, &self.notices);
                 self.watched.insert(id.clone());
                 self.ctx.link.wake();
                 self.send(Event::ProcessingStarted(ProcessingStarted {

@@ -93,7 +93,9 @@ pub(crate) struct Conversation {
     pub uid: String,
     pub language: String,
     pub status: Status,
+    /// Empty when read without segments (a BASIC list); `segment_count` still counts them.
     pub segments: Vec<api::Segment>,
+    pub segment_count: u32,
     pub structured: Option<api::Structured>,
     pub attempts: u32,
     pub last_error: Option<String>,
@@ -163,6 +165,8 @@ pub(crate) struct ListFilter {
     /// Only ids strictly before this one (the previous page's last id).
     pub before_id: Option<String>,
     pub limit: usize,
+    /// Read each conversation's segments too (otherwise `segments` comes back empty).
+    pub with_segments: bool,
 }
 
 /// How a retry went.

@@ -4,6 +4,7 @@
 
 use crate::error::ApiError;
 use crate::store::{NewConversation, Status, now_ms};
+use crate::wire::View;
 use shared::proto::listen::v1 as api;
 
 /// Bytes in a uid, idempotency key, speaker or other identifier.
@@ -133,6 +134,21 @@ pub(crate) fn validate_id(field: &str, value: &str) -> Result<String, ApiError> 
     uuid::Uuid::parse_str(value)
         .map(|id| id.to_string())
         .map_err(|_| ApiError::invalid(field, format!("{value:?} is not a conversation id")))
+}
+
+/// A `ConversationView`; UNSPECIFIED means the method's `default`.
+pub(crate) fn validate_view(field: &str, value: i32, default: View) -> Result<View, ApiError> {
+    match api::ConversationView::try_from(value) {
+        Ok(api::ConversationView::Unspecified) => Ok(default),
+        Ok(api::ConversationView::Basic) => Ok(View::Basic),
+        Ok(api::ConversationView::Full) => Ok(View::Full),
+        Err(_) => Err(ApiError::invalid(
+            field,
+            format!(
+                "{value} is not a view; use CONVERSATION_VIEW_BASIC (1) or CONVERSATION_VIEW_FULL (2)"
+            ),
+        )),
+    }
 }
 
 /// A BCP-47 language tag's length (the tag itself is not checked); empty is allowed.

@@ -24,10 +24,29 @@ pub(crate) fn timestamp(ms: i64) -> prost_types::Timestamp {
     }
 }
 
-/// A stored conversation as the API returns it.
+/// How much of a conversation a read returns (`listen.v1.ConversationView`, resolved).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum View {
+    /// Everything but the segments.
+    Basic,
+    Full,
+}
+
+/// A stored conversation as the API returns it, in `view`.
+pub(crate) fn to_proto_in(view: View, c: Conversation) -> api::Conversation {
+    match view {
+        View::Full => to_proto(c),
+        View::Basic => to_proto(Conversation {
+            segments: Vec::new(),
+            ..c
+        }),
+    }
+}
+
+/// A stored conversation as the API returns it, whole.
 pub(crate) fn to_proto(c: Conversation) -> api::Conversation {
     api::Conversation {
-        segment_count: c.segments.len() as u32,
+        segment_count: c.segment_count,
         id: c.id,
         uid: c.uid,
         status: c.status.to_proto() as i32,

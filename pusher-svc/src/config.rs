@@ -158,6 +158,15 @@ pub struct Config {
     #[arg(long, env = "PUSHER_REQUEST_TIMEOUT", default_value = "5m", value_parser = shared::cli::parse_positive_duration)]
     pub request_timeout: Duration,
 
+    /// Compress responses (acks on Connect, Process results) to clients that accept it:
+    /// `none`, or a comma-separated list of gzip, deflate, zstd (a bare flag means all three;
+    /// the client's grpc-accept-encoding order picks). Compressed requests are accepted
+    /// either way (gzip, deflate, zstd).
+    #[arg(long, env = "PUSHER_RESPONSE_COMPRESSION", default_value = "none",
+          num_args = 0..=1, default_missing_value = "gzip,deflate,zstd",
+          value_parser = shared::compression::parse_algorithms)]
+    pub response_compression: shared::compression::Algorithms,
+
     /// Log line format (RUST_LOG sets the filter, default "info").
     #[arg(long, env = "PUSHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -33,6 +33,7 @@ mod webhook;
 pub use config::Config;
 
 use jobs::{Jobs, JobsConfig};
+use shared::compression::Compressible;
 use shared::proto::pusher::v1::{SERVICE_NAME, pusher_server::PusherServer};
 use std::future::Future;
 use std::sync::Arc;
@@ -117,9 +118,11 @@ pub async fn run(
         .set_serving::<PusherServer<service::PusherService>>()
         .await;
     let (reflection_v1, reflection_v1alpha) = shared::grpc::reflection(&[SERVICE_NAME])?;
+    let respond = &config.response_compression;
     let pusher = PusherServer::new(service)
         .max_decoding_message_size(config.max_message_bytes as usize)
-        .max_encoding_message_size(config.max_message_bytes as usize);
+        .max_encoding_message_size(config.max_message_bytes as usize)
+        .with_compression(respond);
 
     let addr = listener.local_addr()?;
     info!(%addr, %pusher_id, max_concurrency = config.max_concurrency, "pusher-svc serving");
@@ -137,9 +140,9 @@ pub async fn run(
         builder = builder.tls_config(tls)?;
     }
     let router = builder
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(health_service.with_compression(respond))
+        .add_service(reflection_v1.with_compression(respond))
+        .add_service(reflection_v1alpha.with_compression(respond))
         .add_service(pusher);
     let grace = config.shutdown_grace;
     let drain = async move {

@@ -2,6 +2,7 @@
 //!
 //! - [`proto`]: the generated wire contract (`listen.v1`, `pusher.v1`) and its descriptor set.
 //! - [`grpc`]: health and reflection services scoped to one server's own services.
+//! - [`compression`]: the request encodings every server accepts, and response compression.
 //! - [`backoff`]: the jittered exponential backoff policy used for reconnects and retries.
 //! - [`telemetry`]: `tracing` set-up (text or JSON).
 //! - [`metrics`]: the Prometheus `/metrics` listener on `--admin-addr`.
@@ -12,6 +13,7 @@
 
 pub mod backoff;
 pub mod cli;
+pub mod compression;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;

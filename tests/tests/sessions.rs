@@ -90,6 +90,26 @@ impl Session {
         message.event.expect("event set")
     }
 
+    /// Ends the request side (half-close): the client sends nothing more but still reads.
+    fn half_close(&mut self) {
+        self.tx = mpsc::channel(1).0;
+    }
+
+    /// Every event until the stream ends; panics if it ends with an error or takes 20 s.
+    async fn rest(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), self.events.message())
+                .await
+                .expect("the stream ends within 20 s")
+            {
+                Ok(Some(message)) => events.push(message.event.expect("event set")),
+                Ok(None) => return events,
+                Err(status) => panic!("stream ended with {status:?} after {events:?}"),
+            }
+        }
+    }
+
     /// The status the stream ends with.
     async fn error(&mut self) -> tonic::Status {
         loop {
@@ -167,7 +187,8 @@ async fn segments_then_finish_are_stored_processed_and_reported_to_the_session()
         (conversation.id.as_str(), conversation.status),
         (id.as_str(), ConversationStatus::Completed as i32)
     );
-    assert_eq!(conversation.segments.len(), 3);
+    assert!(conversation.segments.is_empty(), "the client sent them");
+    assert_eq!(conversation.segment_count, 3);
     assert_eq!(
         conversation.structured.unwrap().action_items,
         ["I will write the tickets", "We need to fix the build"]
@@ -229,9 +250,19 @@ async fn a_conversation_without_text_is_discarded() {
 async fn a_new_session_for_the_same_uid_resumes_the_unfinished_conversation() {
     let (_pusher, listen) = system(&[]).await;
     let client = listen_client(&listen);
-    let (mut first, _) = Session::start(&client, "resume", 30).await;
+    // The first client's connection breaks mid-conversation (it never half-closes).
+    let proxy = proxy::Proxy::start(listen.addr).await;
+    let through_proxy = ListenClient::new(
+        tonic::transport::Endpoint::from_shared(proxy.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let (mut first, _) = Session::start(&through_proxy, "resume", 30).await;
     first.say(&["First half of the story."]).await;
-    drop(first); // the client disconnects mid-conversation
+    proxy.set(proxy::Mode::Reset);
+    let _ = first.error().await;
 
     let (mut second, started) = Session::start(&client, "resume", 30).await;
     assert!(!started.resumed_conversation_id.is_empty(), "resumed");
@@ -405,7 +436,7 @@ async fn bad_session_input_gets_a_status_naming_the_field() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.conversations[0].segments.len(), 2);
+    assert_eq!(listed.conversations[0].segment_count, 2);
 }
 
 #[tokio::test]
@@ -521,4 +552,76 @@ async fn a_session_outlives_the_request_timeout() {
     // Time passing is the point here: the stream stays open across 2.5 request timeouts.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(session.say(&["Still here."]).await, 1);
+}
+
+/// The README's grpcurl heredoc, and every ghz run: Start, segments, Finish, end of input. The
+/// stream stays open for the outcome and then ends OK.
+#[tokio::test]
+async fn a_half_closed_session_still_receives_its_outcomes_then_ends_ok() {
+    let (_pusher, listen) = system(&[]).await;
+    let client = listen_client(&listen);
+    let (mut session, _) = Session::start(&client, "half", 0).await;
+    session.say(&["We need to book the venue."]).await;
+    session.send(Msg::Finish(Finish {})).await;
+    // A second conversation is left IN_PROGRESS: the half-close finishes it.
+    session
+        .send(Msg::Segments(Segments {
+            segments: vec![segment("I will send the invites.", 0.0)],
+        }))
+        .await;
+    session.half_close();
+    let events = session.rest().await;
+    let processed: Vec<_> = events
+        .iter()
+        .filter_map(|event| match event {
+            Event::ConversationProcessed(p) => p.conversation.clone(),
+            _ => None,
+        })
+        .collect();
+    let started = events
+        .iter()
+        .filter(|event| matches!(event, Event::ProcessingStarted(_)))
+        .count();
+    assert_eq!((started, processed.len()), (2, 2), "{events:?}");
+    for conversation in processed {
+        assert_eq!(conversation.status, ConversationStatus::Completed as i32);
+        assert_eq!(conversation.segment_count, 1);
+    }
+}
+
+/// With pusher away, a half-closed session waits --session-linger for outcomes, then ends OK;
+/// its conversation is finished and processed once pusher returns.
+#[tokio::test]
+async fn a_half_closed_session_ends_ok_after_the_linger_time() {
+    let pusher_port = free_port();
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &with_defaults(FAST_SESSIONS, &["--session-linger", "1s"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    })
+    .await;
+    let client = listen_client(&listen);
+    let (mut session, _) = Session::start(&client, "patient", 0).await;
+    session.say(&["Remind me to renew the passport."]).await;
+    let closed = Instant::now();
+    session.half_close();
+    let events = session.rest().await;
+    assert!(
+        closed.elapsed() >= Duration::from_millis(900),
+        "ended after {:?}",
+        closed.elapsed()
+    );
+    let [Event::ProcessingStarted(processing)] = events.as_slice() else {
+        panic!("expected only processing_started, got {events:?}");
+    };
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
+    wait_one(
+        &client,
+        &processing.conversation_id,
+        ConversationStatus::Completed,
+        Duration::from_secs(20),
+    )
+    .await;
 }

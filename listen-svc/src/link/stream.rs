@@ -149,6 +149,12 @@ pub(super) async fn open_stream(
     let mut client = PusherClient::new(channel)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    for algorithm in shared::compression::Algorithm::ALL {
+        client = client.accept_compressed(algorithm.encoding());
+    }
+    if let Some(algorithm) = config.compression.0 {
+        client = client.send_compressed(algorithm.encoding());
+    }
 
     let (tx, rx) = mpsc::channel(config.max_in_flight * 2 + 64);
     let hello = Hello {

@@ -48,6 +48,7 @@ fn config(target: Target, max_attempts: u32, ack_timeout: Duration) -> LinkConfi
         max_message_bytes: 4 * 1024 * 1024,
         transcript_buffer: 16,
         tls: None,
+        compression: Default::default(),
     }
 }
 

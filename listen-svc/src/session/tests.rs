@@ -1,5 +1,6 @@
-//! The session registry in-process, on a temporary SQLite store: its bounds, and how it
-//! routes a settled conversation's outcome to the session waiting for it.
+//! The session registry in-process, on a temporary SQLite store: its bounds, how it routes a
+//! settled conversation to the session waiting for it, and the outcome event each stored
+//! status becomes.
 
 use super::*;
 use crate::store::{Completion, NewConversation, SqliteStore};
@@ -16,7 +17,7 @@ fn fixture(max_sessions: usize, max_per_uid: usize) -> Fixture {
     let store: Arc<dyn ConversationStore> =
         Arc::new(SqliteStore::open(&dir.path().join("listen.db")).unwrap());
     Fixture {
-        sessions: Sessions::new(max_sessions, max_per_uid, Arc::clone(&store)),
+        sessions: Sessions::new(max_sessions, max_per_uid),
         store,
         _dir: dir,
     }
@@ -89,9 +90,14 @@ async fn sessions_per_uid_are_bounded_per_uid_and_forgotten_at_zero() {
 }
 
 #[tokio::test]
-async fn a_completed_outcome_reaches_the_session_waiting_for_it() {
+async fn a_completed_outcome_is_processed_in_the_basic_view() {
     let f = fixture(10, 8);
     let (id, generation) = claimed(f.store.as_ref(), "u").await;
+    assert_eq!(
+        outcome_event(f.store.as_ref(), &id).await,
+        None,
+        "still processing"
+    );
     let completion = Completion {
         structured: api::Structured {
             title: "Ship the report".into(),
@@ -105,75 +111,87 @@ async fn a_completed_outcome_reaches_the_session_waiting_for_it() {
             .await
             .unwrap()
     );
-    let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
-    f.sessions.wait_for(&id, &tx);
-    f.sessions.settled(&id);
-    let event = rx.recv().await.unwrap().unwrap().event.unwrap();
+    let event = outcome_event(f.store.as_ref(), &id).await.unwrap();
     let Event::ConversationProcessed(processed) = event else {
         panic!("expected conversation_processed, got {event:?}");
     };
     let conversation = processed.conversation.unwrap();
     assert_eq!(conversation.id, id);
     assert_eq!(conversation.structured.unwrap().title, "Ship the report");
-    assert!(!f.sessions.lock().waiting.contains_key(&id), "routed once");
+    assert!(conversation.segments.is_empty(), "the client sent them");
+    assert_eq!(conversation.segment_count, 1);
 }
 
 #[tokio::test]
-async fn a_failed_outcome_carries_its_reason() {
+async fn failed_and_discarded_outcomes_are_their_own_events() {
     let f = fixture(10, 8);
-    let (id, generation) = claimed(f.store.as_ref(), "u").await;
+    let (failed, generation) = claimed(f.store.as_ref(), "u").await;
     assert!(
         f.store
-            .fail(&id, generation, "pusher said no", 1)
+            .fail(&failed, generation, "pusher said no", 1)
             .await
             .unwrap()
     );
-    let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
-    f.sessions.wait_for(&id, &tx);
-    f.sessions.settled(&id);
-    let event = rx.recv().await.unwrap().unwrap().event.unwrap();
     assert_eq!(
-        event,
-        Event::ConversationFailed(ConversationFailed {
-            conversation_id: id,
+        outcome_event(f.store.as_ref(), &failed).await,
+        Some(Event::ConversationFailed(ConversationFailed {
+            conversation_id: failed.clone(),
             reason: "pusher said no".into(),
-        })
+        }))
+    );
+    // The structurer judged it noise: processed, and discarded.
+    let (noise, generation) = claimed(f.store.as_ref(), "u").await;
+    let discarded = Completion {
+        discarded: true,
+        ..Default::default()
+    };
+    assert!(
+        f.store
+            .complete(&noise, generation, discarded, 1, now_ms())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        outcome_event(f.store.as_ref(), &noise).await,
+        Some(Event::ConversationDiscarded(ConversationDiscarded {
+            conversation_id: noise,
+        }))
+    );
+    assert_eq!(
+        outcome_event(f.store.as_ref(), &uuid::Uuid::now_v7().to_string()).await,
+        None
     );
 }
 
 #[tokio::test]
-async fn outcomes_nobody_waits_for_are_not_routed_and_a_full_buffer_drops_them() {
+async fn a_settled_conversation_is_routed_once_to_the_session_waiting_for_it() {
     let f = fixture(10, 8);
-    let (id, generation) = claimed(f.store.as_ref(), "u").await;
-    assert!(f.store.fail(&id, generation, "no", 1).await.unwrap());
+    let (tx, mut rx) = mpsc::channel(OUTCOME_BUFFER);
+    f.sessions.wait_for("c1", &tx);
+    f.sessions.settled("c1");
+    f.sessions.settled("c1");
+    assert_eq!(rx.try_recv(), Ok("c1".to_string()));
+    assert!(rx.try_recv().is_err(), "routed once");
+    assert!(f.sessions.lock().waiting.is_empty());
+}
+
+#[tokio::test]
+async fn notices_nobody_waits_for_are_not_routed_and_a_full_queue_drops_them() {
+    let f = fixture(10, 8);
 
     // Forgotten (the session ended): nothing is sent.
-    let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
-    f.sessions.wait_for(&id, &tx);
-    f.sessions.forget(&HashSet::from([id.clone()]));
-    f.sessions.settled(&id);
-    drop(tx);
-    assert!(
-        rx.recv().await.is_none(),
-        "a forgotten session gets nothing"
-    );
+    let (tx, mut rx) = mpsc::channel(OUTCOME_BUFFER);
+    f.sessions.wait_for("c1", &tx);
+    f.sessions.forget(&HashSet::from(["c1".to_string()]));
+    f.sessions.settled("c1");
+    assert!(rx.try_recv().is_err(), "a forgotten session gets nothing");
 
-    // A session that does not read: the outcome is dropped, the registry never waits.
+    // A session that does not read: the notice is dropped, the registry never waits.
     let (tx, mut rx) = mpsc::channel(1);
-    tx.try_send(Ok(SessionEvent { event: None })).unwrap();
-    f.sessions.wait_for(&id, &tx);
-    f.sessions.settled(&id);
-    drop(tx);
-    // The routing task holds the last sender until it gives up; then only the event that
-    // filled the buffer is there.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while rx.sender_strong_count() > 0 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the routing task ends without waiting for the reader");
-    assert_eq!(rx.len(), 1);
-    assert_eq!(rx.recv().await.unwrap().unwrap().event, None);
+    tx.try_send("earlier".to_string()).unwrap();
+    f.sessions.wait_for("c2", &tx);
+    f.sessions.settled("c2");
+    assert_eq!(rx.try_recv(), Ok("earlier".to_string()));
+    assert!(rx.try_recv().is_err());
     assert!(f.sessions.lock().waiting.is_empty());
 }

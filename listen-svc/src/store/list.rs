@@ -20,6 +20,14 @@ impl Placeholders {
             Placeholders::Dollar => format!("${n}"),
         }
     }
+
+    /// An empty blob literal, read in place of `segments` when they are not wanted.
+    fn empty_blob(self) -> &'static str {
+        match self {
+            Placeholders::Question => "X''",
+            Placeholders::Dollar => "''::bytea",
+        }
+    }
 }
 
 /// A bound parameter of the list query, in placeholder order.
@@ -30,8 +38,18 @@ pub(super) enum Arg {
 }
 
 /// The SQL for one page of `filter` (rows of [`COLUMNS`], newest first) and its parameters.
+/// Without `with_segments`, the segments column reads as empty and is never loaded.
 pub(super) fn list_query(filter: ListFilter, placeholders: Placeholders) -> (String, Vec<Arg>) {
-    let mut sql = format!("SELECT {COLUMNS} FROM conversations WHERE TRUE");
+    let columns = if filter.with_segments {
+        COLUMNS.to_string()
+    } else {
+        COLUMNS.replacen(
+            "segments,",
+            &format!("{} AS segments,", placeholders.empty_blob()),
+            1,
+        )
+    };
+    let mut sql = format!("SELECT {columns} FROM conversations WHERE TRUE");
     let mut args = Vec::new();
     let mut bind = |sql: &mut String, condition: &str, arg: Arg| {
         args.push(arg);
@@ -71,6 +89,7 @@ mod tests {
             status: None,
             before_id: Some("b".into()),
             limit: 3,
+            with_segments: true,
         };
         let (sql, args) = list_query(filter.clone(), Placeholders::Question);
         assert_eq!(
@@ -99,6 +118,12 @@ mod tests {
             Placeholders::Dollar,
         );
         assert!(sql.ends_with("WHERE TRUE AND status = $1 ORDER BY id DESC LIMIT $2"));
+        assert!(
+            sql.starts_with(
+                "SELECT id, uid, language, status, ''::bytea AS segments, segment_count,"
+            ),
+            "{sql}"
+        );
         assert_eq!(args, [Arg::Text("failed".into()), Arg::Int(1)]);
     }
 }

@@ -11,9 +11,9 @@ use super::{
 };
 
 /// What a `SELECT` or `RETURNING` of a whole [`Conversation`] lists; read by [`read_conversation`].
-pub(super) const COLUMNS: &str = "id, uid, language, status, segments, structured, attempts, \
-                                  last_error, created_at_ms, finished_at_ms, completed_at_ms, \
-                                  deliveries";
+pub(super) const COLUMNS: &str = "id, uid, language, status, segments, segment_count, \
+                                  structured, attempts, last_error, created_at_ms, \
+                                  finished_at_ms, completed_at_ms, deliveries";
 
 /// A value both drivers decode: text, 64-bit integers, blobs, and their `Option`s.
 pub(super) trait Value:
@@ -54,6 +54,7 @@ pub(super) fn read_conversation(row: &impl RowAccess) -> Result<Conversation, St
         language: row.value("language")?,
         status: Status::parse_stored(&id, &status)?,
         segments: decode_segments(&id, &row.value::<Vec<u8>>("segments")?)?,
+        segment_count: row.value::<i64>("segment_count")?.clamp(0, u32::MAX as i64) as u32,
         structured: decode_structured(&id, row.value("structured")?)?,
         attempts: attempts(row)?,
         last_error: row.value("last_error")?,

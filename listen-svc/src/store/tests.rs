@@ -473,6 +473,7 @@ async fn list_pages_newest_first_with_filters(f: Fixture) {
         status,
         before_id: before,
         limit,
+        with_segments: true,
     };
     let first = f
         .store
@@ -521,6 +522,28 @@ async fn list_pages_newest_first_with_filters(f: Fixture) {
         7
     );
     assert_eq!(f.store.count_processing().await.unwrap(), 6);
+
+    // Without segments a page reads none of them, and still says how many there are.
+    let full = &first[0];
+    assert_eq!(full.segments.len(), 2);
+    assert_eq!(full.segment_count, 2);
+    let basic = f
+        .store
+        .list(ListFilter {
+            with_segments: false,
+            ..page(Some("u1"), Some(Status::Processing), None, 3)
+        })
+        .await
+        .unwrap();
+    assert_eq!(basic.len(), 3);
+    assert!(basic[0].segments.is_empty());
+    assert_eq!(
+        Conversation {
+            segments: full.segments.clone(),
+            ..basic[0].clone()
+        },
+        *full
+    );
 }
 
 async fn concurrent_submits_all_land(f: Fixture) {
