@@ -4,8 +4,8 @@ import uuid
 
 import grpc
 
-from listen.v1 import listen_pb2 as listen
-from pusher.v1 import pusher_pb2 as pusher
+from listen.v1 import listen_pb2
+from pusher.v1 import pusher_pb2
 
 # Every unary call's deadline, and a whole Session's.
 CALL_TIMEOUT = 10.0
@@ -22,31 +22,31 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-def talk(uid: str, *texts: str, key: str = "") -> listen.SubmitConversationRequest:
-    segments = [listen.Segment(text=t, start=2.0 * i, end=2.0 * i + 2) for i, t in enumerate(texts)]
-    return listen.SubmitConversationRequest(uid=uid, segments=segments, idempotency_key=key)
+def talk(uid: str, *texts: str, key: str = "") -> listen_pb2.SubmitConversationRequest:
+    segments = [listen_pb2.Segment(text=t, start=2.0 * i, end=2.0 * i + 2) for i, t in enumerate(texts)]
+    return listen_pb2.SubmitConversationRequest(uid=uid, segments=segments, idempotency_key=key)
 
 
-def process_request(conversation_id: str, *texts: str) -> pusher.ProcessConversation:
-    return pusher.ProcessConversation(
+def process_request(conversation_id: str, *texts: str) -> pusher_pb2.ProcessConversation:
+    return pusher_pb2.ProcessConversation(
         conversation_id=conversation_id, uid="interop", attempt=1, language="en",
-        segments=[pusher.Segment(text=t) for t in texts])
+        segments=[pusher_pb2.Segment(text=t) for t in texts])
 
 
-def start(uid: str, timeout_s: int = 30) -> listen.SessionRequest:
-    return listen.SessionRequest(start=listen.Start(uid=uid, conversation_timeout_s=timeout_s))
+def start(uid: str, timeout_s: int = 30) -> listen_pb2.SessionRequest:
+    return listen_pb2.SessionRequest(start=listen_pb2.Start(uid=uid, conversation_timeout_s=timeout_s))
 
 
-def segments(*texts: str, at: float = 0.0) -> listen.SessionRequest:
-    return listen.SessionRequest(segments=listen.Segments(segments=[
-        listen.Segment(text=t, start=at + 2.0 * i, end=at + 2.0 * i + 2) for i, t in enumerate(texts)]))
+def segments(*texts: str, at: float = 0.0) -> listen_pb2.SessionRequest:
+    return listen_pb2.SessionRequest(segments=listen_pb2.Segments(segments=[
+        listen_pb2.Segment(text=t, start=at + 2.0 * i, end=at + 2.0 * i + 2) for i, t in enumerate(texts)]))
 
 
-def finish() -> listen.SessionRequest:
-    return listen.SessionRequest(finish=listen.Finish())
+def finish() -> listen_pb2.SessionRequest:
+    return listen_pb2.SessionRequest(finish=listen_pb2.Finish())
 
 
-def run_session(stub, requests, **kwargs) -> list[listen.SessionEvent]:
+def run_session(stub, requests, **kwargs) -> list[listen_pb2.SessionEvent]:
     """Sends `requests`, then half-closes (the iterator ends), and reads events until the
     server ends the stream. Raises grpc.RpcError unless the stream ends with OK."""
     call = stub.Session(iter(requests), timeout=SESSION_TIMEOUT, **kwargs)

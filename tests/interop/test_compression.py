@@ -8,7 +8,7 @@ import pytest
 import services
 from helpers import (CALL_TIMEOUT, COMPRESSIBLE, kinds, process_request, run_session, segments,
                      start, finish, talk, unique)
-from listen.v1 import listen_pb2 as listen
+from listen.v1 import listen_pb2
 from listen.v1 import listen_pb2_grpc
 from pusher.v1 import pusher_pb2_grpc
 from relay import ByteCounter
@@ -36,12 +36,12 @@ def test_listen_unary_calls(listen, algorithm, how):
         uid = unique("compressed")
         submitted = stub.SubmitConversation(talk(uid, COMPRESSIBLE, "I will call the bank."),
                                             timeout=CALL_TIMEOUT, **compress)
-        assert submitted.status == listen.CONVERSATION_STATUS_PROCESSING
-        got = stub.GetConversation(listen.GetConversationRequest(conversation_id=submitted.conversation_id),
+        assert submitted.status == listen_pb2.CONVERSATION_STATUS_PROCESSING
+        got = stub.GetConversation(listen_pb2.GetConversationRequest(conversation_id=submitted.conversation_id),
                                    timeout=CALL_TIMEOUT, **compress)
         assert got.uid == uid
         assert [s.text for s in got.segments] == [COMPRESSIBLE, "I will call the bank."]
-        listed = stub.ListConversations(listen.ListConversationsRequest(uid=uid), timeout=CALL_TIMEOUT, **compress)
+        listed = stub.ListConversations(listen_pb2.ListConversationsRequest(uid=uid), timeout=CALL_TIMEOUT, **compress)
         assert [c.id for c in listed.conversations] == [submitted.conversation_id]
 
 
@@ -83,7 +83,7 @@ def response_bytes(addr, conversation_id, options=()):
         # Connect first, so the count is the call alone (and the HTTP/2 frames around it).
         grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT)
         relay.reset()
-        got = stub.GetConversation(listen.GetConversationRequest(conversation_id=conversation_id),
+        got = stub.GetConversation(listen_pb2.GetConversationRequest(conversation_id=conversation_id),
                                    timeout=CALL_TIMEOUT)
         return relay.to_client, got
 

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from helpers import CALL_TIMEOUT, rpc_error, talk
-from listen.v1 import listen_pb2 as listen
+from listen.v1 import listen_pb2
 from listen.v1 import listen_pb2_grpc
 import services
 
@@ -37,7 +37,7 @@ def test_oversized_segment_names_the_segment(listen_stub):
 
 
 def test_unknown_conversation_is_not_found(listen_stub):
-    error = rpc_error(listen_stub.GetConversation, listen.GetConversationRequest(conversation_id="0190f2b0-0000-7000-8000-000000000000"),
+    error = rpc_error(listen_stub.GetConversation, listen_pb2.GetConversationRequest(conversation_id="0190f2b0-0000-7000-8000-000000000000"),
                       timeout=CALL_TIMEOUT)
     assert error.code() == grpc.StatusCode.NOT_FOUND, error
     plain_words(error.details())

@@ -5,7 +5,7 @@ the default (BASIC) one, and each conversation comes exactly once."""
 import pytest
 
 from helpers import CALL_TIMEOUT, unique
-from listen.v1 import listen_pb2 as listen
+from listen.v1 import listen_pb2
 
 CONVERSATIONS = 3
 # Within listen's defaults (--max-segments 10 000, --max-segment-bytes 16 384,
@@ -28,8 +28,8 @@ def big(listen_stub):
     uid = unique("pager")
     ids = []
     for n in range(CONVERSATIONS):
-        request = listen.SubmitConversationRequest(uid=uid, idempotency_key=f"big-{n}", segments=[
-            listen.Segment(text=segment_text(n, i), start=i, end=i + 1) for i in range(SEGMENTS)])
+        request = listen_pb2.SubmitConversationRequest(uid=uid, idempotency_key=f"big-{n}", segments=[
+            listen_pb2.Segment(text=segment_text(n, i), start=i, end=i + 1) for i in range(SEGMENTS)])
         assert request.ByteSize() > 3 * 1024 * 1024
         ids.append(listen_stub.SubmitConversation(request, timeout=SUBMIT_TIMEOUT).conversation_id)
     return uid, ids
@@ -54,7 +54,7 @@ def ids_of(pages):
 
 def test_full_view_pages_fit_the_default_receive_limit(listen_stub, big):
     uid, ids = big
-    pages = all_pages(listen_stub, listen.ListConversationsRequest(uid=uid, view=listen.CONVERSATION_VIEW_FULL))
+    pages = all_pages(listen_stub, listen_pb2.ListConversationsRequest(uid=uid, view=listen_pb2.CONVERSATION_VIEW_FULL))
     seen = ids_of(pages)
     assert sorted(seen) == sorted(ids), f"{seen} for {ids}"
     assert len(pages) >= 2, "two 3 MiB conversations would not fit in one 4 MiB page"
@@ -67,7 +67,7 @@ def test_full_view_pages_fit_the_default_receive_limit(listen_stub, big):
 
 def test_default_view_is_basic_and_pages_through_everything(listen_stub, big):
     uid, ids = big
-    pages = all_pages(listen_stub, listen.ListConversationsRequest(uid=uid))
+    pages = all_pages(listen_stub, listen_pb2.ListConversationsRequest(uid=uid))
     seen = ids_of(pages)
     assert sorted(seen) == sorted(ids), f"{seen} for {ids}"
     for page in pages:
@@ -78,14 +78,14 @@ def test_default_view_is_basic_and_pages_through_everything(listen_stub, big):
 
 def test_small_pages_continue_after_the_last_conversation(listen_stub, big):
     uid, ids = big
-    pages = all_pages(listen_stub, listen.ListConversationsRequest(uid=uid, page_size=1))
+    pages = all_pages(listen_stub, listen_pb2.ListConversationsRequest(uid=uid, page_size=1))
     assert [len(page.conversations) for page in pages] == [1] * CONVERSATIONS
     assert sorted(ids_of(pages)) == sorted(ids)
 
 
 def test_get_full_of_a_3_mib_conversation(listen_stub, big):
     _, ids = big
-    got = listen_stub.GetConversation(listen.GetConversationRequest(conversation_id=ids[0]), timeout=CALL_TIMEOUT)
+    got = listen_stub.GetConversation(listen_pb2.GetConversationRequest(conversation_id=ids[0]), timeout=CALL_TIMEOUT)
     assert len(got.segments) == SEGMENTS
     assert got.segments[7].text == segment_text(0, 7)
     assert got.ByteSize() > 3 * 1024 * 1024

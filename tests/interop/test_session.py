@@ -3,7 +3,7 @@ a conversation still in progress, keeps the stream open until each finished conv
 has its outcome event, then ends the stream with OK."""
 
 from helpers import (CALL_TIMEOUT, OUTCOMES, finish, kinds, run_session, segments, start, unique)
-from listen.v1 import listen_pb2 as listen
+from listen.v1 import listen_pb2
 
 
 def started_conversation(events) -> str:
@@ -16,7 +16,7 @@ def check_processed(event, conversation_id, uid):
     processed = event.conversation_processed.conversation
     assert processed.id == conversation_id
     assert processed.uid == uid
-    assert processed.status == listen.CONVERSATION_STATUS_COMPLETED, processed
+    assert processed.status == listen_pb2.CONVERSATION_STATUS_COMPLETED, processed
     # BASIC view: the client sent the segments; segment_count says how many there were.
     assert len(processed.segments) == 0, processed
     assert processed.segment_count == 2, processed
@@ -61,11 +61,11 @@ def test_the_finished_conversation_reads_back_in_full(listen_stub):
     uid = unique("session")
     events = run_session(listen_stub, [start(uid), segments("One.", "Two, I will call the bank."), finish()])
     conversation_id = started_conversation(events)
-    full = listen_stub.GetConversation(listen.GetConversationRequest(conversation_id=conversation_id),
+    full = listen_stub.GetConversation(listen_pb2.GetConversationRequest(conversation_id=conversation_id),
                                        timeout=CALL_TIMEOUT)
     assert [s.text for s in full.segments] == ["One.", "Two, I will call the bank."]
     assert full.segment_count == 2
     basic = listen_stub.GetConversation(
-        listen.GetConversationRequest(conversation_id=conversation_id, view=listen.CONVERSATION_VIEW_BASIC),
+        listen_pb2.GetConversationRequest(conversation_id=conversation_id, view=listen_pb2.CONVERSATION_VIEW_BASIC),
         timeout=CALL_TIMEOUT)
     assert len(basic.segments) == 0 and basic.segment_count == 2, basic
