@@ -541,4 +541,37 @@ mod tests {
         assert!(Config::try_parse_from(["listen-svc", "--ack-timeout", "0s"]).is_err());
         assert!(Config::try_parse_from(["listen-svc", "--max-in-flight", "0"]).is_err());
     }
+
+    #[test]
+    fn compression_flags_take_algorithm_names() {
+        use shared::compression::{Algorithm, Algorithms, SendCompression};
+        let defaults = parse(&[]);
+        assert_eq!(defaults.response_compression, Algorithms::default());
+        assert_eq!(defaults.pusher_compression, SendCompression(None));
+        assert_eq!(defaults.session_linger, Duration::from_secs(120));
+        assert_eq!(defaults.max_page_bytes, 4_000_000);
+        assert_eq!(
+            parse(&["--response-compression"]).response_compression,
+            Algorithms(Algorithm::ALL.to_vec()),
+            "the bare flag turns on all three"
+        );
+        assert_eq!(
+            parse(&[
+                "--response-compression",
+                "zstd",
+                "--pusher-compression",
+                "gzip"
+            ])
+            .pusher_compression,
+            SendCompression(Some(Algorithm::Gzip))
+        );
+        let error = Config::try_parse_from(["listen-svc", "--pusher-compression", "brotli"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--pusher-compression") && error.contains("gzip, deflate, zstd"),
+            "{error}"
+        );
+        assert!(Config::try_parse_from(["listen-svc", "--max-page-bytes", "10"]).is_err());
+    }
 }
