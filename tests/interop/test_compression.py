@@ -122,3 +122,20 @@ def test_response_compression_spares_a_client_that_accepts_only_identity(compres
     sent, got = response_bytes(compressing_listen.addr, conversation_id, identity_only)
     assert [s.text for s in got.segments] == BIG_TEXTS
     assert sent > BIG_BYTES, f"{sent} bytes on the wire for {BIG_BYTES} bytes of text"
+
+
+@pytest.fixture(scope="module")
+def compressing_pusher(launch):
+    """A pusher-svc started with --response-compression (gzip)."""
+    return launch("pusher", services.flag_with_value("pusher-svc", "--response-compression", "gzip"))
+
+
+@pytest.mark.parametrize("options", [[], [("grpc.compression_enabled_algorithms_bitset", 1)]],
+                         ids=["accepts_gzip", "accepts_only_identity"])
+def test_compressing_pusher_answers_process(compressing_pusher, options):
+    with services.channel(compressing_pusher.addr, options=options) as channel:
+        conversation_id = unique("compressed")
+        ack = pusher_pb2_grpc.PusherStub(channel).Process(
+            process_request(conversation_id, COMPRESSIBLE, "Remember to call the client."), timeout=CALL_TIMEOUT)
+    assert ack.conversation_id == conversation_id
+    assert ack.WhichOneof("outcome") == "processed", ack
