@@ -23,7 +23,7 @@
 use crate::auth::Caller;
 use crate::error::{ApiError, reject};
 use crate::link::LinkHandle;
-use crate::store::{ConversationStore, NewLive, Status as Lifecycle, now_ms};
+use crate::store::{ConversationStore, NewLive, Now, Status as Lifecycle};
 use crate::validate::{Limits, MAX_ID_BYTES, validate_language, validate_segments, validate_text};
 use crate::wire::{View, to_proto_in, transcript_batch};
 use shared::proto::listen::v1::{
@@ -323,14 +323,13 @@ impl Session {
             Ok(slot) => slot,
             Err(error) => return Err((tx, error)),
         };
-        let resumable = match ctx.store.find_resumable(&uid, now_ms()).await {
+        let resumable = match ctx.store.find_resumable(&uid, Now::Store).await {
             Ok(resumable) => resumable,
             Err(error) => return Err((tx, error.into())),
         };
         let session_id = uuid::Uuid::now_v7().to_string();
         let current = resumable.map(|r| Current {
-            deadline: Instant::now()
-                + Duration::from_millis(r.deadline_ms.saturating_sub(now_ms()).max(0) as u64),
+            deadline: Instant::now() + Duration::from_millis(r.remaining_ms.max(0) as u64),
             segments: r.segment_count as usize,
             id: r.id,
         });
@@ -476,7 +475,7 @@ impl Session {
                     uid: self.uid.clone(),
                     language: self.language.clone(),
                     timeout_ms: self.timeout.as_millis() as i64,
-                    now_ms: now_ms(),
+                    now: Now::Store,
                 };
                 self.ctx.store.start_conversation(new).await?;
                 self.current = Some(Current {
@@ -495,7 +494,7 @@ impl Session {
             let stored = self
                 .ctx
                 .store
-                .append_segments(&current.id, segments.clone(), now_ms())
+                .append_segments(&current.id, segments.clone(), Now::Store)
                 .await?;
             match stored {
                 Some(total) => {
@@ -526,7 +525,7 @@ impl Session {
             return Ok(());
         };
         let id = current.id;
-        let finished = self.ctx.store.finish(&id, now_ms()).await?;
+        let finished = self.ctx.store.finish(&id, Now::Store).await?;
         match finished {
             Some(Lifecycle::Processing) => {
                 self.ctx.sessions.wait_for(&id, &self.notices);

@@ -122,7 +122,8 @@ pub(crate) struct NewLive {
     pub language: String,
     /// Silence after the last segment before the conversation finishes.
     pub timeout_ms: i64,
-    pub now_ms: i64,
+    /// Its creation time, from which the first deadline is counted.
+    pub now: Now,
 }
 
 /// An IN_PROGRESS conversation a new session for the same uid can resume.
@@ -130,7 +131,8 @@ pub(crate) struct NewLive {
 pub(crate) struct Resumable {
     pub id: String,
     pub segment_count: u64,
-    pub deadline_ms: i64,
+    /// Time left until its deadline, by the store's clock.
+    pub remaining_ms: i64,
 }
 
 /// What a submit did.
@@ -208,8 +210,8 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
     async fn claim(
         &self,
         owner: &str,
-        now_ms: i64,
-        lease_until_ms: i64,
+        now: Now,
+        lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<Claimed>, StoreError>;
 
@@ -225,7 +227,8 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
         &self,
         owner: &str,
         ids: Vec<String>,
-        lease_until_ms: i64,
+        now: Now,
+        lease_ms: i64,
     ) -> Result<u64, StoreError>;
 
     /// PROCESSING -> COMPLETED (or DISCARDED, as the completion says) if `generation` still
@@ -255,38 +258,82 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError>;
 
     /// Appends segments to an IN_PROGRESS conversation and moves its deadline to
-    /// `now_ms + timeout`. Returns the new segment count, or None if it is no longer in
+    /// `now + timeout`. Returns the new segment count, or None if it is no longer in
     /// progress (finished meanwhile, e.g. by a sweeper).
     async fn append_segments(
         &self,
         id: &str,
         segments: Vec<api::Segment>,
-        now_ms: i64,
+        now: Now,
     ) -> Result<Option<u64>, StoreError>;
 
     /// IN_PROGRESS -> PROCESSING (queued), or DISCARDED when it holds no text. Returns the
     /// new status, or None if it was not in progress.
-    async fn finish(&self, id: &str, now_ms: i64) -> Result<Option<Status>, StoreError>;
+    async fn finish(&self, id: &str, now: Now) -> Result<Option<Status>, StoreError>;
 
     /// The newest IN_PROGRESS conversation of `uid` whose deadline has not passed.
-    async fn find_resumable(&self, uid: &str, now_ms: i64)
-    -> Result<Option<Resumable>, StoreError>;
+    async fn find_resumable(&self, uid: &str, now: Now) -> Result<Option<Resumable>, StoreError>;
 
     /// Finishes up to `limit` IN_PROGRESS conversations whose deadline passed (their
     /// finish time is the deadline). Returns what became of each.
     async fn finish_expired(
         &self,
-        now_ms: i64,
+        now: Now,
         limit: usize,
     ) -> Result<Vec<(String, Status)>, StoreError>;
 }
 
-/// Wall-clock milliseconds since the Unix epoch.
+/// The "now" a store judges leases and session deadlines by: decisions that several
+/// replicas share must be made by one clock, not by each replica's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Now {
+    /// The store's clock. PostgreSQL: the database server's (`clock_timestamp()`, computed
+    /// inside the statement), the one clock every replica shares. SQLite (one process):
+    /// [`process_now_ms`], which no step of the wall clock moves.
+    Store,
+    /// A given time in milliseconds since the Unix epoch: how the conformance tests move
+    /// time.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the service always uses the store's clock")
+    )]
+    At(i64),
+}
+
+impl Now {
+    /// The time as a statement parameter: `None` lets the database use its own clock.
+    pub(crate) fn param(self) -> Option<i64> {
+        match self {
+            Now::Store => None,
+            Now::At(ms) => Some(ms),
+        }
+    }
+
+    /// The time in milliseconds, for a store whose clock is this process's.
+    pub(crate) fn in_process(self) -> i64 {
+        match self {
+            Now::Store => process_now_ms(),
+            Now::At(ms) => ms,
+        }
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch, as recorded in timestamps clients read
+/// (created_at, completed_at). Decides nothing.
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// This process's clock for decisions: the wall clock read once, at first use, advanced by
+/// monotonic time. A step of the system clock (NTP correction, a VM resumed after a
+/// suspend, an operator's `date -s`) moves no lease and no deadline.
+pub(crate) fn process_now_ms() -> i64 {
+    static ANCHOR: std::sync::OnceLock<(i64, std::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, monotonic) = *ANCHOR.get_or_init(|| (now_ms(), std::time::Instant::now()));
+    wall + monotonic.elapsed().as_millis() as i64
 }
 
 /// The segment list as stored: protobuf field 1, repeated. Appending encoded segments to the

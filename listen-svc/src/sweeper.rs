@@ -3,7 +3,7 @@
 //! forever. Leases of PROCESSING rows need no sweeping here: the link claims expired ones.
 
 use crate::link::LinkHandle;
-use crate::store::{ConversationStore, Status, now_ms};
+use crate::store::{ConversationStore, Now, Status};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -26,7 +26,7 @@ pub(crate) async fn run(
             () = crate::session::stopping(&mut shutdown) => return,
         }
         loop {
-            match store.finish_expired(now_ms(), BATCH).await {
+            match store.finish_expired(Now::Store, BATCH).await {
                 Ok(finished) => {
                     let queued = finished
                         .iter()

@@ -4,7 +4,7 @@
 //! out.
 
 use super::{Event, SettledHook};
-use crate::store::{ConversationStore, StoreError, now_ms};
+use crate::store::{ConversationStore, Now, StoreError, now_ms};
 use crate::wire::completion_of;
 use shared::proto::pusher::v1::Processed;
 use std::sync::Arc;
@@ -47,10 +47,9 @@ impl Work {
         let limit = free.min(CLAIM_BATCH);
         let (store, events) = (Arc::clone(&self.store), self.events.clone());
         let owner = self.owner.clone();
-        let lease_ttl = self.lease_ttl.as_millis() as i64;
+        let lease_ms = self.lease_ttl.as_millis() as i64;
         tokio::spawn(async move {
-            let now = now_ms();
-            let result = store.claim(&owner, now, now + lease_ttl, limit).await;
+            let result = store.claim(&owner, Now::Store, lease_ms, limit).await;
             let _ = events.send(Event::Claimed { limit, result }).await;
         });
     }
@@ -119,13 +118,15 @@ impl Work {
         }
         let store = Arc::clone(&self.store);
         let owner = self.owner.clone();
-        let lease_ttl = self.lease_ttl.as_millis() as i64;
+        let lease_ms = self.lease_ttl.as_millis() as i64;
         tokio::spawn(async move {
-            let until = now_ms() + lease_ttl;
             // In slices, so a renewal never holds the store's writer for long (a full
             // window on every endpoint is 16 384 rows with the defaults).
             for ids in ids.chunks(RENEW_SLICE) {
-                if let Err(error) = store.renew(&owner, ids.to_vec(), until).await {
+                if let Err(error) = store
+                    .renew(&owner, ids.to_vec(), Now::Store, lease_ms)
+                    .await
+                {
                     warn!(%error, "renewing leases failed");
                     return;
                 }

@@ -3,7 +3,7 @@
 //! status becomes.
 
 use super::*;
-use crate::store::{Completion, NewConversation, SqliteStore};
+use crate::store::{Completion, NewConversation, SqliteStore, now_ms};
 use shared::proto::listen::v1 as api;
 
 struct Fixture {
@@ -42,10 +42,7 @@ async fn claimed(store: &dyn ConversationStore, uid: &str) -> (String, i64) {
         })
         .await
         .unwrap();
-    let rows = store
-        .claim("test", now_ms(), now_ms() + 60_000, 1)
-        .await
-        .unwrap();
+    let rows = store.claim("test", Now::Store, 60_000, 1).await.unwrap();
     assert_eq!(rows.len(), 1);
     (id, rows[0].generation)
 }

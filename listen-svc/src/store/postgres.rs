@@ -14,8 +14,8 @@ use super::row::{
 };
 use super::{
     Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
-    Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries, encode_segments,
-    has_text,
+    Now, Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries,
+    encode_segments, has_text,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prost::Message;
@@ -26,6 +26,14 @@ use tokio_postgres::types::ToSql;
 use tracing::debug;
 
 const POOL_SIZE: usize = 16;
+
+/// A statement's "now", in milliseconds since the Unix epoch: parameter `$n` when the caller
+/// gives a time ([`Now::At`]), otherwise the database server's clock, the one clock every
+/// replica shares. Lease expiry and session deadlines are judged by it, so a replica whose
+/// own clock is off takes no live lease and finishes no live conversation early.
+fn now_ms_param(n: usize) -> String {
+    format!("COALESCE(${n}::BIGINT, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT)")
+}
 const POOL_WAIT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Arbitrary, fixed: serializes migrations across replicas.
@@ -236,24 +244,29 @@ impl ConversationStore for PostgresStore {
     async fn claim(
         &self,
         owner: &str,
-        now_ms: i64,
-        lease_until_ms: i64,
+        now: Now,
+        lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
+        let at = now_ms_param(2);
         let client = self.client().await?;
         let rows = client
             .query(
-                "WITH picked AS ( \
-                   SELECT id FROM conversations \
-                   WHERE status = 'processing' AND (owner IS NULL OR lease_expires_at_ms < $2) \
-                   ORDER BY queue_seq LIMIT $4 \
-                   FOR UPDATE SKIP LOCKED) \
-                 UPDATE conversations c SET owner = $1, lease_expires_at_ms = $3, \
-                   generation = c.generation + 1 \
-                 FROM picked WHERE c.id = picked.id \
-                 RETURNING c.id, c.uid, c.language, c.segments, c.finished_at_ms, c.generation, \
-                   c.queue_seq, c.attempts",
-                &[&owner, &now_ms, &lease_until_ms, &(limit as i64)],
+                &format!(
+                    "WITH now AS (SELECT {at} AS ms), picked AS ( \
+                       SELECT id FROM conversations \
+                       WHERE status = 'processing' \
+                         AND (owner IS NULL OR lease_expires_at_ms < (SELECT ms FROM now)) \
+                       ORDER BY queue_seq LIMIT $4 \
+                       FOR UPDATE SKIP LOCKED) \
+                     UPDATE conversations c SET owner = $1, \
+                       lease_expires_at_ms = (SELECT ms FROM now) + $3::BIGINT, \
+                       generation = c.generation + 1 \
+                     FROM picked WHERE c.id = picked.id \
+                     RETURNING c.id, c.uid, c.language, c.segments, c.finished_at_ms, \
+                       c.generation, c.queue_seq, c.attempts"
+                ),
+                &[&owner, &now.param(), &lease_ms, &(limit as i64)],
             )
             .await
             .map_err(unavailable)?;
@@ -277,14 +290,18 @@ impl ConversationStore for PostgresStore {
         &self,
         owner: &str,
         ids: Vec<String>,
-        lease_until_ms: i64,
+        now: Now,
+        lease_ms: i64,
     ) -> Result<u64, StoreError> {
+        let at = now_ms_param(3);
         let client = self.client().await?;
         client
             .execute(
-                "UPDATE conversations SET lease_expires_at_ms = $3 \
-                 WHERE id = ANY($1) AND owner = $2 AND status = 'processing'",
-                &[&ids, &owner, &lease_until_ms],
+                &format!(
+                    "UPDATE conversations SET lease_expires_at_ms = {at} + $4::BIGINT \
+                     WHERE id = ANY($1) AND owner = $2 AND status = 'processing'"
+                ),
+                &[&ids, &owner, &now.param(), &lease_ms],
             )
             .await
             .map_err(unavailable)
@@ -354,17 +371,22 @@ impl ConversationStore for PostgresStore {
     }
 
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError> {
+        let at = now_ms_param(4);
         let client = self.client().await?;
         client
             .execute(
-                "INSERT INTO conversations (id, uid, language, status, segments, segment_count, \
-                 created_at_ms, deadline_ms, timeout_ms, has_text) \
-                 VALUES ($1, $2, $3, 'in_progress', ''::bytea, 0, $4::BIGINT, $4::BIGINT + $5::BIGINT, $5::BIGINT, FALSE)",
+                &format!(
+                    "WITH now AS (SELECT {at} AS ms) \
+                     INSERT INTO conversations (id, uid, language, status, segments, \
+                       segment_count, created_at_ms, deadline_ms, timeout_ms, has_text) \
+                     SELECT $1, $2, $3, 'in_progress', ''::bytea, 0, ms, ms + $5::BIGINT, \
+                       $5::BIGINT, FALSE FROM now"
+                ),
                 &[
                     &new.id,
                     &new.uid,
                     &new.language,
-                    &new.now_ms,
+                    &new.now.param(),
                     &new.timeout_ms,
                 ],
             )
@@ -377,15 +399,25 @@ impl ConversationStore for PostgresStore {
         &self,
         id: &str,
         segments: Vec<api::Segment>,
-        now_ms: i64,
+        now: Now,
     ) -> Result<Option<u64>, StoreError> {
+        let at = now_ms_param(5);
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "UPDATE conversations SET segments = segments || $2, segment_count = segment_count + $3, \
-                 has_text = has_text OR $4, deadline_ms = $5 + timeout_ms \
-                 WHERE id = $1 AND status = 'in_progress' RETURNING segment_count",
-                &[&id, &encode_segments(&segments), &(segments.len() as i64), &has_text(&segments), &now_ms],
+                &format!(
+                    "UPDATE conversations SET segments = segments || $2, \
+                     segment_count = segment_count + $3, has_text = has_text OR $4, \
+                     deadline_ms = {at} + timeout_ms \
+                     WHERE id = $1 AND status = 'in_progress' RETURNING segment_count"
+                ),
+                &[
+                    &id,
+                    &encode_segments(&segments),
+                    &(segments.len() as i64),
+                    &has_text(&segments),
+                    &now.param(),
+                ],
             )
             .await
             .map_err(unavailable)?;
@@ -393,16 +425,19 @@ impl ConversationStore for PostgresStore {
         Ok(count.map(|n| n as u64))
     }
 
-    async fn finish(&self, id: &str, now_ms: i64) -> Result<Option<Status>, StoreError> {
+    async fn finish(&self, id: &str, now: Now) -> Result<Option<Status>, StoreError> {
+        let at = now_ms_param(2);
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "UPDATE conversations SET \
-                   status = CASE WHEN has_text THEN 'processing' ELSE 'discarded' END, \
-                   queue_seq = CASE WHEN has_text THEN nextval('conversations_queue_seq') END, \
-                   finished_at_ms = $2, deadline_ms = NULL \
-                 WHERE id = $1 AND status = 'in_progress' RETURNING status",
-                &[&id, &now_ms],
+                &format!(
+                    "UPDATE conversations SET \
+                       status = CASE WHEN has_text THEN 'processing' ELSE 'discarded' END, \
+                       queue_seq = CASE WHEN has_text THEN nextval('conversations_queue_seq') END, \
+                       finished_at_ms = {at}, deadline_ms = NULL \
+                     WHERE id = $1 AND status = 'in_progress' RETURNING status"
+                ),
+                &[&id, &now.param()],
             )
             .await
             .map_err(unavailable)?;
@@ -413,18 +448,19 @@ impl ConversationStore for PostgresStore {
         .transpose()
     }
 
-    async fn find_resumable(
-        &self,
-        uid: &str,
-        now_ms: i64,
-    ) -> Result<Option<Resumable>, StoreError> {
+    async fn find_resumable(&self, uid: &str, now: Now) -> Result<Option<Resumable>, StoreError> {
+        let at = now_ms_param(2);
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, segment_count, deadline_ms FROM conversations \
-                 WHERE uid = $1 AND status = 'in_progress' AND deadline_ms >= $2 \
-                 ORDER BY id DESC LIMIT 1",
-                &[&uid, &now_ms],
+                &format!(
+                    "WITH now AS (SELECT {at} AS ms) \
+                     SELECT id, segment_count, deadline_ms - now.ms AS remaining_ms \
+                     FROM conversations, now \
+                     WHERE uid = $1 AND status = 'in_progress' AND deadline_ms >= now.ms \
+                     ORDER BY id DESC LIMIT 1"
+                ),
+                &[&uid, &now.param()],
             )
             .await
             .map_err(unavailable)?;
@@ -433,21 +469,25 @@ impl ConversationStore for PostgresStore {
 
     async fn finish_expired(
         &self,
-        now_ms: i64,
+        now: Now,
         limit: usize,
     ) -> Result<Vec<(String, Status)>, StoreError> {
+        let at = now_ms_param(1);
         let client = self.client().await?;
         let rows = client
             .query(
-                "WITH expired AS ( \
-                   SELECT id FROM conversations WHERE status = 'in_progress' AND deadline_ms < $1 \
+                &format!(
+                    "WITH expired AS ( \
+                   SELECT id FROM conversations \
+                   WHERE status = 'in_progress' AND deadline_ms < {at} \
                    ORDER BY deadline_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
                  UPDATE conversations c SET \
                    status = CASE WHEN c.has_text THEN 'processing' ELSE 'discarded' END, \
                    queue_seq = CASE WHEN c.has_text THEN nextval('conversations_queue_seq') END, \
                    finished_at_ms = c.deadline_ms, deadline_ms = NULL \
-                 FROM expired WHERE c.id = expired.id RETURNING c.id, c.status",
-                &[&now_ms, &(limit as i64)],
+                 FROM expired WHERE c.id = expired.id RETURNING c.id, c.status"
+                ),
+                &[&now.param(), &(limit as i64)],
             )
             .await
             .map_err(unavailable)?;

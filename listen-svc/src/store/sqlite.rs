@@ -19,8 +19,8 @@ use super::row::{
 };
 use super::{
     Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
-    Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries, encode_segments,
-    has_text,
+    Now, Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries,
+    encode_segments, has_text,
 };
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -61,7 +61,8 @@ const CLAIM_SQL: &str = "UPDATE conversations SET owner = ?1, lease_expires_at_m
        ORDER BY queue_seq LIMIT +?4) \
      RETURNING id, uid, language, segments, finished_at_ms, generation, queue_seq, attempts";
 /// The newest IN_PROGRESS conversation of ?1 whose deadline has not passed.
-const RESUMABLE_SQL: &str = "SELECT id, segment_count, deadline_ms FROM conversations \
+const RESUMABLE_SQL: &str = "SELECT id, segment_count, deadline_ms - ?2 AS remaining_ms \
+     FROM conversations \
      WHERE uid = ?1 AND status = 'in_progress' AND deadline_ms >= ?2 \
      ORDER BY id DESC LIMIT 1";
 /// IN_PROGRESS conversations whose deadline passed, earliest first.
@@ -461,12 +462,14 @@ impl ConversationStore for SqliteStore {
     async fn claim(
         &self,
         owner: &str,
-        now_ms: i64,
-        lease_until_ms: i64,
+        now: Now,
+        lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
         let owner = owner.to_string();
         self.write(move |conn| {
+            let now_ms = now.in_process();
+            let lease_until_ms = now_ms.saturating_add(lease_ms);
             let mut stmt = conn.prepare_cached(CLAIM_SQL).map_err(unavailable)?;
             let mut rows = stmt
                 .query(params![owner, now_ms, lease_until_ms, limit as i64])
@@ -499,10 +502,12 @@ impl ConversationStore for SqliteStore {
         &self,
         owner: &str,
         ids: Vec<String>,
-        lease_until_ms: i64,
+        now: Now,
+        lease_ms: i64,
     ) -> Result<u64, StoreError> {
         let owner = owner.to_string();
         self.write(move |conn| {
+            let lease_until_ms = now.in_process().saturating_add(lease_ms);
             let mut renew = conn
                 .prepare_cached(
                     "UPDATE conversations SET lease_expires_at_ms = ?3 \
@@ -595,7 +600,7 @@ impl ConversationStore for SqliteStore {
                 new.id,
                 new.uid,
                 new.language,
-                new.now_ms,
+                new.now.in_process(),
                 new.timeout_ms
             ])
             .map(|_| ())
@@ -608,10 +613,11 @@ impl ConversationStore for SqliteStore {
         &self,
         id: &str,
         segments: Vec<api::Segment>,
-        now_ms: i64,
+        now: Now,
     ) -> Result<Option<u64>, StoreError> {
         let id = id.to_string();
         self.write(move |conn| {
+            let now_ms = now.in_process();
             conn.prepare_cached(
                 "UPDATE conversations SET segments = CAST(segments || ?2 AS BLOB), \
                  segment_count = segment_count + ?3, \
@@ -636,19 +642,16 @@ impl ConversationStore for SqliteStore {
         .await
     }
 
-    async fn finish(&self, id: &str, now_ms: i64) -> Result<Option<Status>, StoreError> {
+    async fn finish(&self, id: &str, now: Now) -> Result<Option<Status>, StoreError> {
         let id = id.to_string();
-        self.write(move |conn| finish_one(conn, &id, Some(now_ms)))
+        self.write(move |conn| finish_one(conn, &id, Some(now.in_process())))
             .await
     }
 
-    async fn find_resumable(
-        &self,
-        uid: &str,
-        now_ms: i64,
-    ) -> Result<Option<Resumable>, StoreError> {
+    async fn find_resumable(&self, uid: &str, now: Now) -> Result<Option<Resumable>, StoreError> {
         let uid = uid.to_string();
         self.read(move |conn| {
+            let now_ms = now.in_process();
             conn.prepare_cached(RESUMABLE_SQL)
                 .map_err(unavailable)?
                 .query_row(params![uid, now_ms], |row| Ok(read_resumable(row)))
@@ -661,10 +664,11 @@ impl ConversationStore for SqliteStore {
 
     async fn finish_expired(
         &self,
-        now_ms: i64,
+        now: Now,
         limit: usize,
     ) -> Result<Vec<(String, Status)>, StoreError> {
         self.write(move |conn| {
+            let now_ms = now.in_process();
             let ids: Vec<String> = conn
                 .prepare_cached(EXPIRED_SQL)
                 .map_err(unavailable)?
@@ -703,10 +707,9 @@ mod plan_tests {
             (EXPIRED_SQL, "conversations_deadline", false),
             (RESUMABLE_SQL, "conversations_live", true),
         ] {
-            let params = sql.matches('?').count().min(4);
-            let plan: Vec<String> = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap()
+            let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let params = explain.parameter_count();
+            let plan: Vec<String> = explain
                 .query_map(
                     rusqlite::params_from_iter(std::iter::repeat_n(0, params)),
                     |row| row.get(3),

@@ -3,6 +3,7 @@
 
 use super::*;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A store under test, and how to reach its data behind its back.
 struct Fixture {
@@ -142,6 +143,7 @@ conformance!(
     live_conversation_appends_in_order_and_finishes_to_processing,
     live_conversation_without_text_is_discarded,
     only_unexpired_live_conversations_are_resumable,
+    the_stores_own_clock_decides_leases_and_deadlines,
     expired_live_conversations_are_finished_at_their_deadline,
 );
 
@@ -251,7 +253,7 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
         .await
         .unwrap();
 
-    let first = f.store.claim("a", 100, 100 + LEASE, 3).await.unwrap();
+    let first = f.store.claim("a", Now::At(100), LEASE, 3).await.unwrap();
     assert_eq!(
         first.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
         ids[..3]
@@ -262,7 +264,7 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
         vec![segment("hello there"), segment("second")]
     );
 
-    let rest = f.store.claim("b", 100, 100 + LEASE, 10).await.unwrap();
+    let rest = f.store.claim("b", Now::At(100), LEASE, 10).await.unwrap();
     assert_eq!(
         rest.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
         ids[3..],
@@ -270,7 +272,7 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
     );
     assert!(
         f.store
-            .claim("c", 100, 100 + LEASE, 10)
+            .claim("c", Now::At(100), LEASE, 10)
             .await
             .unwrap()
             .is_empty()
@@ -278,7 +280,7 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
 
     // Released rows (restart under the same identity, clean shutdown) are claimable at once.
     assert_eq!(f.store.release("a").await.unwrap(), 3);
-    let own = f.store.claim("a", 200, 200 + LEASE, 10).await.unwrap();
+    let own = f.store.claim("a", Now::At(200), LEASE, 10).await.unwrap();
     assert_eq!(own.len(), 3);
     assert!(
         own.iter().all(|c| c.generation == 2),
@@ -289,19 +291,28 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
 async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture) {
     let id = f.queued().await;
     let other = f.queued().await;
-    f.store.claim("a", 0, LEASE, 10).await.unwrap();
+    f.store.claim("a", Now::At(0), LEASE, 10).await.unwrap();
     let both = vec![id.clone(), other.clone()];
     // Only the owner renews, and only rows that exist.
     assert_eq!(
-        f.store.renew("b", both.clone(), 2 * LEASE).await.unwrap(),
+        f.store
+            .renew("b", both.clone(), Now::At(LEASE), LEASE)
+            .await
+            .unwrap(),
         0
     );
     let mut named = both.clone();
     named.push(uuid::Uuid::now_v7().to_string());
-    assert_eq!(f.store.renew("a", named, 2 * LEASE).await.unwrap(), 2);
+    assert_eq!(
+        f.store
+            .renew("a", named, Now::At(LEASE), LEASE)
+            .await
+            .unwrap(),
+        2
+    );
     assert!(
         f.store
-            .claim("b", LEASE + 1, 2 * LEASE, 10)
+            .claim("b", Now::At(LEASE + 1), LEASE - 1, 10)
             .await
             .unwrap()
             .is_empty(),
@@ -310,7 +321,7 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture
 
     let taken = f
         .store
-        .claim("b", 2 * LEASE + 1, 3 * LEASE, 10)
+        .claim("b", Now::At(2 * LEASE + 1), LEASE - 1, 10)
         .await
         .unwrap();
     assert_eq!(taken.len(), 2);
@@ -340,22 +351,33 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture
 async fn renewal_covers_only_the_rows_named(f: Fixture) {
     let tracked = f.queued().await;
     let forgotten = f.queued().await;
-    assert_eq!(f.store.claim("a", 0, LEASE, 10).await.unwrap().len(), 2);
     assert_eq!(
         f.store
-            .renew("a", vec![tracked.clone()], 2 * LEASE)
+            .claim("a", Now::At(0), LEASE, 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        f.store
+            .renew("a", vec![tracked.clone()], Now::At(LEASE), LEASE)
             .await
             .unwrap(),
         1
     );
-    let taken = f.store.claim("b", LEASE + 1, 3 * LEASE, 10).await.unwrap();
+    let taken = f
+        .store
+        .claim("b", Now::At(LEASE + 1), 2 * LEASE - 1, 10)
+        .await
+        .unwrap();
     let taken: Vec<&str> = taken.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(taken, vec![forgotten.as_str()]);
 }
 
 async fn completion_is_idempotent(f: Fixture) {
     let id = f.queued().await;
-    let claimed = f.store.claim("a", 0, LEASE, 1).await.unwrap();
+    let claimed = f.store.claim("a", Now::At(0), LEASE, 1).await.unwrap();
     let structured = api::Structured {
         title: "T".into(),
         overview: "O".into(),
@@ -403,7 +425,7 @@ async fn completion_is_idempotent(f: Fixture) {
     );
     assert!(
         f.store
-            .claim("b", i64::MAX - 1, i64::MAX, 10)
+            .claim("b", Now::At(i64::MAX - 1), 1, 10)
             .await
             .unwrap()
             .is_empty()
@@ -419,7 +441,7 @@ async fn failed_conversations_can_be_retried_once_failed(f: Fixture) {
     );
     assert_eq!(f.store.retry("nope").await.unwrap(), RetryOutcome::NotFound);
 
-    let generation = f.store.claim("a", 0, LEASE, 1).await.unwrap()[0].generation;
+    let generation = f.store.claim("a", Now::At(0), LEASE, 1).await.unwrap()[0].generation;
     assert!(f.store.fail(&id, generation, "poison", 5).await.unwrap());
     let failed = f.store.get(&id).await.unwrap().unwrap();
     assert_eq!(
@@ -435,7 +457,7 @@ async fn failed_conversations_can_be_retried_once_failed(f: Fixture) {
         (Status::Processing, None, 5)
     );
     // A retried conversation goes to the back of the queue.
-    let claimed = f.store.claim("a", 1, LEASE, 10).await.unwrap();
+    let claimed = f.store.claim("a", Now::At(1), LEASE - 1, 10).await.unwrap();
     assert_eq!(
         claimed.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
         vec![later, id]
@@ -621,7 +643,7 @@ async fn mistyped_columns_are_reported_by_name_not_panicked_on(f: Fixture) {
     };
     assert!(names_uid(f.store.get(&id).await.map(|_| ())));
     assert!(names_uid(
-        f.store.claim("a", 0, LEASE, 10).await.map(|_| ())
+        f.store.claim("a", Now::At(0), LEASE, 10).await.map(|_| ())
     ));
 }
 
@@ -653,7 +675,7 @@ async fn concurrent_claims_never_take_the_same_row(f: Fixture) {
                 let mut mine = Vec::new();
                 loop {
                     let batch = store
-                        .claim(&format!("o{owner}"), 0, LEASE, 7)
+                        .claim(&format!("o{owner}"), Now::At(0), LEASE, 7)
                         .await
                         .unwrap();
                     if batch.is_empty() {
@@ -737,7 +759,7 @@ fn live(uid: &str, timeout_ms: i64, now_ms: i64) -> NewLive {
         uid: uid.into(),
         language: "en".into(),
         timeout_ms,
-        now_ms,
+        now: Now::At(now_ms),
     }
 }
 
@@ -754,11 +776,17 @@ async fn live_conversation_appends_in_order_and_finishes_to_processing(f: Fixtur
     let first = vec![segment("one"), segment("two")];
     let second = vec![segment("three")];
     assert_eq!(
-        f.store.append_segments(&id, first, 100).await.unwrap(),
+        f.store
+            .append_segments(&id, first, Now::At(100))
+            .await
+            .unwrap(),
         Some(2)
     );
     assert_eq!(
-        f.store.append_segments(&id, second, 200).await.unwrap(),
+        f.store
+            .append_segments(&id, second, Now::At(200))
+            .await
+            .unwrap(),
         Some(3)
     );
     let texts: Vec<String> = f
@@ -773,22 +801,26 @@ async fn live_conversation_appends_in_order_and_finishes_to_processing(f: Fixtur
         .collect();
     assert_eq!(texts, ["one", "two", "three"]);
     assert!(
-        f.store.claim("a", 0, LEASE, 10).await.unwrap().is_empty(),
+        f.store
+            .claim("a", Now::At(0), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty(),
         "in progress is not queued"
     );
 
     assert_eq!(
-        f.store.finish(&id, 300).await.unwrap(),
+        f.store.finish(&id, Now::At(300)).await.unwrap(),
         Some(Status::Processing)
     );
     assert_eq!(
-        f.store.finish(&id, 400).await.unwrap(),
+        f.store.finish(&id, Now::At(400)).await.unwrap(),
         None,
         "finishing twice changes nothing"
     );
     assert_eq!(
         f.store
-            .append_segments(&id, vec![segment("late")], 500)
+            .append_segments(&id, vec![segment("late")], Now::At(500))
             .await
             .unwrap(),
         None
@@ -798,7 +830,7 @@ async fn live_conversation_appends_in_order_and_finishes_to_processing(f: Fixtur
         (got.status, got.segments.len(), got.finished_at_ms),
         (Status::Processing, 3, Some(300))
     );
-    let claimed = f.store.claim("a", 0, LEASE, 10).await.unwrap();
+    let claimed = f.store.claim("a", Now::At(0), LEASE, 10).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].segments.len(), 3);
 }
@@ -808,14 +840,20 @@ async fn live_conversation_without_text_is_discarded(f: Fixture) {
     let id = conversation.id.clone();
     f.store.start_conversation(conversation).await.unwrap();
     f.store
-        .append_segments(&id, vec![segment("  ")], 10)
+        .append_segments(&id, vec![segment("  ")], Now::At(10))
         .await
         .unwrap();
     assert_eq!(
-        f.store.finish(&id, 20).await.unwrap(),
+        f.store.finish(&id, Now::At(20)).await.unwrap(),
         Some(Status::Discarded)
     );
-    assert!(f.store.claim("a", 0, LEASE, 10).await.unwrap().is_empty());
+    assert!(
+        f.store
+            .claim("a", Now::At(0), LEASE, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn only_unexpired_live_conversations_are_resumable(f: Fixture) {
@@ -823,33 +861,116 @@ async fn only_unexpired_live_conversations_are_resumable(f: Fixture) {
     let id = conversation.id.clone();
     f.store.start_conversation(conversation).await.unwrap();
     f.store
-        .append_segments(&id, vec![segment("hi")], 500)
+        .append_segments(&id, vec![segment("hi")], Now::At(500))
         .await
         .unwrap();
-    let resumable = f.store.find_resumable("u", 1_400).await.unwrap().unwrap();
+    let resumable = f
+        .store
+        .find_resumable("u", Now::At(1_400))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         resumable,
         Resumable {
             id: id.clone(),
             segment_count: 1,
-            deadline_ms: 1_500
+            remaining_ms: 100
         }
     );
     assert!(
-        f.store.find_resumable("u", 1_600).await.unwrap().is_none(),
+        f.store
+            .find_resumable("u", Now::At(1_600))
+            .await
+            .unwrap()
+            .is_none(),
         "past its deadline"
     );
     assert!(
         f.store
-            .find_resumable("someone-else", 1_400)
+            .find_resumable("someone-else", Now::At(1_400))
             .await
             .unwrap()
             .is_none()
     );
-    f.store.finish(&id, 1_450).await.unwrap();
+    f.store.finish(&id, Now::At(1_450)).await.unwrap();
     assert!(
-        f.store.find_resumable("u", 1_460).await.unwrap().is_none(),
+        f.store
+            .find_resumable("u", Now::At(1_460))
+            .await
+            .unwrap()
+            .is_none(),
         "finished"
+    );
+}
+
+/// What the service does: no time given, the store judges by its own clock (PostgreSQL's,
+/// shared by every replica; SQLite's process clock).
+async fn the_stores_own_clock_decides_leases_and_deadlines(f: Fixture) {
+    let id = f
+        .store
+        .submit(new("u", None, Status::Processing, now_ms()))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(
+        f.store
+            .claim("a", Now::Store, 60_000, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        f.store
+            .claim("b", Now::Store, 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a live lease holds"
+    );
+    assert_eq!(
+        f.store
+            .renew("a", vec![id.clone()], Now::Store, 50)
+            .await
+            .unwrap(),
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let taken = f.store.claim("b", Now::Store, 60_000, 10).await.unwrap();
+    assert_eq!(taken.len(), 1, "a lease runs out by the store's clock");
+    assert_eq!(taken[0].id, id);
+
+    let mut conversation = live("talker", 60_000, 0);
+    conversation.now = Now::Store;
+    let live_id = conversation.id.clone();
+    f.store.start_conversation(conversation).await.unwrap();
+    f.store
+        .append_segments(&live_id, vec![segment("hi")], Now::Store)
+        .await
+        .unwrap();
+    let resumable = f
+        .store
+        .find_resumable("talker", Now::Store)
+        .await
+        .unwrap()
+        .expect("its deadline is a minute away");
+    assert!(
+        (55_000..=60_000).contains(&resumable.remaining_ms),
+        "{resumable:?}"
+    );
+    assert!(
+        f.store
+            .finish_expired(Now::Store, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let created = f.store.get(&live_id).await.unwrap().unwrap().created_at_ms;
+    assert!(
+        (now_ms() - created).abs() < 60_000,
+        "created {created}, now {}",
+        now_ms()
     );
 }
 
@@ -862,15 +983,15 @@ async fn expired_live_conversations_are_finished_at_their_deadline(f: Fixture) {
         f.store.start_conversation(c).await.unwrap();
     }
     f.store
-        .append_segments(&talk_id, vec![segment("hello")], 200)
+        .append_segments(&talk_id, vec![segment("hello")], Now::At(200))
         .await
         .unwrap();
     f.store
-        .append_segments(&fresh_id, vec![segment("hello")], 200)
+        .append_segments(&fresh_id, vec![segment("hello")], Now::At(200))
         .await
         .unwrap();
 
-    let mut finished = f.store.finish_expired(5_000, 100).await.unwrap();
+    let mut finished = f.store.finish_expired(Now::At(5_000), 100).await.unwrap();
     finished.sort_by(|a, b| a.0.cmp(&b.0));
     let mut want = vec![
         (talk_id.clone(), Status::Processing),
@@ -888,16 +1009,27 @@ async fn expired_live_conversations_are_finished_at_their_deadline(f: Fixture) {
         Status::InProgress
     );
     assert!(
-        f.store.finish_expired(5_000, 100).await.unwrap().is_empty(),
+        f.store
+            .finish_expired(Now::At(5_000), 100)
+            .await
+            .unwrap()
+            .is_empty(),
         "each once"
     );
-    assert_eq!(f.store.claim("a", 0, LEASE, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        f.store
+            .claim("a", Now::At(0), LEASE, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 async fn discarded_completions_and_delivery_results_are_stored(f: Fixture) {
     let kept = f.queued().await;
     let noise = f.queued().await;
-    let claimed = f.store.claim("a", 0, LEASE, 10).await.unwrap();
+    let claimed = f.store.claim("a", Now::At(0), LEASE, 10).await.unwrap();
     let deliveries = vec![
         api::WebhookDelivery {
             url: "http://a/hook".into(),
