@@ -1,4 +1,9 @@
-//! Health and reflection, as every server of ours exposes them.
+//! Health, reflection and the server set-up every server of ours shares.
+//!
+//! - [`health`]: `grpc.health.v1.Health`, whose Watch follows the protocol on unknown names
+//!   (tonic-health's deviates there; the module says how).
+
+pub mod health;
 
 use tonic_reflection::server::{v1, v1alpha};
 
@@ -113,5 +118,40 @@ fn joined(
         Ok(result) => result,
         // The server task only ends by returning; a panic inside it is re-raised here.
         Err(error) => std::panic::resume_unwind(error.into_panic()),
+    }
+}
+
+/// A real server on 127.0.0.1:0 for tests, stopped when dropped.
+#[cfg(test)]
+pub(crate) struct Loopback {
+    pub(crate) channel: tonic::transport::Channel,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+#[cfg(test)]
+impl Loopback {
+    pub(crate) async fn serve(router: tonic::transport::server::Router) -> Loopback {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        tokio::spawn(serve(
+            router,
+            listener,
+            shutdown,
+            std::time::Duration::from_secs(1),
+        ));
+        // The listener is bound, so connecting does not race the server task.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Loopback {
+            channel,
+            _stop: stop,
+        }
     }
 }
