@@ -121,10 +121,11 @@ impl v1alpha::server_reflection_server::ServerReflection for Reflection {
     }
 }
 
-/// Answers each request of one stream in turn. Nothing queues: the next request is read
-/// only when tonic asks for the next response, that is, as the client reads them. The
-/// stream ends with the client's requests, or with INVALID_ARGUMENT on a request that asks
-/// nothing (as grpc-go does).
+/// Answers each request of one stream in turn. Nothing of ours queues: a request is read
+/// when tonic asks for the next response, which hyper does again only once the previous
+/// answer fits the client's HTTP/2 window, so a client that stops reading stops being read. The stream ends with
+/// the client's requests, or with INVALID_ARGUMENT on a request that asks nothing (as
+/// grpc-go does).
 fn respond(
     index: Arc<Index>,
     requests: impl Stream<Item = Result<ServerReflectionRequest, Status>> + Send + 'static,
