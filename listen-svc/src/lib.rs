@@ -33,6 +33,7 @@ mod wire;
 pub use config::{Config, ConfigError, StoreLocation};
 
 use shared::compression::Compressible;
+use shared::grpc::health::ServingStatus;
 use shared::proto::listen::v1::{LINK_HEALTH_NAME, SERVICE_NAME, listen_server::ListenServer};
 use std::future::Future;
 use std::sync::Arc;
@@ -40,7 +41,6 @@ use std::time::Duration;
 use store::{ConversationStore, PostgresStore, SqliteStore};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 /// Serves listen on `listener` until `shutdown` resolves: opens the store, starts the link,
@@ -60,7 +60,7 @@ pub async fn run(
     };
     let instance_id = config.instance_id();
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (health_reporter, health_service) = shared::grpc::health::health_reporter();
     health_reporter
         .set_serving::<ListenServer<api::ListenService>>()
         .await;

@@ -53,6 +53,7 @@ use lanes::Lanes;
 use pending::{AckAction, Ignored};
 use series::EndpointSeries;
 use shared::backoff::Backoff;
+use shared::grpc::health::{HealthReporter, ServingStatus};
 use shared::proto::listen::v1::{LINK_HEALTH_NAME, LinkState as Wire};
 use shared::proto::pusher::v1::{Heartbeat, LinkResponse, link_request, link_response};
 use std::net::SocketAddr;
@@ -62,8 +63,6 @@ use stream::{Incoming, Opened, Sent, StreamEnd, Streams};
 use target::Resolver;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, sleep_until};
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 use tracing::{debug, info, warn};
 use work::Work;
 

@@ -113,7 +113,7 @@ pub async fn run(
         draining: drain_rx,
     };
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let (health_reporter, health_service) = shared::grpc::health::health_reporter();
     health_reporter
         .set_serving::<PusherServer<service::PusherService>>()
         .await;

@@ -1,34 +1,36 @@
-//! Health and reflection, as every server of ours exposes them.
+//! Health, reflection and the server set-up every server of ours shares.
+//!
+//! - [`health`]: `grpc.health.v1.Health`, whose Watch follows the protocol on unknown names.
+//! - [`reflection`]: `grpc.reflection.v1` and `v1alpha`, answering unknown names inside the
+//!   stream and sending files with their imports.
+//!
+//! Both replace tonic-health's and tonic-reflection's services, which deviate from the gRPC
+//! protocols there; each module says how.
 
-use tonic_reflection::server::{v1, v1alpha};
+pub mod health;
+pub mod reflection;
+
+/// Services every server lists besides its own: health and reflection.
+const COMMON_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 /// Reflection services (v1, and v1alpha for grpcurl 1.8 and grpcio) that list only
-/// `services` plus health and reflection themselves.
-pub fn reflection(
-    services: &[&str],
-) -> Result<
-    (
-        v1::ServerReflectionServer<impl v1::ServerReflection>,
-        v1alpha::ServerReflectionServer<impl v1alpha::ServerReflection>,
-    ),
-    tonic_reflection::server::Error,
-> {
-    let mut names: Vec<String> = services.iter().map(|s| s.to_string()).collect();
-    names.push("grpc.health.v1.Health".to_string());
-    names.push("grpc.reflection.v1.ServerReflection".to_string());
-    names.push("grpc.reflection.v1alpha.ServerReflection".to_string());
-
-    let mut v1_builder = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    let mut v1alpha_builder = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    for name in &names {
-        v1_builder = v1_builder.with_service_name(name.clone());
-        v1alpha_builder = v1alpha_builder.with_service_name(name.clone());
-    }
-    Ok((v1_builder.build_v1()?, v1alpha_builder.build_v1alpha()?))
+/// `services` plus health and reflection, and describe our protos, health and reflection
+/// (with the files they import).
+pub fn reflection(services: &[&str]) -> Result<reflection::Servers, reflection::Error> {
+    let listed: Vec<&str> = services.iter().copied().chain(COMMON_SERVICES).collect();
+    reflection::servers(
+        &listed,
+        &[
+            crate::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ],
+    )
 }
 
 /// Limits applied to every server of ours. tonic leaves several of them unlimited by default.
@@ -113,5 +115,40 @@ fn joined(
         Ok(result) => result,
         // The server task only ends by returning; a panic inside it is re-raised here.
         Err(error) => std::panic::resume_unwind(error.into_panic()),
+    }
+}
+
+/// A real server on 127.0.0.1:0 for tests, stopped when dropped.
+#[cfg(test)]
+pub(crate) struct Loopback {
+    pub(crate) channel: tonic::transport::Channel,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+#[cfg(test)]
+impl Loopback {
+    pub(crate) async fn serve(router: tonic::transport::server::Router) -> Loopback {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        tokio::spawn(serve(
+            router,
+            listener,
+            shutdown,
+            std::time::Duration::from_secs(1),
+        ));
+        // The listener is bound, so connecting does not race the server task.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Loopback {
+            channel,
+            _stop: stop,
+        }
     }
 }

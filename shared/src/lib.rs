@@ -1,7 +1,8 @@
 //! Shared by listen-svc and pusher-svc.
 //!
 //! - [`proto`]: the generated wire contract (`listen.v1`, `pusher.v1`) and its descriptor set.
-//! - [`grpc`]: health and reflection services scoped to one server's own services.
+//! - [`grpc`]: health and reflection as the gRPC protocols describe them, each server's
+//!   limits, and serving with a bounded shutdown.
 //! - [`compression`]: the request encodings every server accepts, and response compression.
 //! - [`backoff`]: the jittered exponential backoff policy used for reconnects and retries.
 //! - [`telemetry`]: `tracing` set-up (text or JSON).

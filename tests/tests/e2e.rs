@@ -528,6 +528,51 @@ async fn reflection_lists_only_each_servers_own_services_in_v1_and_v1alpha() {
     }
 }
 
+#[tokio::test]
+async fn health_and_reflection_answer_unknown_names_as_the_grpc_protocols_say() {
+    let pusher_port = free_port();
+    let pusher = start_pusher(PusherOptions::port(pusher_port)).await;
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[],
+    })
+    .await;
+    for (service, own, file) in [
+        (&listen, "listen.v1.Listen", "listen/v1/listen.proto"),
+        (&pusher, "pusher.v1.Pusher", "pusher/v1/pusher.proto"),
+    ] {
+        // Watch: SERVICE_UNKNOWN, and the call stays open (no NOT_FOUND).
+        let mut health = tonic_health::pb::health_client::HealthClient::new(service.channel());
+        let mut updates = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: "no.such.Service".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(5), updates.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the watch stays open");
+        assert_eq!(first.status, ServingStatus::ServiceUnknown as i32);
+
+        // Reflection: NOT_FOUND inside the stream, which then describes the service with
+        // the file it imports.
+        let answers =
+            reflection::symbols_on_one_v1alpha_stream(service.channel(), &["no.such.Message", own])
+                .await;
+        assert_eq!(answers[0], Err(5));
+        assert_eq!(
+            answers[1],
+            Ok(vec![
+                file.to_string(),
+                "google/protobuf/timestamp.proto".to_string()
+            ])
+        );
+    }
+}
+
 mod reflection {
     use tokio_stream::StreamExt;
     use tonic::transport::Channel;
@@ -603,6 +648,48 @@ mod reflection {
             responses.next().await,
             Some(Ok(v1alpha::ServerReflectionResponse { message_response: Some(MessageResponse::FileDescriptorResponse(files)), .. })) if !files.file_descriptor_proto.is_empty()
         )
+    }
+    /// Asks for the file of each symbol in turn on one v1alpha stream: the names of the
+    /// files sent, or the error_response code.
+    pub async fn symbols_on_one_v1alpha_stream(
+        channel: Channel,
+        symbols: &[&str],
+    ) -> Vec<Result<Vec<String>, i32>> {
+        use prost::Message;
+        use v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let (requests, rx) = tokio::sync::mpsc::channel(1);
+        let mut responses = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut answers = Vec::new();
+        for symbol in symbols {
+            let request = v1alpha::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::FileContainingSymbol(symbol.to_string())),
+            };
+            requests.send(request).await.unwrap();
+            let response = responses.next().await.unwrap().unwrap();
+            answers.push(match response.message_response.unwrap() {
+                MessageResponse::FileDescriptorResponse(files) => Ok(files
+                    .file_descriptor_proto
+                    .iter()
+                    .map(|encoded| {
+                        prost_types::FileDescriptorProto::decode(encoded.as_slice())
+                            .unwrap()
+                            .name()
+                            .to_string()
+                    })
+                    .collect()),
+                MessageResponse::ErrorResponse(error) => Err(error.error_code),
+                other => panic!("unexpected answer {other:?}"),
+            });
+        }
+        answers
     }
 }
 

@@ -75,7 +75,7 @@ impl Rig {
             let settled = Arc::clone(&settled);
             Arc::new(move |id: &str| settled.lock().unwrap().push(id.to_string()))
         };
-        let (health, _) = tonic_health::server::health_reporter();
+        let (health, _) = shared::grpc::health::health_reporter();
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (link, task) = spawn(
             config,

@@ -66,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    let (_reporter, health) = tonic_health::server::health_reporter();
+    let (_reporter, health) = shared::grpc::health::health_reporter();
     let router = shared::grpc::server_builder(Default::default())
         .add_service(health)
         .add_service(ListenServer::new(Echo));
