@@ -160,6 +160,11 @@ pub async fn run(
         reporter
             .set_not_serving::<ListenServer<api::ListenService>>()
             .await;
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        // Watchers have seen NOT_SERVING; their open calls must not hold the shutdown.
+        reporter.end_watches();
         let _ = stop_sessions.send(true);
     };
     shared::grpc::serve(router, listener, stopping, config.shutdown_grace).await?;

@@ -34,6 +34,7 @@ pub use config::Config;
 
 use jobs::{Jobs, JobsConfig};
 use shared::compression::Compressible;
+use shared::grpc::health::ServingStatus;
 use shared::proto::pusher::v1::{SERVICE_NAME, pusher_server::PusherServer};
 use std::future::Future;
 use std::sync::Arc;
@@ -151,6 +152,11 @@ pub async fn run(
         health_reporter
             .set_not_serving::<PusherServer<service::PusherService>>()
             .await;
+        health_reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        // Watchers have seen NOT_SERVING; their open calls must not hold the shutdown.
+        health_reporter.end_watches();
         let _ = drain_tx.send(true);
     };
     shared::grpc::serve(router, listener, drain, grace).await?;

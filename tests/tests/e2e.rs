@@ -778,7 +778,9 @@ async fn listen_restarts_on_the_same_store_and_keeps_its_data() {
     assert_eq!(again.conversation_id, id, "idempotency survives a restart");
 }
 
-#[tokio::test]
+// Multi-threaded: `terminate` blocks its thread while the clients' connections must still
+// be driven (to read the end of the watches and close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_services_exit_cleanly_on_sigterm_with_the_link_open() {
     let pusher_port = free_port();
     let mut pusher = start_pusher(PusherOptions::port(pusher_port)).await;
@@ -790,10 +792,31 @@ async fn both_services_exit_cleanly_on_sigterm_with_the_link_open() {
     let mut client = listen_client(&listen);
     wait_link(&client, LinkState::Connected, Duration::from_secs(10)).await;
     let _ = link_status(&mut client).await;
+    // A health Watch open on each: it sees NOT_SERVING, then ends, and holds no shutdown
+    // (pusher's grace is 25 s).
+    let mut watches = Vec::new();
+    for service in [&pusher, &listen] {
+        let mut watch = tonic_health::pb::health_client::HealthClient::new(service.channel())
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(watch.message().await.unwrap().unwrap().status, 1, "SERVING");
+        watches.push(watch);
+    }
     let started = Instant::now();
     assert!(pusher.terminate(Duration::from_secs(10)).success());
     assert!(listen.terminate(Duration::from_secs(10)).success());
     assert!(started.elapsed() < Duration::from_secs(10));
+    for mut watch in watches {
+        let mut statuses = Vec::new();
+        while let Ok(Some(response)) = watch.message().await {
+            statuses.push(response.status);
+        }
+        assert_eq!(statuses, [2], "NOT_SERVING before the end");
+    }
 }
 
 #[tokio::test]

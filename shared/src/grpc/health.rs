@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -47,19 +47,33 @@ pub fn health_reporter() -> (HealthReporter, HealthServer<HealthService>) {
 #[derive(Clone, Debug)]
 pub struct HealthReporter {
     statuses: Arc<Statuses>,
+    /// Turned true by [`HealthReporter::end_watches`].
+    closing: Arc<watch::Sender<bool>>,
 }
 
 impl HealthReporter {
     fn new() -> Self {
         let statuses = Arc::new(Statuses::default());
         statuses.set("", ServingStatus::Serving);
-        HealthReporter { statuses }
+        HealthReporter {
+            statuses,
+            closing: Arc::new(watch::channel(false).0),
+        }
     }
 
     fn service(&self) -> HealthService {
         HealthService {
             statuses: Arc::clone(&self.statuses),
+            closing: self.closing.subscribe(),
         }
+    }
+
+    /// Ends every Watch call with OK, after it has sent the statuses set so far (a watcher
+    /// sees NOT_SERVING, then the end). For shutdown: an open Watch would otherwise hold its
+    /// connection, and the server's graceful stop, until the shutdown grace runs out. Watch
+    /// calls made later end at once; Check keeps answering.
+    pub fn end_watches(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Sets the service implemented by `S` to SERVING.
@@ -82,6 +96,7 @@ impl HealthReporter {
 #[derive(Debug)]
 pub struct HealthService {
     statuses: Arc<Statuses>,
+    closing: watch::Receiver<bool>,
 }
 
 #[tonic::async_trait]
@@ -107,6 +122,7 @@ impl Health for HealthService {
         let updates = self.statuses.subscribe(&name)?;
         Ok(Response::new(WatchStream {
             updates: tokio_stream::wrappers::WatchStream::new(updates),
+            closing: tokio_stream::wrappers::WatchStream::new(self.closing.clone()),
             last: None,
             name,
             statuses: Arc::clone(&self.statuses),
@@ -188,6 +204,8 @@ impl Statuses {
 /// The responses of one Watch call: the current status, then each change.
 pub struct WatchStream {
     updates: tokio_stream::wrappers::WatchStream<WireStatus>,
+    /// Yields true once the server is shutting down.
+    closing: tokio_stream::wrappers::WatchStream<bool>,
     /// The last status sent, so a change and its reversal between two polls send nothing.
     last: Option<WireStatus>,
     name: String,
@@ -199,8 +217,19 @@ impl Stream for WatchStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            let Some(status) = ready!(Pin::new(&mut self.updates).poll_next(cx)) else {
-                return Poll::Ready(None);
+            let status = match Pin::new(&mut self.updates).poll_next(cx) {
+                Poll::Ready(Some(status)) => status,
+                Poll::Ready(None) => return Poll::Ready(None),
+                // Nothing new to send: end the call if the server is shutting down.
+                Poll::Pending => {
+                    while let Poll::Ready(Some(closing)) = Pin::new(&mut self.closing).poll_next(cx)
+                    {
+                        if closing {
+                            return Poll::Ready(None);
+                        }
+                    }
+                    return Poll::Pending;
+                }
             };
             if self.last != Some(status) {
                 self.last = Some(status);

@@ -168,3 +168,29 @@ async fn an_unknown_name_is_forgotten_with_its_last_watcher_and_a_known_one_is_k
     drop(watcher);
     assert!(watched("y"), "a known name stays");
 }
+
+#[tokio::test]
+async fn ending_watches_for_shutdown_sends_the_last_status_then_ends_ok() {
+    let (reporter, server) = start().await;
+    let mut known = watch(&server.channel, "").await.unwrap();
+    assert_eq!(next(&mut known).await, WireStatus::Serving);
+    let mut unknown = watch(&server.channel, "never.v1.Set").await.unwrap();
+    assert_eq!(next(&mut unknown).await, WireStatus::ServiceUnknown);
+
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    reporter.end_watches();
+    assert_eq!(next(&mut known).await, WireStatus::NotServing);
+    for updates in [&mut known, &mut unknown] {
+        let end = tokio::time::timeout(Duration::from_secs(5), updates.next())
+            .await
+            .expect("the watch ends within 5 s");
+        assert!(end.is_none(), "ended OK, got {end:?}");
+    }
+    // Check still answers while the server drains.
+    assert_eq!(
+        check(&server.channel, "").await.unwrap(),
+        WireStatus::NotServing
+    );
+}
