@@ -12,10 +12,12 @@
 //! - `waits`: [`wait_for`] a condition with a deadline, and the waits built on it.
 //! - `metrics`: [`Service::metric`] and [`sum_series`] over a scrape of /metrics.
 //! - `requests`: clients, [`talk`], and the reads tests build their checks from.
+//! - [`clock`]: a shifted wall clock for one process (libfaketime).
 //! - [`dns`], [`fake_pusher`], [`http`], [`nats`], [`postgres`], [`proxy`]: the test doubles and
 //!   servers the scenarios put around the binaries.
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod dns;
 pub mod fake_pusher;
 pub mod http;
@@ -34,7 +36,8 @@ pub use shared::proto::pusher::v1 as pusher;
 
 pub use metrics::sum_series;
 pub use options::{
-    FAST_LINK, ListenOptions, PusherOptions, start_listen, start_pusher, with_defaults,
+    FAST_LINK, ListenOptions, PusherOptions, start_listen, start_listen_with_env, start_pusher,
+    with_defaults,
 };
 pub use processes::{
     START_TIMEOUT, Service, binary, build_services, free_port, set_log_filter, start_binary,

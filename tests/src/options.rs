@@ -92,6 +92,14 @@ pub const FAST_LINK: &[&str] = &[
 /// `pusher_port`, with its own SQLite store, instance id "listen-test" and [`FAST_LINK`],
 /// each unless `extra` names it.
 pub async fn start_listen(options: ListenOptions<'_>) -> Service {
+    start_listen_with_env(options, Vec::new()).await
+}
+
+/// [`start_listen`], with environment variables (a shifted clock, say).
+pub async fn start_listen_with_env(
+    options: ListenOptions<'_>,
+    envs: Vec<(String, String)>,
+) -> Service {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let store = format!("sqlite://{}", dir.path().join("listen.db").display());
@@ -117,9 +125,9 @@ pub async fn start_listen(options: ListenOptions<'_>) -> Service {
         .chain(["--admin-addr", admin.as_str()])
         .collect();
     args.extend(with_defaults(&defaults, options.extra));
-    Service::new("listen-svc", addr, args, dir, "listen.log")
-        .launch()
-        .await
+    let mut service = Service::new("listen-svc", addr, args, dir, "listen.log");
+    service.envs = envs;
+    service.launch().await
 }
 
 /// `overrides` (a flat list of `--flag value` pairs) plus every pair of `defaults` whose flag

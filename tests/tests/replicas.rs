@@ -257,3 +257,169 @@ async fn stopped_database_gives_unavailable_then_recovers_by_itself() {
         "nothing written twice or lost"
     );
 }
+
+/// One replica's wall clock is two hours ahead (libfaketime). Leases and session deadlines
+/// are judged by the database's clock, so while the other replica works, the shifted one
+/// takes none of its live leases and finishes no live conversation early; when the other is
+/// killed, the shifted one takes its work over within the lease, as any replica would.
+#[tokio::test]
+async fn a_replica_whose_clock_is_hours_ahead_takes_no_live_lease_and_ends_no_live_session() {
+    const WORK: usize = 60;
+    let url = fresh_database().await;
+    let (pusher, pusher_port) =
+        json_pusher(&["--simulated-latency", "4s", "--max-concurrency", "200"]).await;
+    let mut a = replica(&url, pusher_port, "listen-a", "100").await;
+    let client_a = listen_client(&a);
+    let ids = submit_many(&client_a, "steady", WORK).await;
+    wait_for("A to hold all the work", Duration::from_secs(10), || {
+        let mut client = client_a.clone();
+        async move { (link_status(&mut client).await.pending == WORK as u32).then_some(()) }
+    })
+    .await;
+    // A live conversation on A, 30 s from its deadline.
+    let live = live_conversation_on(&client_a, "talker").await;
+
+    let b = start_listen_with_env(
+        ListenOptions {
+            pusher_port,
+            extra: &[
+                "--store",
+                &url,
+                "--instance-id",
+                "listen-b-ahead",
+                "--lease-ttl",
+                "3s",
+                "--max-in-flight",
+                "100",
+                "--sweep-interval",
+                "200ms",
+            ],
+        },
+        tests::clock::shifted_clock("+2h"),
+    )
+    .await;
+    let client_b = listen_client(&b);
+    // The shift took: what B stamps is two hours ahead.
+    let probe = client_b
+        .clone()
+        .submit_conversation(talk("probe", "clock"))
+        .await
+        .unwrap()
+        .into_inner()
+        .conversation_id;
+    let created = client_b
+        .clone()
+        .get_conversation(listen::GetConversationRequest {
+            conversation_id: probe.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .created_at
+        .unwrap()
+        .seconds;
+    let ahead = created - now_s();
+    assert!(
+        (7_000..7_400).contains(&ahead),
+        "B's clock is {ahead} s ahead"
+    );
+
+    let done = wait_all(
+        &client_a,
+        &ids,
+        ConversationStatus::Completed,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(done.len(), WORK);
+    let b_sent = b.metric("listen_link_sent_total").await;
+    assert!(
+        b_sent <= 1.0,
+        "B sent {b_sent}: at most its own probe, none of A's live work"
+    );
+    assert!(ids.iter().all(|id| runs(&pusher, id) == 1));
+    assert_eq!(
+        status_of(&mut client_a.clone(), &live).await,
+        ConversationStatus::InProgress,
+        "B's sweeper left A's live conversation alone"
+    );
+
+    // A dies with work in flight: B takes it over within the lease.
+    let more = submit_many(&client_a, "orphaned", 20).await;
+    wait_for(
+        "A to have the new work in flight",
+        Duration::from_secs(10),
+        || {
+            let mut client = client_a.clone();
+            async move { (link_status(&mut client).await.pending >= 20).then_some(()) }
+        },
+    )
+    .await;
+    a.kill();
+    let killed = Instant::now();
+    wait_for("B to take A's work over", Duration::from_secs(20), || {
+        let b = &b;
+        async move { (b.metric("listen_link_sent_total").await > b_sent).then_some(()) }
+    })
+    .await;
+    let taken_after = killed.elapsed();
+    eprintln!("B took A's work over {taken_after:?} after the kill (lease 3 s)");
+    assert!(
+        taken_after < Duration::from_secs(8),
+        "taken over {taken_after:?} after the kill (lease 3 s)"
+    );
+    let done = wait_all(
+        &client_b,
+        &more,
+        ConversationStatus::Completed,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(done.len(), more.len());
+}
+
+/// Opens a Session on `client` for `uid`, stores one segment (timeout 30 s) and leaves the
+/// session open; returns the conversation's id.
+async fn live_conversation_on(client: &ListenClient, uid: &str) -> String {
+    use tests::listen::{
+        Segments, SessionRequest, Start, session_event::Event, session_request::Msg,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for msg in [
+        Msg::Start(Start {
+            uid: uid.into(),
+            language: "en".into(),
+            conversation_timeout_s: 30,
+        }),
+        Msg::Segments(Segments {
+            segments: vec![segment("Still talking.", 0.0)],
+        }),
+    ] {
+        tx.send(SessionRequest { msg: Some(msg) }).await.unwrap();
+    }
+    let mut events = client
+        .clone()
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let event = events.message().await.unwrap().unwrap().event.unwrap();
+        if let Event::SegmentsStored(stored) = event {
+            // The session stays open (neither cancelled nor half-closed) for the test's life.
+            tokio::spawn(async move {
+                let _keep = (tx, events);
+                std::future::pending::<()>().await;
+            });
+            return stored.conversation_id;
+        }
+    }
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
