@@ -446,9 +446,8 @@ impl Config {
             return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
         }
         if self.store.starts_with("postgres://") || self.store.starts_with("postgresql://") {
-            self.store
-                .parse::<tokio_postgres::Config>()
-                .map_err(|e| ConfigError::Store(format!("--store: invalid PostgreSQL URL: {e}")))?;
+            crate::store::PostgresStore::check(&self.store)
+                .map_err(|e| ConfigError::Store(format!("--store: {e}")))?;
             return Ok(StoreLocation::Postgres(self.store.clone()));
         }
         Err(ConfigError::Store(format!(
