@@ -10,6 +10,8 @@
 //!   `sslcert`, `sslkey`): `url` takes them out of the URL, `tls` connects and explains
 //!   failures.
 
+#[cfg(test)]
+mod tests;
 mod tls;
 mod url;
 

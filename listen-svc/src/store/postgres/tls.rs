@@ -188,7 +188,7 @@ impl Connector {
                 | AlertDescription::CertificateUnknown
                 | AlertDescription::AccessDenied),
             ) => format!(
-                "the server refused the client certificate sslcert {} ({alert:?})",
+                "the server refused the client certificate sslcert {} (TLS alert {alert:?})",
                 show(&ssl.cert)
             ),
             other => format!("handshake failed: {other}"),
@@ -213,7 +213,11 @@ impl Connector {
                 "the server's certificate is not valid for the host name {} (sslmode=verify-full \
                  checks it); it is for {}",
                 expected.to_str(),
-                presented.join(", ")
+                presented
+                    .iter()
+                    .map(|name| bare_name(name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             CertificateError::NotValidForName => format!(
                 "the server's certificate is not valid for the host name in the URL ({}; \
@@ -233,6 +237,14 @@ impl Connector {
             other => format!("the server's certificate is refused: {other}"),
         }
     }
+}
+
+/// `db.test` from rustls' `DnsName("db.test")` (and an address from `IpAddress(...)`).
+fn bare_name(presented: &str) -> &str {
+    presented
+        .split_once('(')
+        .and_then(|(_, inner)| inner.strip_suffix(')'))
+        .map_or(presented, |inner| inner.trim_matches('"'))
 }
 
 /// tokio-postgres' error for a failed TLS set-up (the server refusing TLS, or the handshake).
