@@ -111,6 +111,14 @@ pub(crate) fn split_ssl_params(url: &str) -> Result<(String, SslParams), String>
         let path = || (!value.is_empty()).then(|| PathBuf::from(&value));
         match key.as_str() {
             "sslmode" => ssl.mode = SslMode::parse(&value)?,
+            // PostgreSQL 16's libpq: the operating system's CAs, and verify-full implied.
+            "sslrootcert" if value == "system" => {
+                return Err(
+                    "sslrootcert=system (the system's CAs) is not supported; give the path of \
+                     the CA certificates (PEM)"
+                        .into(),
+                );
+            }
             "sslrootcert" => ssl.root_cert = path(),
             "sslcert" => ssl.cert = path(),
             "sslkey" => ssl.key = path(),
@@ -290,6 +298,10 @@ mod tests {
                 &["sslcrl", "not supported"],
             ),
             ("postgres://db/x?sslpassword=secret", &["sslpassword"]),
+            (
+                "postgres://db/x?sslrootcert=system",
+                &["sslrootcert=system", "not supported"],
+            ),
             ("postgres://db/x?sslrootcert=%FF", &["sslrootcert", "UTF-8"]),
         ];
         for (url, needles) in cases {
