@@ -42,8 +42,9 @@ pub fn shared_tls() -> &'static TestPostgres {
 /// The server's certificate names only [`ServerTls::HOST_NAME`], so a URL reaches it by that
 /// name with `hostaddr=127.0.0.1` (checked by `verify-full`), or by `127.0.0.1` (which
 /// `verify-full` refuses and `verify-ca` accepts). Its pg_hba.conf lets
-/// [`ServerTls::CERT_USER`] in over TLS with a client certificate only, and every other role
-/// in with or without TLS.
+/// [`ServerTls::CERT_USER`] in over TLS with a client certificate only,
+/// [`ServerTls::PASSWORD_USER`] over TLS with its password (SCRAM, as managed services do),
+/// and every other role in with or without TLS.
 pub struct ServerTls {
     dir: PathBuf,
 }
@@ -53,6 +54,9 @@ impl ServerTls {
     pub const HOST_NAME: &str = "db.test";
     /// The role that must log in with a client certificate (its common name).
     pub const CERT_USER: &str = "listen_cert";
+    /// The role that must log in over TLS with [`Self::PASSWORD`] (scram-sha-256).
+    pub const PASSWORD_USER: &str = "listen_password";
+    pub const PASSWORD: &str = "tls-test-password";
 
     /// The CA that signed the server's and the client's certificates.
     pub fn ca(&self) -> PathBuf {
@@ -181,9 +185,11 @@ impl TestPostgres {
                 &hba,
                 format!(
                     "local all all trust\n\
-                     hostssl all {user} 127.0.0.1/32 cert\n\
+                     hostssl all {cert_user} 127.0.0.1/32 cert\n\
+                     hostssl all {password_user} 127.0.0.1/32 scram-sha-256\n\
                      host all all 127.0.0.1/32 trust\n",
-                    user = ServerTls::CERT_USER
+                    cert_user = ServerTls::CERT_USER,
+                    password_user = ServerTls::PASSWORD_USER,
                 ),
             )
             .unwrap();
@@ -270,8 +276,9 @@ impl TestPostgres {
             .expect("a server started with TestPostgres::start_tls")
     }
 
-    /// A new, empty database on this server; returns its name. On a TLS server, the role
-    /// [`ServerTls::CERT_USER`] exists too (a superuser, so it may migrate any database).
+    /// A new, empty database on this server; returns its name. On a TLS server, the roles
+    /// [`ServerTls::CERT_USER`] and [`ServerTls::PASSWORD_USER`] exist too (superusers, so
+    /// they may migrate any database).
     pub async fn new_database(&self) -> String {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let name = format!(
@@ -302,15 +309,23 @@ impl TestPostgres {
         };
         let task = tokio::spawn(connection);
         if self.tls.is_some() {
-            // Replicas of one test process may race to create it.
-            client
-                .batch_execute(&format!(
-                    "DO $$ BEGIN CREATE ROLE {user} LOGIN SUPERUSER; \
-                     EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
-                    user = ServerTls::CERT_USER
-                ))
-                .await
-                .expect("create the certificate role");
+            // Tests of one process may race to create them.
+            for role in [
+                format!("{} LOGIN SUPERUSER", ServerTls::CERT_USER),
+                format!(
+                    "{} LOGIN SUPERUSER PASSWORD '{}'",
+                    ServerTls::PASSWORD_USER,
+                    ServerTls::PASSWORD
+                ),
+            ] {
+                client
+                    .batch_execute(&format!(
+                        "DO $$ BEGIN CREATE ROLE {role}; \
+                         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+                    ))
+                    .await
+                    .expect("create the roles of the TLS server");
+            }
         }
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))

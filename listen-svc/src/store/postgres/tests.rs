@@ -15,11 +15,15 @@ enum Via {
     Name,
     /// `db.test` as the role that must present a client certificate.
     CertUser,
+    /// `db.test` as the role that must give its password over TLS (SCRAM), with
+    /// `channel_binding=require`: SCRAM-SHA-256-PLUS, bound to the server's certificate.
+    PasswordUser,
 }
 
 /// The URL of a fresh database on `server`, with the TLS parameters `params`.
 async fn url(server: &TestPostgres, via: Via, params: &[(&str, &Path)], mode: &str) -> String {
     let database = server.new_database().await;
+    let password_user = format!("{}:{}", ServerTls::PASSWORD_USER, ServerTls::PASSWORD);
     let (user, host, hostaddr) = match via {
         Via::Address => ("postgres", "127.0.0.1", ""),
         Via::Name => ("postgres", ServerTls::HOST_NAME, "&hostaddr=127.0.0.1"),
@@ -27,6 +31,11 @@ async fn url(server: &TestPostgres, via: Via, params: &[(&str, &Path)], mode: &s
             ServerTls::CERT_USER,
             ServerTls::HOST_NAME,
             "&hostaddr=127.0.0.1",
+        ),
+        Via::PasswordUser => (
+            password_user.as_str(),
+            ServerTls::HOST_NAME,
+            "&hostaddr=127.0.0.1&channel_binding=require",
         ),
     };
     let params: String = params
@@ -81,6 +90,13 @@ async fn each_sslmode_connects_to_a_tls_server_as_libpq_would() {
             vec![("sslrootcert", &ca), ("sslcert", &cert), ("sslkey", &key)],
             true,
         ),
+        (
+            "verify-full",
+            Via::PasswordUser,
+            vec![("sslrootcert", &ca)],
+            true,
+        ),
+        ("require", Via::PasswordUser, vec![], true),
     ];
     for (mode, via, params, encrypted) in cases {
         let url = url(server, via, &params, mode).await;
