@@ -48,7 +48,10 @@ pub struct Config {
 
     /// Conversation store: sqlite://PATH (embedded; the file and its directory are created if
     /// missing) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (shared by several listen
-    /// replicas; the schema is migrated at start-up).
+    /// replicas; the schema is migrated at start-up). TLS to PostgreSQL takes libpq's URL
+    /// parameters: sslmode (disable, prefer (default), require, verify-ca, verify-full),
+    /// sslrootcert, sslcert, sslkey, e.g.
+    /// ?sslmode=verify-full&sslrootcert=/etc/listen/pg-ca.pem.
     #[arg(
         long,
         env = "LISTEN_STORE",
@@ -446,9 +449,8 @@ impl Config {
             return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
         }
         if self.store.starts_with("postgres://") || self.store.starts_with("postgresql://") {
-            self.store
-                .parse::<tokio_postgres::Config>()
-                .map_err(|e| ConfigError::Store(format!("--store: invalid PostgreSQL URL: {e}")))?;
+            crate::store::PostgresStore::check(&self.store)
+                .map_err(|e| ConfigError::Store(format!("--store: {e}")))?;
             return Ok(StoreLocation::Postgres(self.store.clone()));
         }
         Err(ConfigError::Store(format!(
@@ -484,6 +486,8 @@ mod tests {
                 "postgres://listen@db:5432/listen".into()
             ))
         );
+        let tls = parse(&["--store", "postgres://listen@db/listen?sslmode=require"]);
+        assert_eq!(tls.validate(), Ok(()));
     }
 
     #[test]
@@ -494,10 +498,23 @@ mod tests {
             &'static str,
             fn(&ConfigError) -> bool,
         );
-        let cases: [Case; 11] = [
+        let cases: [Case; 13] = [
             (&["--store", "mysql://x"], "--store", |e| {
                 matches!(e, E::Store(_))
             }),
+            (
+                &["--store", "postgres://u@h/db?sslmode=on"],
+                "--store: sslmode",
+                |e| matches!(e, E::Store(_)),
+            ),
+            (
+                &[
+                    "--store",
+                    "postgres://u@h/db?sslmode=verify-ca&sslrootcert=/nonexistent.pem",
+                ],
+                "--store: sslrootcert /nonexistent.pem: no such file",
+                |e| matches!(e, E::Store(_)),
+            ),
             (&["--store", "sqlite://"], "--store", |e| {
                 matches!(e, E::Store(_))
             }),

@@ -181,8 +181,24 @@ pub async fn run(
     Ok(())
 }
 
-/// The store URL with any password replaced, for logs.
+/// The store URL with any password replaced, for logs: in the user information, and in a
+/// `password` parameter (libpq takes it there too).
 fn redact(url: &str) -> String {
+    let url = redact_userinfo(url);
+    let Some((base, query)) = url.split_once('?') else {
+        return url;
+    };
+    let query: Vec<&str> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some(("password", _)) => "password=***",
+            _ => pair,
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
+}
+
+fn redact_userinfo(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
@@ -215,6 +231,16 @@ mod tests {
         assert_eq!(
             super::redact("sqlite://./data/listen.db"),
             "sqlite://./data/listen.db"
+        );
+        assert_eq!(
+            super::redact(
+                "postgres://listen:s3cret@db/listen?sslmode=verify-full&sslrootcert=/ca.pem"
+            ),
+            "postgres://listen:***@db/listen?sslmode=verify-full&sslrootcert=/ca.pem"
+        );
+        assert_eq!(
+            super::redact("postgres://listen@db/listen?password=s3cret&sslmode=require"),
+            "postgres://listen@db/listen?password=***&sslmode=require"
         );
     }
 }

@@ -6,6 +6,9 @@
 //!
 //! A watchdog shell stops the server when the test process exits, however it exits, so no
 //! server outlives its tests, even the process-wide [`shared`] one.
+//!
+//! [`TestPostgres::start_tls`] starts one that also speaks TLS, with certificates generated
+//! for it ([`ServerTls`]); [`shared_tls`] is the process-wide one.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,6 +22,7 @@ pub struct TestPostgres {
     bin: PathBuf,
     as_postgres: bool,
     server: Option<Child>,
+    tls: Option<ServerTls>,
 }
 
 /// One server per test process, started on first use; each test takes its own database.
@@ -27,22 +31,131 @@ pub fn shared() -> &'static TestPostgres {
     SERVER.get_or_init(TestPostgres::start)
 }
 
+/// One TLS server per test process ([`TestPostgres::start_tls`]), started on first use.
+pub fn shared_tls() -> &'static TestPostgres {
+    static SERVER: OnceLock<TestPostgres> = OnceLock::new();
+    SERVER.get_or_init(TestPostgres::start_tls)
+}
+
+/// The certificates of a TLS test server, generated for it (rcgen), as PEM files.
+///
+/// The server's certificate names only [`ServerTls::HOST_NAME`], so a URL reaches it by that
+/// name with `hostaddr=127.0.0.1` (checked by `verify-full`), or by `127.0.0.1` (which
+/// `verify-full` refuses and `verify-ca` accepts). Its pg_hba.conf lets
+/// [`ServerTls::CERT_USER`] in over TLS with a client certificate only,
+/// [`ServerTls::PASSWORD_USER`] over TLS with its password (SCRAM, as managed services do),
+/// and every other role in with or without TLS.
+pub struct ServerTls {
+    dir: PathBuf,
+}
+
+impl ServerTls {
+    /// The one name in the server's certificate.
+    pub const HOST_NAME: &str = "db.test";
+    /// The role that must log in with a client certificate (its common name).
+    pub const CERT_USER: &str = "listen_cert";
+    /// The role that must log in over TLS with [`Self::PASSWORD`] (scram-sha-256).
+    pub const PASSWORD_USER: &str = "listen_password";
+    pub const PASSWORD: &str = "tls-test-password";
+
+    /// The CA that signed the server's and the client's certificates.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A CA that signed nothing the server knows.
+    pub fn other_ca(&self) -> PathBuf {
+        self.dir.join("other-ca.pem")
+    }
+
+    /// A client certificate for [`Self::CERT_USER`], signed by [`Self::ca`], and its key.
+    pub fn client_cert(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("client.pem"), self.dir.join("client.key"))
+    }
+
+    /// A client certificate for [`Self::CERT_USER`] signed by [`Self::other_ca`], and its key.
+    pub fn untrusted_client_cert(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join("untrusted.pem"),
+            self.dir.join("untrusted.key"),
+        )
+    }
+
+    /// Writes a CA, the server's certificate and key (the key 0600, as PostgreSQL insists),
+    /// the client certificates and an unrelated CA into `dir`.
+    fn generate(dir: &Path) -> ServerTls {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        std::fs::create_dir_all(dir).unwrap();
+        let new_ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+        };
+        let ca = new_ca("test PostgreSQL CA");
+        let other = new_ca("unrelated CA");
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        write("ca.pem", &ca.pem());
+        write("other-ca.pem", &other.pem());
+        let issue = |name: &str,
+                     subject: &str,
+                     sans: &[&str],
+                     issuer: &CertifiedIssuer<'static, KeyPair>| {
+            let key = KeyPair::generate().unwrap();
+            let mut params =
+                CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                    .unwrap();
+            params.distinguished_name.push(DnType::CommonName, subject);
+            let cert = params.signed_by(&key, issuer).unwrap();
+            write(&format!("{name}.pem"), &cert.pem());
+            write(&format!("{name}.key"), &key.serialize_pem())
+        };
+        let server_key = issue("server", Self::HOST_NAME, &[Self::HOST_NAME], &ca);
+        issue("client", Self::CERT_USER, &[], &ca);
+        issue("untrusted", Self::CERT_USER, &[], &other);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&server_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        ServerTls {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The server settings that turn TLS on with these files.
+    fn settings(&self) -> Vec<String> {
+        let file = |name: &str| self.dir.join(name).display().to_string();
+        vec![
+            "ssl=on".into(),
+            format!("ssl_cert_file={}", file("server.pem")),
+            format!("ssl_key_file={}", file("server.key")),
+            format!("ssl_ca_file={}", file("ca.pem")),
+        ]
+    }
+}
+
 /// A new, empty database on the process-wide server; returns its URL.
 pub async fn fresh_database() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
     let server = shared();
-    let name = format!(
-        "t{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    );
-    server.create_database(&name).await;
+    let name = server.new_database().await;
     server.url(&name)
 }
 
 impl TestPostgres {
     /// initdb + start on a free port; panics with the reason if it cannot.
     pub fn start() -> TestPostgres {
+        TestPostgres::start_with(false)
+    }
+
+    /// As [`Self::start`], and the server also speaks TLS, with the certificates of
+    /// [`Self::tls`].
+    pub fn start_tls() -> TestPostgres {
+        TestPostgres::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> TestPostgres {
         let bin = find_bin_dir();
         let as_postgres = is_root();
         let dir = std::env::temp_dir().join(format!(
@@ -51,6 +164,7 @@ impl TestPostgres {
             crate::free_port()
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        let tls = tls.then(|| ServerTls::generate(&dir.join("tls")));
         if as_postgres {
             run(Command::new("chown").args(["-R", "postgres"]).arg(&dir));
         }
@@ -65,12 +179,31 @@ impl TestPostgres {
             "UTF8",
         ]);
         run(&mut initdb);
+        if tls.is_some() {
+            let hba = data.join("pg_hba.conf");
+            std::fs::write(
+                &hba,
+                format!(
+                    "local all all trust\n\
+                     hostssl all {cert_user} 127.0.0.1/32 cert\n\
+                     hostssl all {password_user} 127.0.0.1/32 scram-sha-256\n\
+                     host all all 127.0.0.1/32 trust\n",
+                    cert_user = ServerTls::CERT_USER,
+                    password_user = ServerTls::PASSWORD_USER,
+                ),
+            )
+            .unwrap();
+            if as_postgres {
+                run(Command::new("chown").arg("postgres").arg(&hba));
+            }
+        }
         let mut server = TestPostgres {
             port: crate::free_port(),
             dir,
             bin,
             as_postgres,
             server: None,
+            tls,
         };
         server.launch();
         server
@@ -89,9 +222,15 @@ impl TestPostgres {
         } else {
             ""
         };
+        let settings: String = self
+            .tls
+            .iter()
+            .flat_map(ServerTls::settings)
+            .map(|setting| format!(" -c {setting}"))
+            .collect();
         let script = format!(
             "{run} {postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 & \
+             -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300{settings} & \
              pg=$!; while kill -0 {parent} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.5; done; \
              if kill -0 {parent} 2>/dev/null; then wait $pg; exit; fi; \
              {run} {pg_ctl} -D {data} stop -m immediate >/dev/null 2>&1; wait $pg; rm -rf {dir}",
@@ -130,6 +269,27 @@ impl TestPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// The certificates of a server from [`Self::start_tls`]; panics for a plaintext one.
+    pub fn tls(&self) -> &ServerTls {
+        self.tls
+            .as_ref()
+            .expect("a server started with TestPostgres::start_tls")
+    }
+
+    /// A new, empty database on this server; returns its name. On a TLS server, the roles
+    /// [`ServerTls::CERT_USER`] and [`ServerTls::PASSWORD_USER`] exist too (superusers, so
+    /// they may migrate any database).
+    pub async fn new_database(&self) -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        self.create_database(&name).await;
+        name
+    }
+
     pub async fn create_database(&self, name: &str) {
         // The port opens before the server accepts sessions ("the database system is starting
         // up"), so readiness is a real connection, within a deadline.
@@ -148,6 +308,25 @@ impl TestPostgres {
             }
         };
         let task = tokio::spawn(connection);
+        if self.tls.is_some() {
+            // Tests of one process may race to create them.
+            for role in [
+                format!("{} LOGIN SUPERUSER", ServerTls::CERT_USER),
+                format!(
+                    "{} LOGIN SUPERUSER PASSWORD '{}'",
+                    ServerTls::PASSWORD_USER,
+                    ServerTls::PASSWORD
+                ),
+            ] {
+                client
+                    .batch_execute(&format!(
+                        "DO $$ BEGIN CREATE ROLE {role}; \
+                         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+                    ))
+                    .await
+                    .expect("create the roles of the TLS server");
+            }
+        }
         client
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await

@@ -6,6 +6,14 @@
 //! - Claims use `FOR UPDATE SKIP LOCKED`, so replicas claiming at once never take the same
 //!   row and never wait on each other.
 //! - Migrations run under an advisory lock, so replicas starting together apply them once.
+//! - Connections use TLS as the URL's libpq parameters say (`sslmode`, `sslrootcert`,
+//!   `sslcert`, `sslkey`): `url` takes them out of the URL, `tls` connects and explains
+//!   failures.
+
+#[cfg(test)]
+mod tests;
+mod tls;
+mod url;
 
 use super::list::{Arg, Placeholders, list_query};
 use super::row::{
@@ -21,7 +29,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prost::Message;
 use shared::proto::listen::v1 as api;
 use std::time::Duration;
-use tokio_postgres::NoTls;
+use tls::{Connector, Endpoint};
 use tokio_postgres::types::ToSql;
 use tracing::debug;
 
@@ -48,19 +56,31 @@ const MIGRATIONS: &[&str] = &[
 
 pub(crate) struct PostgresStore {
     pool: Pool,
+    /// Opens the pool's connections; says why one could not be opened.
+    connector: Connector,
 }
 
 impl PostgresStore {
-    /// Connects to `url` (postgres://...) and applies pending migrations.
+    /// Checks a postgres:// URL and reads the certificate files it names, without
+    /// connecting. The error names the URL parameter at fault.
+    pub(crate) fn check(url: &str) -> Result<(), String> {
+        Endpoint::from_url(url).map(|_| ())
+    }
+
+    /// Connects to `url` (postgres://..., TLS as its `sslmode` says) and applies pending
+    /// migrations. A server that cannot be reached as the URL asks (no TLS under `require`,
+    /// a certificate that fails its check) is an error here, saying why.
     pub(crate) async fn open(url: &str) -> Result<Self, StoreError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Unavailable(format!("invalid PostgreSQL URL: {e}")))?;
+        let Endpoint {
+            mut config,
+            connector,
+        } = Endpoint::from_url(url)
+            .map_err(|e| StoreError::Unavailable(format!("--store: {e}")))?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("listen-svc");
-        let manager = Manager::from_config(
+        let manager = Manager::from_connect(
             config,
-            NoTls,
+            connector.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -75,16 +95,23 @@ impl PostgresStore {
             .map_err(|e| {
                 StoreError::Unavailable(format!("cannot build the connection pool: {e}"))
             })?;
-        let store = PostgresStore { pool };
+        let store = PostgresStore { pool, connector };
+        // The first connection, apart, so that a connection failure at start names --store.
+        let first = store.pool.get().await.map_err(|e| {
+            StoreError::Unavailable(format!("--store: {}", store.connector.explain(&e)))
+        })?;
+        drop(first);
         store.migrate().await?;
         Ok(store)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("no database connection: {e}")))
+        self.pool.get().await.map_err(|e| {
+            StoreError::Unavailable(format!(
+                "no database connection: {}",
+                self.connector.explain(&e)
+            ))
+        })
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
