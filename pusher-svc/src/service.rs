@@ -44,6 +44,12 @@ impl Pusher for PusherService {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        // Which certificate listen presented (mutual TLS), so a rotation can be followed.
+        let client_certificate = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned())
+            .and_then(|cert| shared::tls::CertificateInfo::parse(&cert).ok())
+            .map(|cert| cert.to_string());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.stream_buffer);
         let stream = StreamLoop {
@@ -57,11 +63,9 @@ impl Pusher for PusherService {
             max_segments: self.max_segments,
             draining: self.draining.clone(),
         };
-        tokio::spawn(
-            stream
-                .run(inbound)
-                .instrument(info_span!("link_stream", %peer)),
-        );
+        tokio::spawn(stream.run(inbound).instrument(
+            info_span!("link_stream", %peer, client_certificate = client_certificate.as_deref()),
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -123,26 +123,38 @@ pub(super) async fn open_stream(
     uri: &str,
     epoch: u64,
 ) -> Result<Opened, LinkError> {
-    let endpoint = Endpoint::from_shared(uri.to_string())
-        .map_err(|e| LinkError::InvalidUrl {
-            uri: uri.to_string(),
-            detail: e.to_string(),
-        })?
+    let invalid_url = |e: &dyn std::error::Error| LinkError::InvalidUrl {
+        uri: uri.to_string(),
+        detail: e.to_string(),
+    };
+    // With TLS, the connector does TCP and TLS itself (taking the credentials in use now),
+    // and tonic refuses an https:// URI with a connector of its own: the endpoint gets the
+    // http:// form and the requests keep the https:// origin.
+    let endpoint_uri = match &config.tls {
+        Some(_) => uri.replacen("https://", "http://", 1),
+        None => uri.to_string(),
+    };
+    let endpoint = Endpoint::from_shared(endpoint_uri)
+        .map_err(|e| invalid_url(&e))?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout)
         .keep_alive_while_idle(true);
-    let endpoint = match &config.tls {
-        Some(tls) => endpoint
-            .tls_config(tls.clone())
-            .map_err(|e| LinkError::Tls {
+    let connected = match &config.tls {
+        Some(tls) => {
+            let origin = uri.parse().map_err(|e| LinkError::Tls {
                 uri: uri.to_string(),
-                detail: error_chain(&e),
-            })?,
-        None => endpoint,
+                detail: format!("origin: {e}"),
+            })?;
+            endpoint
+                .origin(origin)
+                .connect_with_connector(tls.connector())
+                .await
+        }
+        None => endpoint.connect().await,
     };
-    let channel = endpoint.connect().await.map_err(|e| LinkError::Connect {
+    let channel = connected.map_err(|e| LinkError::Connect {
         uri: uri.to_string(),
         detail: error_chain(&e),
     })?;
