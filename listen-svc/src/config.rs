@@ -565,6 +565,42 @@ mod tests {
     }
 
     #[test]
+    fn credential_files_reload_every_30s_and_a_short_secret_file_names_its_flag() {
+        let defaults = parse(&[]);
+        assert_eq!(
+            defaults.credentials_reload_interval,
+            Duration::from_secs(30)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "too short\n").unwrap();
+        let path = path.display().to_string();
+        let error = parse(&["--auth-jwt-secret-file", &path])
+            .validate()
+            .unwrap_err();
+        assert!(
+            error.to_string().starts_with(&format!(
+                "--auth-jwt-secret-file {path}: the secret must be at least 32 bytes (it has 9)"
+            )),
+            "{error}"
+        );
+        assert!(
+            Config::try_parse_from([
+                "listen-svc",
+                "--auth-jwt-secret",
+                "0123456789abcdef0123456789abcdef",
+                "--auth-jwt-secret-file",
+                &path
+            ])
+            .is_err(),
+            "one or the other"
+        );
+        assert!(
+            Config::try_parse_from(["listen-svc", "--credentials-reload-interval", "0s"]).is_err()
+        );
+    }
+
+    #[test]
     fn compression_flags_take_algorithm_names() {
         use shared::compression::{Algorithm, Algorithms, SendCompression};
         let defaults = parse(&[]);

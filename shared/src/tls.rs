@@ -346,7 +346,13 @@ impl tonic::codegen::Service<Uri> for Connector {
 fn certified_key(files: &Contents) -> Result<Loaded<CertifiedKey>, String> {
     let chain = certificates(files, 0)?;
     let key = PrivateKeyDer::from_pem_slice(files.bytes(1))
-        .map_err(|e| format!("{}: no PEM private key in it ({e})", files.name(1)))?;
+        .map_err(|e| match e {
+            rustls::pki_types::pem::Error::NoItemsFound => format!(
+                "{}: no private key in it (expected PEM \"-----BEGIN PRIVATE KEY-----\" or an RSA or EC key)",
+                files.name(1)
+            ),
+            e => format!("{}: {}", files.name(1), pem_problem(&e)),
+        })?;
     let key = provider()
         .key_provider
         .load_private_key(key)
@@ -376,7 +382,7 @@ fn certified_key(files: &Contents) -> Result<Loaded<CertifiedKey>, String> {
 fn certificates(files: &Contents, i: usize) -> Result<Vec<CertificateDer<'static>>, String> {
     let chain = CertificateDer::pem_slice_iter(files.bytes(i))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not PEM ({e})", files.name(i)))?;
+        .map_err(|e| format!("{}: {}", files.name(i), pem_problem(&e)))?;
     if chain.is_empty() {
         return Err(format!(
             "{}: no certificate in it (expected PEM \"-----BEGIN CERTIFICATE-----\")",
@@ -384,6 +390,22 @@ fn certificates(files: &Contents, i: usize) -> Result<Vec<CertificateDer<'static
         ));
     }
     Ok(chain)
+}
+
+/// What is wrong with a PEM file, in words (the library shows the marker as bytes).
+fn pem_problem(error: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error;
+    match error {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "not valid PEM: no \"-----END {}-----\" line",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => format!(
+            "not valid PEM: malformed line {:?}",
+            String::from_utf8_lossy(line)
+        ),
+        other => format!("not valid PEM: {other}"),
+    }
 }
 
 /// A CA bundle, with the earliest expiry among its certificates.

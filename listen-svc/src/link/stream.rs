@@ -204,14 +204,46 @@ pub(super) async fn open_stream(
     })
 }
 
-/// "a: b: c" from an error and its sources (tonic's transport errors say little on top).
+/// "a: b: c" from an error and its sources (tonic's transport errors say little on top). A
+/// source that only repeats the error wrapping it (as tonic's connect errors do) is skipped.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
+    let mut last = text.clone();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let said = cause.to_string();
+        if said != last {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        last = said;
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chains_do_not_repeat_a_cause() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|l| l as _)
+            }
+        }
+        let inner = Layer("certificate expired", None);
+        let wrapped = Layer("certificate expired", Some(Box::new(inner)));
+        let error = Layer("transport error", Some(Box::new(wrapped)));
+        assert_eq!(
+            super::error_chain(&error),
+            "transport error: certificate expired"
+        );
+    }
 }
