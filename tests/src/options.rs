@@ -92,6 +92,16 @@ pub const FAST_LINK: &[&str] = &[
 /// `pusher_port`, with its own SQLite store, instance id "listen-test" and [`FAST_LINK`],
 /// each unless `extra` names it.
 pub async fn start_listen(options: ListenOptions<'_>) -> Service {
+    launch_listen(options, None).await
+}
+
+/// [`start_listen`] for a listen whose own port speaks TLS (its flags say so); the harness
+/// reaches it with `client_tls`.
+pub async fn start_listen_tls(options: ListenOptions<'_>, client_tls: ClientTlsConfig) -> Service {
+    launch_listen(options, Some(client_tls)).await
+}
+
+async fn launch_listen(options: ListenOptions<'_>, client_tls: Option<ClientTlsConfig>) -> Service {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let store = format!("sqlite://{}", dir.path().join("listen.db").display());
@@ -117,9 +127,9 @@ pub async fn start_listen(options: ListenOptions<'_>) -> Service {
         .chain(["--admin-addr", admin.as_str()])
         .collect();
     args.extend(with_defaults(&defaults, options.extra));
-    Service::new("listen-svc", addr, args, dir, "listen.log")
-        .launch()
-        .await
+    let mut service = Service::new("listen-svc", addr, args, dir, "listen.log");
+    service.client_tls = client_tls;
+    service.launch().await
 }
 
 /// `overrides` (a flat list of `--flag value` pairs) plus every pair of `defaults` whose flag

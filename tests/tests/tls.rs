@@ -366,7 +366,7 @@ impl SecretDir {
     }
 }
 
-/// The serial of the certificate pusher presents to a new TLS connection (with the harness's
+/// The serial of the certificate a server presents to a new TLS connection (with the harness's
 /// client certificate), or why the handshake failed.
 async fn served_serial(pki: &Pki, addr: std::net::SocketAddr) -> Result<String, String> {
     use rustls::pki_types::pem::PemObject;
@@ -401,12 +401,12 @@ async fn served_serial(pki: &Pki, addr: std::net::SocketAddr) -> Result<String, 
     Ok(shared::tls::CertificateInfo::parse(leaf).unwrap().serial)
 }
 
-/// Waits until new handshakes with pusher show the certificate with `serial`.
-async fn wait_served(pki: &Pki, pusher: &Service, serial: &str) {
+/// Waits until new handshakes with `server` show the certificate with `serial`.
+async fn wait_served(pki: &Pki, server: &Service, serial: &str) {
     wait_for(
-        format!("pusher to present the certificate with serial {serial}"),
+        format!("the server to present the certificate with serial {serial}"),
         Duration::from_secs(10),
-        || async { (served_serial(pki, pusher.addr).await.as_deref() == Ok(serial)).then_some(()) },
+        || async { (served_serial(pki, server.addr).await.as_deref() == Ok(serial)).then_some(()) },
     )
     .await;
 }
@@ -746,4 +746,39 @@ async fn an_expired_certificate_fails_the_link_naming_the_expiry_until_a_valid_o
     )
     .await;
     assert_eq!(served_serial(&pki, pusher.addr).await.as_deref(), Ok("53"));
+}
+
+/// listen's own TLS port: a Secret-style update of its certificate is served to new
+/// connections while the harness's connection keeps working.
+#[tokio::test]
+async fn listens_own_certificate_is_replaced_without_a_restart() {
+    let pki = Pki::new();
+    let ca = &pki.ca;
+    let mut secret = SecretDir::new(
+        pki.dir.path().join("listen-secret"),
+        &issue_serial(ca, &["localhost"], 0x61, in_a_day()),
+    );
+    let (cert, key) = (secret.path("tls.crt"), secret.path("tls.key"));
+    let mut extra = vec!["--tls-cert", &cert, "--tls-key", &key];
+    extra.extend(QUICK_RELOAD);
+    let listen = start_listen_tls(
+        ListenOptions {
+            pusher_port: free_port(),
+            extra: &extra,
+        },
+        pki.harness_client(),
+    )
+    .await;
+    assert_eq!(served_serial(&pki, listen.addr).await.as_deref(), Ok("61"));
+    let mut client = listen_client(&listen);
+    link_status(&mut client).await;
+    secret.swap(&issue_serial(ca, &["localhost"], 0x62, in_a_day()));
+    wait_served(&pki, &listen, "62").await;
+    link_status(&mut client).await;
+    assert_eq!(
+        listen
+            .metric("listen_credential_reloads_total{credential=\"tls-cert\"}")
+            .await,
+        1.0
+    );
 }
