@@ -62,10 +62,13 @@ impl Pusher for PusherService {
             },
             max_segments: self.max_segments,
             draining: self.draining.clone(),
+            client_certificate,
         };
-        tokio::spawn(stream.run(inbound).instrument(
-            info_span!("link_stream", %peer, client_certificate = client_certificate.as_deref()),
-        ));
+        tokio::spawn(
+            stream
+                .run(inbound)
+                .instrument(info_span!("link_stream", %peer)),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -120,6 +123,8 @@ struct StreamLoop {
     welcome: Welcome,
     max_segments: usize,
     draining: watch::Receiver<bool>,
+    /// The certificate listen presented (mutual TLS), for the log line that opens the link.
+    client_certificate: Option<String>,
 }
 
 impl StreamLoop {
@@ -154,7 +159,12 @@ impl StreamLoop {
             };
             match request {
                 link_request::Msg::Hello(hello) => {
-                    info!(instance_id = %hello.instance_id, epoch = hello.epoch, "link established");
+                    info!(
+                        instance_id = %hello.instance_id,
+                        epoch = hello.epoch,
+                        client_certificate = self.client_certificate.as_deref(),
+                        "link established"
+                    );
                     greeted = true;
                     self.send(link_response::Msg::Welcome(self.welcome.clone()))
                         .await;

@@ -294,6 +294,10 @@ fn build_client(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Every connection verifies the server's certificate in full: a resumed session would
+    // skip that, and could keep connecting to a server whose certificate has expired since.
+    // Connections are few (one per pusher endpoint), so resumption saves nothing worth it.
+    config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }
 
