@@ -1,6 +1,7 @@
 //! Bearer-token authentication for the public Listen API.
 //!
-//! When enabled (`--auth-jwt-secret` for HS256 and/or `--auth-jwks-file` for RS256), every
+//! When enabled (`--auth-jwt-secret` or `--auth-jwt-secret-file` for HS256 and/or
+//! `--auth-jwks-file` for RS256; the files are read again while running), every
 //! Listen call needs `authorization: Bearer <JWT>` with an `exp`; the token's `sub` is the
 //! caller's uid, and a caller may only read or write that uid's conversations. A token whose
 //! `scope` (space-separated) or `scp` (array) holds `--auth-service-scope` belongs to a service,
@@ -11,7 +12,8 @@ use crate::error::ApiError;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
-use std::path::Path;
+use shared::reload::{Contents, Loaded, Reloadable, Reloader};
+use std::sync::Arc;
 use tracing::info;
 
 /// Who is calling, as the interceptor established it.
@@ -65,16 +67,34 @@ pub(crate) fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, ApiError>
 #[derive(Clone, Debug, Default)]
 pub(crate) struct AuthConfig {
     pub jwt_secret: Option<String>,
+    pub jwt_secret_file: Option<std::path::PathBuf>,
     pub jwks_file: Option<std::path::PathBuf>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub service_scope: String,
 }
 
+/// (kid, key) for RS256.
+type Jwks = Vec<(Option<String>, DecodingKey)>;
+
+/// The HS256 key: from the flag (fixed) or from a file (read again while running).
+enum Secret {
+    Fixed(Arc<DecodingKey>),
+    File(Arc<Reloadable<DecodingKey>>),
+}
+
+impl Secret {
+    fn current(&self) -> Arc<DecodingKey> {
+        match self {
+            Secret::Fixed(key) => Arc::clone(key),
+            Secret::File(file) => file.current(),
+        }
+    }
+}
+
 pub(crate) struct Authenticator {
-    hs256: Option<DecodingKey>,
-    /// (kid, key) for RS256.
-    rs256: Vec<(Option<String>, DecodingKey)>,
+    hs256: Option<Secret>,
+    rs256: Option<Arc<Reloadable<Jwks>>>,
     issuer: Option<String>,
     audience: Option<String>,
     service_scope: String,
@@ -92,23 +112,40 @@ struct Claims {
 impl Authenticator {
     /// None when neither a secret nor a JWKS file is configured (auth off).
     pub(crate) fn from_config(config: &AuthConfig) -> Result<Option<Self>, String> {
-        if config.jwt_secret.is_none() && config.jwks_file.is_none() {
+        if config.jwt_secret.is_none()
+            && config.jwt_secret_file.is_none()
+            && config.jwks_file.is_none()
+        {
             return Ok(None);
         }
-        let hs256 = match &config.jwt_secret {
-            Some(secret) if secret.len() < 32 => {
+        let hs256 = match (&config.jwt_secret, &config.jwt_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "--auth-jwt-secret and --auth-jwt-secret-file exclude each other".into(),
+                );
+            }
+            (Some(secret), None) if secret.len() < 32 => {
                 return Err("--auth-jwt-secret must be at least 32 bytes".into());
             }
-            Some(secret) => Some(DecodingKey::from_secret(secret.as_bytes())),
-            None => None,
+            (Some(secret), None) => Some(Secret::Fixed(Arc::new(DecodingKey::from_secret(
+                secret.as_bytes(),
+            )))),
+            (None, Some(path)) => Some(Secret::File(Reloadable::load(
+                vec![("--auth-jwt-secret-file", path.clone())],
+                parse_secret,
+            )?)),
+            (None, None) => None,
         };
         let rs256 = match &config.jwks_file {
-            Some(path) => load_jwks(path)?,
-            None => Vec::new(),
+            Some(path) => Some(Reloadable::load(
+                vec![("--auth-jwks-file", path.clone())],
+                parse_jwks,
+            )?),
+            None => None,
         };
         info!(
             hs256 = hs256.is_some(),
-            rs256_keys = rs256.len(),
+            rs256_keys = rs256.as_ref().map_or(0, |keys| keys.current().len()),
             "bearer-token auth enabled"
         );
         Ok(Some(Authenticator {
@@ -120,7 +157,17 @@ impl Authenticator {
         }))
     }
 
-    /// Checks an `authorization` header value.
+    /// Registers the key files, if any, with `reloader`.
+    pub(crate) fn watch(&self, reloader: &mut Reloader) {
+        if let Some(Secret::File(file)) = &self.hs256 {
+            reloader.watch(file);
+        }
+        if let Some(jwks) = &self.rs256 {
+            reloader.watch(jwks);
+        }
+    }
+
+    /// Checks an `authorization` header value, with the keys in use now.
     pub(crate) fn authenticate(&self, header: Option<&str>) -> Result<Caller, ApiError> {
         let header =
             header.ok_or_else(|| ApiError::Unauthenticated("a bearer token is required".into()))?;
@@ -141,11 +188,13 @@ impl Authenticator {
             Some(audience) => validation.set_audience(&[audience]),
             None => validation.validate_aud = false,
         }
+        let hs256 = self.hs256.as_ref().map(Secret::current);
+        let rs256 = self.rs256.as_ref().map(|keys| keys.current());
         let keys: Vec<&DecodingKey> = match head.alg {
-            Algorithm::HS256 => self.hs256.iter().collect(),
-            Algorithm::RS256 => self
-                .rs256
+            Algorithm::HS256 => hs256.as_deref().into_iter().collect(),
+            Algorithm::RS256 => rs256
                 .iter()
+                .flat_map(|keys| keys.iter())
                 .filter(|(kid, _)| head.kid.is_none() || kid.is_none() || *kid == head.kid)
                 .map(|(_, key)| key)
                 .collect(),
@@ -192,21 +241,48 @@ impl Authenticator {
     }
 }
 
-fn load_jwks(path: &Path) -> Result<Vec<(Option<String>, DecodingKey)>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--auth-jwks-file {}: {e}", path.display()))?;
-    let set: JwkSet = serde_json::from_str(&text)
-        .map_err(|e| format!("--auth-jwks-file {}: not a JWKS: {e}", path.display()))?;
+fn parse_jwks(files: &Contents) -> Result<Loaded<Jwks>, String> {
+    let set: JwkSet = serde_json::from_slice(files.bytes(0))
+        .map_err(|e| format!("{}: not a JWKS: {e}", files.name(0)))?;
     let mut keys = Vec::new();
     for jwk in &set.keys {
-        let key = DecodingKey::from_jwk(jwk)
-            .map_err(|e| format!("--auth-jwks-file {}: {e}", path.display()))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("{}: {e}", files.name(0)))?;
         keys.push((jwk.common.key_id.clone(), key));
     }
     if keys.is_empty() {
-        return Err(format!("--auth-jwks-file {}: no keys", path.display()));
+        return Err(format!("{}: no keys", files.name(0)));
     }
-    Ok(keys)
+    let kids: Vec<&str> = set
+        .keys
+        .iter()
+        .map(|jwk| jwk.common.key_id.as_deref().unwrap_or("(no kid)"))
+        .collect();
+    Ok(Loaded {
+        summary: format!("{} key(s): {}", keys.len(), kids.join(", ")),
+        value: keys,
+        not_after: None,
+    })
+}
+
+/// An HS256 secret file: its bytes, less one trailing newline (as `echo` leaves).
+fn parse_secret(files: &Contents) -> Result<Loaded<DecodingKey>, String> {
+    let bytes = files.bytes(0);
+    let secret = bytes
+        .strip_suffix(b"\r\n")
+        .or_else(|| bytes.strip_suffix(b"\n"))
+        .unwrap_or(bytes);
+    if secret.len() < 32 {
+        return Err(format!(
+            "{}: the secret must be at least 32 bytes (it has {})",
+            files.name(0),
+            secret.len()
+        ));
+    }
+    Ok(Loaded {
+        value: DecodingKey::from_secret(secret),
+        not_after: None,
+        summary: format!("{}-byte HS256 secret", secret.len()),
+    })
 }
 
 /// What is wrong with a token, in words a caller can act on (jsonwebtoken's own messages

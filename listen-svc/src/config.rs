@@ -8,6 +8,7 @@ use shared::cli::parse_positive_duration;
 use shared::telemetry::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// listen-svc stores conversations durably and hands them to pusher-svc for processing over
@@ -170,15 +171,17 @@ pub struct Config {
     pub admin_addr: shared::metrics::AdminAddr,
 
     /// CA (PEM) that signed pusher's certificate; required with an https:// --pusher-url, and
-    /// turns TLS on for a dns: one.
+    /// turns TLS on for a dns: one. Read again every --credentials-reload-interval: new
+    /// connections to pusher trust the new bundle.
     #[arg(long, env = "LISTEN_PUSHER_TLS_CA")]
     pub pusher_tls_ca: Option<PathBuf>,
 
-    /// Client certificate (PEM) presented to pusher (mutual TLS), with --pusher-tls-key.
+    /// Client certificate (PEM) presented to pusher (mutual TLS), with --pusher-tls-key. Read
+    /// again every --credentials-reload-interval: new connections present the new one.
     #[arg(long, env = "LISTEN_PUSHER_TLS_CERT")]
     pub pusher_tls_cert: Option<PathBuf>,
 
-    /// Private key (PEM) for --pusher-tls-cert.
+    /// Private key (PEM) for --pusher-tls-cert. Read again with it.
     #[arg(long, env = "LISTEN_PUSHER_TLS_KEY")]
     pub pusher_tls_key: Option<PathBuf>,
 
@@ -187,12 +190,20 @@ pub struct Config {
     pub pusher_tls_domain: Option<String>,
 
     /// Certificate chain (PEM) for listen's own public port; with --tls-key it speaks TLS only.
+    /// Read again every --credentials-reload-interval: new connections get the new one.
     #[arg(long, env = "LISTEN_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
-    /// Private key (PEM) for --tls-cert.
+    /// Private key (PEM) for --tls-cert. Read again with it.
     #[arg(long, env = "LISTEN_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+
+    /// How often the credential files (--tls-*, --pusher-tls-*, --auth-jwks-file,
+    /// --auth-jwt-secret-file) are read again. Changed files that parse (and whose key matches
+    /// the certificate) are used at once by new connections and token checks, open
+    /// connections are kept; files that do not are logged once and the previous ones stay.
+    #[arg(long, env = "LISTEN_CREDENTIALS_RELOAD_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
+    pub credentials_reload_interval: Duration,
 
     /// HS256 secret (at least 32 bytes) for bearer tokens on the Listen API. With it, or with
     /// --auth-jwks-file, every Listen call needs `authorization: Bearer <JWT>` whose `sub` is
@@ -200,7 +211,17 @@ pub struct Config {
     #[arg(long, env = "LISTEN_AUTH_JWT_SECRET", hide_env_values = true)]
     pub auth_jwt_secret: Option<String>,
 
-    /// JWKS file (JSON) of RS256 public keys for bearer tokens.
+    /// File holding the HS256 secret instead (at least 32 bytes; one trailing newline is
+    /// ignored), e.g. a mounted Secret. Read again every --credentials-reload-interval.
+    #[arg(
+        long,
+        env = "LISTEN_AUTH_JWT_SECRET_FILE",
+        conflicts_with = "auth_jwt_secret"
+    )]
+    pub auth_jwt_secret_file: Option<PathBuf>,
+
+    /// JWKS file (JSON) of RS256 public keys for bearer tokens. Read again every
+    /// --credentials-reload-interval, so a rotated signing key is accepted without a restart.
     #[arg(long, env = "LISTEN_AUTH_JWKS_FILE")]
     pub auth_jwks_file: Option<PathBuf>,
 
@@ -335,7 +356,7 @@ impl Config {
     /// TLS towards pusher: for an https:// --pusher-url (which needs --pusher-tls-ca), or a
     /// dns: one with --pusher-tls-ca (checked against the DNS name unless
     /// --pusher-tls-domain says otherwise).
-    pub fn pusher_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, ConfigError> {
+    pub fn pusher_tls(&self) -> Result<Option<Arc<shared::tls::ClientTls>>, ConfigError> {
         let target = self.pusher_target()?;
         let any_tls_flag = self.pusher_tls_ca.is_some()
             || self.pusher_tls_cert.is_some()
@@ -358,7 +379,7 @@ impl Config {
             _ => return Ok(None),
         };
         let domain = self.pusher_tls_domain.as_deref().or(target.host());
-        shared::tls::client(
+        shared::tls::ClientTls::load(
             ca,
             self.pusher_tls_cert.as_deref(),
             self.pusher_tls_key.as_deref(),
@@ -420,6 +441,7 @@ impl Config {
     pub(crate) fn authenticator(&self) -> Result<Option<Authenticator>, ConfigError> {
         Authenticator::from_config(&AuthConfig {
             jwt_secret: self.auth_jwt_secret.clone(),
+            jwt_secret_file: self.auth_jwt_secret_file.clone(),
             jwks_file: self.auth_jwks_file.clone(),
             issuer: self.auth_issuer.clone(),
             audience: self.auth_audience.clone(),
@@ -429,8 +451,8 @@ impl Config {
     }
 
     /// TLS for listen's own public port, if configured.
-    pub fn server_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, ConfigError> {
-        shared::tls::server(
+    pub fn server_tls(&self) -> Result<Option<Arc<shared::tls::ServerTls>>, ConfigError> {
+        shared::tls::ServerTls::load(
             self.tls_cert.as_deref(),
             self.tls_key.as_deref(),
             None,
@@ -557,6 +579,42 @@ mod tests {
         }
         assert!(Config::try_parse_from(["listen-svc", "--ack-timeout", "0s"]).is_err());
         assert!(Config::try_parse_from(["listen-svc", "--max-in-flight", "0"]).is_err());
+    }
+
+    #[test]
+    fn credential_files_reload_every_30s_and_a_short_secret_file_names_its_flag() {
+        let defaults = parse(&[]);
+        assert_eq!(
+            defaults.credentials_reload_interval,
+            Duration::from_secs(30)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "too short\n").unwrap();
+        let path = path.display().to_string();
+        let error = parse(&["--auth-jwt-secret-file", &path])
+            .validate()
+            .unwrap_err();
+        assert!(
+            error.to_string().starts_with(&format!(
+                "--auth-jwt-secret-file {path}: the secret must be at least 32 bytes (it has 9)"
+            )),
+            "{error}"
+        );
+        assert!(
+            Config::try_parse_from([
+                "listen-svc",
+                "--auth-jwt-secret",
+                "0123456789abcdef0123456789abcdef",
+                "--auth-jwt-secret-file",
+                &path
+            ])
+            .is_err(),
+            "one or the other"
+        );
+        assert!(
+            Config::try_parse_from(["listen-svc", "--credentials-reload-interval", "0s"]).is_err()
+        );
     }
 
     #[test]

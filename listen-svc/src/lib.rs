@@ -70,6 +70,11 @@ pub async fn run(
 
     let (stop_link, link_shutdown) = watch::channel(false);
     let link_config = config.link_config(instance_id.clone())?;
+    // Every credential file is read again while listen runs (shared::reload).
+    let mut reloader = shared::reload::Reloader::new("listen");
+    if let Some(tls) = &link_config.tls {
+        tls.watch(&mut reloader);
+    }
     let sessions = session::Sessions::new(
         config.max_sessions as usize,
         config.max_sessions_per_uid as usize,
@@ -114,6 +119,9 @@ pub async fn run(
     };
     let (reflection_v1, reflection_v1alpha) = shared::grpc::reflection(&[SERVICE_NAME])?;
     let authenticator = config.authenticator()?.map(Arc::new);
+    if let Some(authenticator) = &authenticator {
+        authenticator.watch(&mut reloader);
+    }
     // Only the Listen service is behind the interceptor: health and reflection stay open.
     let authenticate = move |mut request: tonic::Request<()>| {
         let caller = match &authenticator {
@@ -145,9 +153,11 @@ pub async fn run(
         max_local_error_reset_streams: config.max_local_error_resets as usize,
         request_timeout: config.request_timeout,
     });
-    if let Some(tls) = config.server_tls()? {
-        builder = builder.tls_config(tls)?;
+    let tls = config.server_tls()?;
+    if let Some(tls) = &tls {
+        tls.watch(&mut reloader);
     }
+    let reloading = reloader.spawn(config.credentials_reload_interval);
     let respond = &config.response_compression;
     let router = builder
         .add_service(health_service.with_compression(respond))
@@ -167,7 +177,13 @@ pub async fn run(
         reporter.end_watches();
         let _ = stop_sessions.send(true);
     };
-    shared::grpc::serve(router, listener, stopping, config.shutdown_grace).await?;
+    let grace = config.shutdown_grace;
+    let served = match &tls {
+        Some(tls) => shared::grpc::serve_tls(router, listener, tls, stopping, grace).await,
+        None => shared::grpc::serve(router, listener, stopping, grace).await,
+    };
+    reloading.abort();
+    served?;
 
     let _ = stop_link.send(true);
     let _ = sweeper.await;

@@ -105,7 +105,8 @@ pub(crate) struct LinkConfig {
     /// Live transcript batches buffered while the link is down (oldest dropped beyond).
     pub transcript_buffer: usize,
     /// TLS (usually mutual) towards pusher, for an https:// URL or a dns: URL with a CA.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Its files are read again while the link runs; each new connection uses those in use.
+    pub tls: Option<Arc<shared::tls::ClientTls>>,
     /// Compression of the messages sent to pusher (pusher's answers are decompressed
     /// whatever it picks).
     pub compression: shared::compression::SendCompression,

@@ -4,6 +4,7 @@ use shared::cli::{parse_duration, parse_positive_duration};
 use shared::telemetry::LogFormat;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// pusher-svc turns finished conversations into structured results (title, overview, action
@@ -130,18 +131,26 @@ pub struct Config {
     #[arg(long, env = "PUSHER_ADMIN_ADDR", default_value = "0.0.0.0:9465", value_parser = shared::metrics::parse_admin_addr)]
     pub admin_addr: shared::metrics::AdminAddr,
 
-    /// Server certificate chain (PEM). With --tls-key, the gRPC port speaks TLS only.
+    /// Server certificate chain (PEM). With --tls-key, the gRPC port speaks TLS only. Read
+    /// again every --credentials-reload-interval: new connections get the new certificate.
     #[arg(long, env = "PUSHER_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
-    /// Private key for --tls-cert (PEM).
+    /// Private key for --tls-cert (PEM). Read again with it.
     #[arg(long, env = "PUSHER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
     /// CA (PEM) that must have signed every client's certificate: mutual TLS. Clients without
-    /// such a certificate, and plaintext clients, are refused.
+    /// such a certificate, and plaintext clients, are refused. Read again every
+    /// --credentials-reload-interval.
     #[arg(long, env = "PUSHER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// How often the TLS files are read again. Changed files that parse (and whose key
+    /// matches the certificate) are used for new connections at once, open ones are kept;
+    /// files that do not are logged once and the previous ones stay in use.
+    #[arg(long, env = "PUSHER_CREDENTIALS_RELOAD_INTERVAL", default_value = "30s", value_parser = parse_positive_duration)]
+    pub credentials_reload_interval: Duration,
 
     /// HTTP/2 streams one client connection may have open at once.
     #[arg(long, env = "PUSHER_MAX_CONCURRENT_STREAMS", default_value_t = 1024,
@@ -208,9 +217,9 @@ impl Config {
         Ok(urls)
     }
 
-    /// TLS for the gRPC port, if configured.
-    pub fn server_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, String> {
-        shared::tls::server(
+    /// TLS for the gRPC port, if configured: the files read now, to be watched for changes.
+    pub fn server_tls(&self) -> Result<Option<Arc<shared::tls::ServerTls>>, String> {
+        shared::tls::ServerTls::load(
             self.tls_cert.as_deref(),
             self.tls_key.as_deref(),
             self.tls_client_ca.as_deref(),

@@ -133,13 +133,13 @@ pub async fn run(
         max_local_error_reset_streams: config.max_local_error_resets as usize,
         request_timeout: config.request_timeout,
     });
-    if let Some(tls) = config.server_tls().map_err(anyhow::Error::msg)? {
-        info!(
-            mutual = config.tls_client_ca.is_some(),
-            "gRPC port speaks TLS"
-        );
-        builder = builder.tls_config(tls)?;
+    let tls = config.server_tls().map_err(anyhow::Error::msg)?;
+    let mut reloader = shared::reload::Reloader::new("pusher");
+    if let Some(tls) = &tls {
+        info!(mutual = tls.mutual(), "gRPC port speaks TLS");
+        tls.watch(&mut reloader);
     }
+    let reloading = reloader.spawn(config.credentials_reload_interval);
     let router = builder
         .add_service(health_service.with_compression(respond))
         .add_service(reflection_v1.with_compression(respond))
@@ -159,7 +159,12 @@ pub async fn run(
         health_reporter.end_watches();
         let _ = drain_tx.send(true);
     };
-    shared::grpc::serve(router, listener, drain, grace).await?;
+    let served = match &tls {
+        Some(tls) => shared::grpc::serve_tls(router, listener, tls, drain, grace).await,
+        None => shared::grpc::serve(router, listener, drain, grace).await,
+    };
+    reloading.abort();
+    served?;
     info!("pusher-svc stopped");
     Ok(())
 }

@@ -44,6 +44,12 @@ impl Pusher for PusherService {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        // Which certificate listen presented (mutual TLS), so a rotation can be followed.
+        let client_certificate = request
+            .peer_certs()
+            .and_then(|certs| certs.first().cloned())
+            .and_then(|cert| shared::tls::CertificateInfo::parse(&cert).ok())
+            .map(|cert| cert.to_string());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.stream_buffer);
         let stream = StreamLoop {
@@ -56,6 +62,7 @@ impl Pusher for PusherService {
             },
             max_segments: self.max_segments,
             draining: self.draining.clone(),
+            client_certificate,
         };
         tokio::spawn(
             stream
@@ -116,6 +123,8 @@ struct StreamLoop {
     welcome: Welcome,
     max_segments: usize,
     draining: watch::Receiver<bool>,
+    /// The certificate listen presented (mutual TLS), for the log line that opens the link.
+    client_certificate: Option<String>,
 }
 
 impl StreamLoop {
@@ -150,7 +159,12 @@ impl StreamLoop {
             };
             match request {
                 link_request::Msg::Hello(hello) => {
-                    info!(instance_id = %hello.instance_id, epoch = hello.epoch, "link established");
+                    info!(
+                        instance_id = %hello.instance_id,
+                        epoch = hello.epoch,
+                        client_certificate = self.client_certificate.as_deref(),
+                        "link established"
+                    );
                     greeted = true;
                     self.send(link_response::Msg::Welcome(self.welcome.clone()))
                         .await;

@@ -80,13 +80,52 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: std::time::Duration,
 ) -> Result<(), tonic::transport::Error> {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    // The builder's tcp_nodelay/tcp_keepalive do not apply to an incoming stream we hand
-    // over, so set them on accepted sockets here (without nodelay, small responses wait on
-    // Nagle + delayed ACK: ~40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+    serve_incoming(router, tcp_incoming(listener), shutdown, grace).await
+}
+
+/// [`serve`] speaking TLS with `tls`, whose credentials may be replaced while it serves
+/// (each handshake takes those in use at that moment).
+pub async fn serve_tls(
+    router: tonic::transport::server::Router,
+    listener: tokio::net::TcpListener,
+    tls: &std::sync::Arc<crate::tls::ServerTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: std::time::Duration,
+) -> Result<(), tonic::transport::Error> {
+    serve_incoming(
+        router,
+        tls.incoming(tcp_incoming(listener)),
+        shutdown,
+        grace,
+    )
+    .await
+}
+
+/// Accepted sockets with our options. The builder's tcp_nodelay/tcp_keepalive do not apply
+/// to an incoming stream we hand over, so they are set here (without nodelay, small
+/// responses wait on Nagle + delayed ACK: ~40 ms).
+fn tcp_incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .with_keepalive(Some(std::time::Duration::from_secs(60)));
+        .with_keepalive(Some(std::time::Duration::from_secs(60)))
+}
+
+async fn serve_incoming<I, IO>(
+    router: tonic::transport::server::Router,
+    incoming: I,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: std::time::Duration,
+) -> Result<(), tonic::transport::Error>
+where
+    I: tokio_stream::Stream<Item = std::io::Result<IO>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+{
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stop_rx.await;
     }));

@@ -8,7 +8,9 @@
 //! - [`telemetry`]: `tracing` set-up (text or JSON).
 //! - [`metrics`]: the Prometheus `/metrics` listener on `--admin-addr`.
 //! - [`shutdown`]: the SIGTERM/SIGINT future handed to each service's `run()`.
-//! - [`tls`]: server and client TLS from PEM files (mutual TLS between listen and pusher).
+//! - [`tls`]: server and client TLS from PEM files (mutual TLS between listen and pusher), read
+//!   again while running.
+//! - [`reload`]: credential files polled for changes and swapped in without a restart.
 //! - [`cli`]: parsing helpers for flags and the exit code for bad configuration.
 #![forbid(unsafe_code)]
 
@@ -18,6 +20,7 @@ pub mod compression;
 pub mod grpc;
 pub mod metrics;
 pub mod proto;
+pub mod reload;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -36,8 +36,8 @@ pub use shared::proto::pusher::v1 as pusher;
 
 pub use metrics::sum_series;
 pub use options::{
-    FAST_LINK, ListenOptions, PusherOptions, start_listen, start_listen_with_env, start_pusher,
-    with_defaults,
+    FAST_LINK, ListenOptions, PusherOptions, start_listen, start_listen_tls, start_listen_with_env,
+    start_pusher, with_defaults,
 };
 pub use processes::{
     START_TIMEOUT, Service, binary, build_services, free_port, set_log_filter, start_binary,

@@ -92,12 +92,26 @@ pub const FAST_LINK: &[&str] = &[
 /// `pusher_port`, with its own SQLite store, instance id "listen-test" and [`FAST_LINK`],
 /// each unless `extra` names it.
 pub async fn start_listen(options: ListenOptions<'_>) -> Service {
-    start_listen_with_env(options, Vec::new()).await
+    launch_listen(options, None, Vec::new()).await
 }
 
 /// [`start_listen`], with environment variables (a shifted clock, say).
 pub async fn start_listen_with_env(
     options: ListenOptions<'_>,
+    envs: Vec<(String, String)>,
+) -> Service {
+    launch_listen(options, None, envs).await
+}
+
+/// [`start_listen`] for a listen whose own port speaks TLS (its flags say so); the harness
+/// reaches it with `client_tls`.
+pub async fn start_listen_tls(options: ListenOptions<'_>, client_tls: ClientTlsConfig) -> Service {
+    launch_listen(options, Some(client_tls), Vec::new()).await
+}
+
+async fn launch_listen(
+    options: ListenOptions<'_>,
+    client_tls: Option<ClientTlsConfig>,
     envs: Vec<(String, String)>,
 ) -> Service {
     let dir = tempfile::tempdir().unwrap();
@@ -127,6 +141,7 @@ pub async fn start_listen_with_env(
     args.extend(with_defaults(&defaults, options.extra));
     let mut service = Service::new("listen-svc", addr, args, dir, "listen.log");
     service.envs = envs;
+    service.client_tls = client_tls;
     service.launch().await
 }
 

@@ -310,3 +310,113 @@ async fn a_short_secret_or_a_broken_jwks_exits_64() {
         );
     }
 }
+
+/// The JWKS file and the HS256 secret file are read again while listen runs: a rotated key
+/// is accepted, the one it replaced is not, and a broken JWKS keeps the keys in use.
+#[tokio::test]
+async fn rotated_keys_are_accepted_without_a_restart() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let dir = tempfile::tempdir().unwrap();
+    let (jwks, secret) = (dir.path().join("jwks.json"), dir.path().join("secret"));
+    let original = std::fs::read_to_string(fixtures.join("test-jwks.json")).unwrap();
+    std::fs::write(&jwks, &original).unwrap();
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let pusher_port = free_port();
+    let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
+    let (jwks_arg, secret_arg) = (jwks.display().to_string(), secret.display().to_string());
+    let listen = start_listen(ListenOptions {
+        pusher_port,
+        extra: &[
+            "--auth-jwks-file",
+            &jwks_arg,
+            "--auth-jwt-secret-file",
+            &secret_arg,
+            "--credentials-reload-interval",
+            "200ms",
+        ],
+    })
+    .await;
+    let client = listen_client(&listen);
+    let accepted = |token: String| {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_conversations(with_token(
+                    listen::ListConversationsRequest::default(),
+                    &token,
+                ))
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
+        }
+    };
+    let rsa = EncodingKey::from_rsa_pem(&std::fs::read(fixtures.join("test-rsa-key.pem")).unwrap())
+        .unwrap();
+    let rs256 = |kid: &str| {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.into());
+        encode(&header, &json!({"sub": "erin", "exp": now() + 600}), &rsa).unwrap()
+    };
+    let hs256_with = |secret: &str| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": "erin", "exp": now() + 600}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    assert_eq!(accepted(rs256("test-key-1")).await, Ok(()));
+    assert_eq!(
+        accepted(user("erin")).await,
+        Ok(()),
+        "the trailing newline is not part of the secret"
+    );
+
+    const NEW_SECRET: &str = "the-rotated-hs256-secret-of-32-bytes-or-more";
+    std::fs::write(&secret, NEW_SECRET).unwrap();
+    wait_for(
+        "the new secret to be accepted",
+        Duration::from_secs(10),
+        || {
+            let token = hs256_with(NEW_SECRET);
+            let accepted = &accepted;
+            async move { accepted(token).await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(accepted(user("erin")).await, Err(Code::Unauthenticated));
+
+    let failures = "listen_credential_reload_failures_total{credential=\"auth-jwks-file\"}";
+    std::fs::write(&jwks, r#"{"keys": []}"#).unwrap();
+    wait_for(
+        "the empty JWKS to be refused",
+        Duration::from_secs(10),
+        || async { (listen.metric(failures).await == 1.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        accepted(rs256("test-key-1")).await,
+        Ok(()),
+        "the old keys stay"
+    );
+
+    std::fs::write(&jwks, original.replace("test-key-1", "test-key-2")).unwrap();
+    wait_for(
+        "the rotated key to be accepted",
+        Duration::from_secs(10),
+        || {
+            let token = rs256("test-key-2");
+            let accepted = &accepted;
+            async move { accepted(token).await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(
+        accepted(rs256("test-key-1")).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(
+        listen.log_lines_with(&["credential files refused", "auth-jwks-file", "no keys"]),
+        1
+    );
+}

@@ -10,7 +10,7 @@ pub(crate) enum LinkError {
     /// The endpoint's URL is not one tonic can connect to.
     #[error("invalid pusher url {uri}: {detail}")]
     InvalidUrl { uri: String, detail: String },
-    /// The TLS settings could not be applied to the endpoint.
+    /// The TLS endpoint could not be set up.
     #[error("TLS configuration for {uri}: {detail}")]
     Tls { uri: String, detail: String },
     /// No connection (refused, unreachable, TLS handshake failed, timed out).

@@ -123,26 +123,38 @@ pub(super) async fn open_stream(
     uri: &str,
     epoch: u64,
 ) -> Result<Opened, LinkError> {
-    let endpoint = Endpoint::from_shared(uri.to_string())
-        .map_err(|e| LinkError::InvalidUrl {
-            uri: uri.to_string(),
-            detail: e.to_string(),
-        })?
+    let invalid_url = |e: &dyn std::error::Error| LinkError::InvalidUrl {
+        uri: uri.to_string(),
+        detail: e.to_string(),
+    };
+    // With TLS, the connector does TCP and TLS itself (taking the credentials in use now),
+    // and tonic refuses an https:// URI with a connector of its own: the endpoint gets the
+    // http:// form and the requests keep the https:// origin.
+    let endpoint_uri = match &config.tls {
+        Some(_) => uri.replacen("https://", "http://", 1),
+        None => uri.to_string(),
+    };
+    let endpoint = Endpoint::from_shared(endpoint_uri)
+        .map_err(|e| invalid_url(&e))?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout)
         .keep_alive_while_idle(true);
-    let endpoint = match &config.tls {
-        Some(tls) => endpoint
-            .tls_config(tls.clone())
-            .map_err(|e| LinkError::Tls {
+    let connected = match &config.tls {
+        Some(tls) => {
+            let origin = uri.parse().map_err(|e| LinkError::Tls {
                 uri: uri.to_string(),
-                detail: error_chain(&e),
-            })?,
-        None => endpoint,
+                detail: format!("origin: {e}"),
+            })?;
+            endpoint
+                .origin(origin)
+                .connect_with_connector(tls.connector())
+                .await
+        }
+        None => endpoint.connect().await,
     };
-    let channel = endpoint.connect().await.map_err(|e| LinkError::Connect {
+    let channel = connected.map_err(|e| LinkError::Connect {
         uri: uri.to_string(),
         detail: error_chain(&e),
     })?;
@@ -192,14 +204,46 @@ pub(super) async fn open_stream(
     })
 }
 
-/// "a: b: c" from an error and its sources (tonic's transport errors say little on top).
+/// "a: b: c" from an error and its sources (tonic's transport errors say little on top). A
+/// source that only repeats the error wrapping it (as tonic's connect errors do) is skipped.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
+    let mut last = text.clone();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let said = cause.to_string();
+        if said != last {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        last = said;
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chains_do_not_repeat_a_cause() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|l| l as _)
+            }
+        }
+        let inner = Layer("certificate expired", None);
+        let wrapped = Layer("certificate expired", Some(Box::new(inner)));
+        let error = Layer("transport error", Some(Box::new(wrapped)));
+        assert_eq!(
+            super::error_chain(&error),
+            "transport error: certificate expired"
+        );
+    }
 }
