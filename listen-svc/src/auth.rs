@@ -180,6 +180,9 @@ impl Authenticator {
         let head = decode_header(token).map_err(|e| invalid(token_problem(&e)))?;
         let mut validation = Validation::new(head.alg);
         validation.leeway = 30;
+        // A token is not accepted before its nbf (RFC 7519 §4.1.5); jsonwebtoken does not
+        // check nbf unless asked.
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         if let Some(issuer) = &self.issuer {
             validation.set_issuer(&[issuer]);
@@ -293,7 +296,10 @@ fn token_problem(error: &jsonwebtoken::errors::Error) -> String {
         ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
             "it is not a JWT (three base64url parts joined by dots); send the token your identity provider issued".into()
         }
-        ErrorKind::Json(_) => "its header or claims are not the JSON a JWT holds".into(),
+        ErrorKind::Json(error) => format!(
+            "its header or claims are not what this server needs ({error}); it needs alg \
+             HS256 or RS256, a sub claim (the uid) and an exp claim (seconds since 1970)"
+        ),
         ErrorKind::InvalidSignature => {
             "its signature does not match any key this server has; was it signed for another service?".into()
         }
@@ -349,6 +355,23 @@ mod tests {
         )
         .unwrap();
         assert!(refusal(&format!("Bearer {other_key}")).contains("signature does not match"));
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+            )
+            .unwrap()
+        };
+        let not_yet = sign(
+            serde_json::json!({"sub": "u1", "exp": 4_000_000_000u64, "nbf": 3_999_000_000u64}),
+        );
+        assert!(refusal(&format!("Bearer {not_yet}")).contains("not valid yet"));
+        let no_sub = refusal(&format!(
+            "Bearer {}",
+            sign(serde_json::json!({"exp": 4_000_000_000u64}))
+        ));
+        assert!(no_sub.contains("missing field `sub`"), "{no_sub}");
         for message in [not_a_jwt, refusal("Bearer a.b.c"), refusal("Bearer x.y")] {
             assert!(
                 !message.contains("Invalid") && !message.contains("Error"),

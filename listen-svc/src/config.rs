@@ -262,12 +262,13 @@ pub struct Config {
     pub session_linger: Duration,
 
     /// Most encoded bytes of conversations in one ListConversations page (a page always holds
-    /// at least one). The default stays under the 4 MiB every gRPC client accepts by default.
+    /// at least one), 1024 to --max-message-bytes. The default stays under the 4 MiB every
+    /// gRPC client accepts by default.
     #[arg(long, env = "LISTEN_MAX_PAGE_BYTES", default_value_t = 4_000_000,
           value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
     pub max_page_bytes: u32,
 
-    /// Compress responses to clients that accept it: `none`, or a comma-separated list of
+    /// Compress responses to clients that accept it: `none`, `all`, or a comma-separated list of
     /// gzip, deflate, zstd (a bare flag means all three; the client's grpc-accept-encoding
     /// order picks). Compressed requests are accepted either way (gzip, deflate, zstd).
     #[arg(long, env = "LISTEN_RESPONSE_COMPRESSION", default_value = "none",
@@ -314,6 +315,10 @@ pub enum ConfigError {
     LeaseTtl,
     #[error("--instance-id must be 1 to 128 bytes")]
     InstanceId,
+    #[error(
+        "--max-page-bytes ({page}) must not exceed --max-message-bytes ({message}): no page could be sent"
+    )]
+    PageOverMessage { page: u32, message: u32 },
 }
 
 impl Config {
@@ -325,6 +330,12 @@ impl Config {
         self.authenticator()?;
         if self.reconnect_initial > self.reconnect_max || self.retry_initial > self.reconnect_max {
             return Err(ConfigError::BackoffOrder);
+        }
+        if self.max_page_bytes > self.max_message_bytes {
+            return Err(ConfigError::PageOverMessage {
+                page: self.max_page_bytes,
+                message: self.max_message_bytes,
+            });
         }
         if self.lease_ttl < Duration::from_secs(3) {
             return Err(ConfigError::LeaseTtl);
@@ -648,5 +659,20 @@ mod tests {
             "{error}"
         );
         assert!(Config::try_parse_from(["listen-svc", "--max-page-bytes", "10"]).is_err());
+        assert_eq!(
+            parse(&["--max-page-bytes", "20000000"]).validate(),
+            Err(ConfigError::PageOverMessage {
+                page: 20_000_000,
+                message: 16 * 1024 * 1024
+            })
+        );
+        assert_eq!(
+            parse(&["--response-compression", ""]).response_compression,
+            Algorithms::default()
+        );
+        assert_eq!(
+            parse(&["--response-compression", "all"]).response_compression,
+            Algorithms(Algorithm::ALL.to_vec())
+        );
     }
 }

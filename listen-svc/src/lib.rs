@@ -147,7 +147,15 @@ pub async fn run(
     );
 
     let addr = listener.local_addr()?;
-    info!(%addr, %instance_id, pusher_url = %config.pusher_url, store = %redact(&config.store), "listen-svc serving");
+    info!(
+        %addr,
+        %instance_id,
+        pusher_url = %config.pusher_url,
+        store = %redact(&config.store),
+        response_compression = %config.response_compression,
+        pusher_compression = config.pusher_compression.0.map_or("none", |a| a.name()),
+        "listen-svc serving"
+    );
     let mut builder = shared::grpc::server_builder(shared::grpc::ServerLimits {
         max_concurrent_streams: config.max_concurrent_streams,
         max_local_error_reset_streams: config.max_local_error_resets as usize,

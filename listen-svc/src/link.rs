@@ -752,12 +752,15 @@ impl Link {
                         let now = Instant::now();
                         for row in claimed {
                             debug!(conversation_id = %row.id, generation = row.generation, "claimed");
+                            let id = row.id.clone();
                             if !self.lanes.place(row, now) {
                                 // Cannot happen: claims never exceed the free slots, and lanes
                                 // are not dropped while a claim is out. The row keeps its
                                 // lease until this instance restarts.
                                 warn!("no pending window has room for a claimed conversation");
+                                continue;
                             }
+                            self.refuse_if_unsendable(&id);
                         }
                     }
                     Err(error) => {
@@ -779,6 +782,23 @@ impl Link {
                 result,
             } => self.on_opened(endpoint, epoch, result),
             Event::Resolved(result) => self.on_resolved(result),
+        }
+    }
+
+    /// Fails a just-placed conversation that is too large ever to be sent.
+    fn refuse_if_unsendable(&mut self, id: &str) {
+        let max = self.config.max_message_bytes;
+        let Some(lane) = self.lanes.holding(id) else {
+            return;
+        };
+        if let Some(AckAction::Fail {
+            generation,
+            reason,
+            attempts,
+        }) = lane.pending.refuse_if_larger(id, max)
+        {
+            warn!(conversation_id = %id, %reason, "conversation cannot be sent");
+            self.work.fail(id.to_string(), generation, reason, attempts);
         }
     }
 

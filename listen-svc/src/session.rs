@@ -48,6 +48,10 @@ const OUTCOME_BUFFER: usize = 64;
 const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_TIMEOUT_S: u32 = 120;
 const MAX_TIMEOUT_S: u32 = 3600;
+/// After the request stream ends, how long to watch for the response stream being dropped
+/// too (a cancel, not a half-close). The drop follows the reset within the same process, so
+/// this is slack for a busy scheduler, not a network round trip.
+const CANCEL_SETTLE: Duration = Duration::from_millis(100);
 /// Time a client has to send Start after opening the stream.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -402,10 +406,22 @@ impl Session {
                     });
                 }
                 Ok(Some(SessionRequest { msg: None })) => {}
-                Ok(None) => return Ok(Inbound::HalfClosed),
+                Ok(None) => return Ok(self.half_closed_or_cancelled().await),
                 // The client is gone: the conversation stays IN_PROGRESS until its deadline.
                 Err(_) => return Ok(Inbound::Gone),
             }
+        }
+    }
+
+    /// Tells a half-close from a cancel. tonic reports a client's cancel (RST_STREAM CANCEL:
+    /// grpcio's `cancel()`, an expired deadline) as the end of the request stream, exactly
+    /// like a half-close (tonic `codec/decode.rs`). The same reset also drops our response
+    /// stream, so a client that cancelled stops reading at once, while one that half-closed
+    /// still reads: wait briefly for the former.
+    async fn half_closed_or_cancelled(&self) -> Inbound {
+        match tokio::time::timeout(CANCEL_SETTLE, self.tx.closed()).await {
+            Ok(()) => Inbound::Gone,
+            Err(_) => Inbound::HalfClosed,
         }
     }
 

@@ -168,7 +168,7 @@ pub struct Config {
     pub request_timeout: Duration,
 
     /// Compress responses (acks on Connect, Process results) to clients that accept it:
-    /// `none`, or a comma-separated list of gzip, deflate, zstd (a bare flag means all three;
+    /// `none`, `all`, or a comma-separated list of gzip, deflate, zstd (a bare flag means all three;
     /// the client's grpc-accept-encoding order picks). Compressed requests are accepted
     /// either way (gzip, deflate, zstd).
     #[arg(long, env = "PUSHER_RESPONSE_COMPRESSION", default_value = "none",

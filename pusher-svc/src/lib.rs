@@ -126,7 +126,13 @@ pub async fn run(
         .with_compression(respond);
 
     let addr = listener.local_addr()?;
-    info!(%addr, %pusher_id, max_concurrency = config.max_concurrency, "pusher-svc serving");
+    info!(
+        %addr,
+        %pusher_id,
+        max_concurrency = config.max_concurrency,
+        response_compression = %config.response_compression,
+        "pusher-svc serving"
+    );
 
     let mut builder = shared::grpc::server_builder(shared::grpc::ServerLimits {
         max_concurrent_streams: config.max_concurrent_streams,

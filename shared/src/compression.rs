@@ -52,8 +52,11 @@ impl FromStr for Algorithms {
     type Err = String;
 
     fn from_str(value: &str) -> Result<Self, String> {
-        if value.trim() == "none" {
-            return Ok(Algorithms(Vec::new()));
+        // Empty too: a templated manifest often sets the variable to nothing.
+        match value.trim() {
+            "none" | "" => return Ok(Algorithms(Vec::new())),
+            "all" => return Ok(Algorithms(Algorithm::ALL.to_vec())),
+            _ => {}
         }
         let mut algorithms = Vec::new();
         for name in value.split(',').map(str::trim) {
@@ -61,7 +64,7 @@ impl FromStr for Algorithms {
                 .into_iter()
                 .find(|a| a.name() == name)
                 .ok_or_else(|| {
-                    format!("unknown compression {name:?}: use none, or a comma-separated list of gzip, deflate, zstd")
+                    format!("unknown compression {name:?}: use none, all, or a comma-separated list of gzip, deflate, zstd")
                 })?;
             if !algorithms.contains(&algorithm) {
                 algorithms.push(algorithm);
@@ -92,10 +95,19 @@ pub struct SendCompression(pub Option<Algorithm>);
 
 /// Parses `--pusher-compression` (for clap's `value_parser`).
 pub fn parse_one(value: &str) -> Result<SendCompression, String> {
-    match value.parse::<Algorithms>()?.0.as_slice() {
+    let one_of = || format!("{value:?}: use one of none, gzip, deflate, zstd");
+    if value.trim() == "all" {
+        return Err(one_of());
+    }
+    match value
+        .parse::<Algorithms>()
+        .map_err(|_| one_of())?
+        .0
+        .as_slice()
+    {
         [] => Ok(SendCompression(None)),
         [one] => Ok(SendCompression(Some(*one))),
-        _ => Err("one of none, gzip, deflate, zstd".to_string()),
+        _ => Err(one_of()),
     }
 }
 

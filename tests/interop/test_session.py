@@ -2,7 +2,13 @@
 a conversation still in progress, keeps the stream open until each finished conversation
 has its outcome event, then ends the stream with OK."""
 
-from helpers import (CALL_TIMEOUT, OUTCOMES, finish, kinds, run_session, segments, start, unique)
+import threading
+import time
+
+import grpc
+
+from helpers import (CALL_TIMEOUT, OUTCOMES, SESSION_TIMEOUT, finish, kinds, run_session, segments, start,
+                     unique)
 from listen.v1 import listen_pb2
 
 
@@ -69,3 +75,47 @@ def test_the_finished_conversation_reads_back_in_full(listen_stub):
         listen_pb2.GetConversationRequest(conversation_id=conversation_id, view=listen_pb2.CONVERSATION_VIEW_BASIC),
         timeout=CALL_TIMEOUT)
     assert len(basic.segments) == 0 and basic.segment_count == 2, basic
+
+
+def open_session_until_stored(stub, uid, **kwargs):
+    """A Session whose request side stays open: Start and one Segments, read up to
+    segments_stored. Returns (call, conversation_id, release); release() ends the requests."""
+    done = threading.Event()
+
+    def requests():
+        yield start(uid)
+        yield segments("The first half of the story.")
+        done.wait(SESSION_TIMEOUT)
+
+    call = stub.Session(requests(), **kwargs)
+    for event in call:
+        if event.HasField("segments_stored"):
+            return call, event.segments_stored.conversation_id, done.set
+    raise AssertionError("no segments_stored")
+
+
+def resumed_by_a_new_session(stub, uid) -> str:
+    events = run_session(stub, [start(uid), finish()])
+    return events[0].session_started.resumed_conversation_id
+
+
+def test_a_cancelled_session_leaves_its_conversation_to_resume(listen_stub):
+    uid = unique("cancel")
+    call, conversation_id, release = open_session_until_stored(listen_stub, uid, timeout=SESSION_TIMEOUT)
+    call.cancel()
+    release()
+    # Cancel is not half-close: the conversation waits for its owner to come back.
+    assert resumed_by_a_new_session(listen_stub, uid) == conversation_id
+
+
+def test_a_session_past_its_deadline_leaves_its_conversation_to_resume(listen_stub):
+    uid = unique("deadline")
+    call, conversation_id, release = open_session_until_stored(listen_stub, uid, timeout=2.0)
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+    release()
+    time.sleep(0.3)
+    assert resumed_by_a_new_session(listen_stub, uid) == conversation_id

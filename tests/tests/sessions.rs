@@ -625,3 +625,26 @@ async fn a_half_closed_session_ends_ok_after_the_linger_time() {
     )
     .await;
 }
+
+/// A client that cancels the call is not half-closing: its conversation stays in progress
+/// for a new session of the same uid to resume. (grpcio's cancel() and expired deadlines
+/// are checked by tests/interop/test_session.py.)
+#[tokio::test]
+async fn a_cancelled_session_leaves_its_conversation_to_resume() {
+    let (_pusher, listen) = system(&[]).await;
+    let client = listen_client(&listen);
+
+    // Cancelled: the client drops the call (tonic sends RST_STREAM CANCEL).
+    let (mut first, _) = Session::start(&client, "cancels", 30).await;
+    first.say(&["The first half."]).await;
+    let Session { tx, events } = first;
+    drop(events);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(tx);
+    let (mut second, started) = Session::start(&client, "cancels", 30).await;
+    assert!(
+        !started.resumed_conversation_id.is_empty(),
+        "a cancelled session's conversation is resumed"
+    );
+    assert_eq!(second.say(&["The second half."]).await, 2);
+}

@@ -150,6 +150,26 @@ impl Pending {
         true
     }
 
+    /// A request larger than `max_bytes` can never be sent: the stream would be reset on it,
+    /// and every replay would reset it again. Such an entry is settled at once as a
+    /// permanent failure; returns that failure, or None for a request that fits.
+    pub(crate) fn refuse_if_larger(&mut self, id: &str, max_bytes: usize) -> Option<AckAction> {
+        let entry = self.entries.get_mut(id)?;
+        let len = prost::Message::encoded_len(entry.request.as_ref());
+        if len <= max_bytes || entry.state == EntryState::Settling {
+            return None;
+        }
+        entry.state = EntryState::Settling;
+        Some(AckAction::Fail {
+            generation: entry.generation,
+            reason: format!(
+                "the conversation is {len} bytes to send to pusher, more than --max-message-bytes \
+                 ({max_bytes}); raise it on listen and pusher, then RetryConversation"
+            ),
+            attempts: entry.attempt,
+        })
+    }
+
     /// Ids due to be sent at `now`.
     pub(crate) fn due(&self, now: Instant) -> Vec<String> {
         self.entries
