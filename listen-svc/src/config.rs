@@ -262,8 +262,8 @@ pub struct Config {
     pub session_linger: Duration,
 
     /// Most encoded bytes of conversations in one ListConversations page (a page always holds
-    /// at least one), 1024 to --max-message-bytes. The default stays under the 4 MiB every
-    /// gRPC client accepts by default.
+    /// at least one), from 1024; larger than --max-message-bytes counts as that. The default
+    /// stays under the 4 MiB every gRPC client accepts by default.
     #[arg(long, env = "LISTEN_MAX_PAGE_BYTES", default_value_t = 4_000_000,
           value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
     pub max_page_bytes: u32,
@@ -315,10 +315,6 @@ pub enum ConfigError {
     LeaseTtl,
     #[error("--instance-id must be 1 to 128 bytes")]
     InstanceId,
-    #[error(
-        "--max-page-bytes ({page}) must not exceed --max-message-bytes ({message}): no page could be sent"
-    )]
-    PageOverMessage { page: u32, message: u32 },
 }
 
 impl Config {
@@ -330,12 +326,6 @@ impl Config {
         self.authenticator()?;
         if self.reconnect_initial > self.reconnect_max || self.retry_initial > self.reconnect_max {
             return Err(ConfigError::BackoffOrder);
-        }
-        if self.max_page_bytes > self.max_message_bytes {
-            return Err(ConfigError::PageOverMessage {
-                page: self.max_page_bytes,
-                message: self.max_message_bytes,
-            });
         }
         if self.lease_ttl < Duration::from_secs(3) {
             return Err(ConfigError::LeaseTtl);
@@ -440,11 +430,18 @@ impl Config {
         })
     }
 
+    /// The byte bound of a list page: --max-page-bytes, at most --max-message-bytes.
+    pub(crate) fn page_bytes(&self) -> usize {
+        self.max_page_bytes.min(self.max_message_bytes) as usize
+    }
+
     /// Request limits for the API and sessions.
     pub(crate) fn limits(&self) -> Limits {
         Limits {
             max_segments: self.max_segments as usize,
             max_segment_bytes: self.max_segment_bytes as usize,
+            max_conversation_bytes: (self.max_message_bytes as usize)
+                .saturating_sub(crate::validate::PROCESS_OVERHEAD_BYTES),
         }
     }
 
@@ -660,11 +657,9 @@ mod tests {
         );
         assert!(Config::try_parse_from(["listen-svc", "--max-page-bytes", "10"]).is_err());
         assert_eq!(
-            parse(&["--max-page-bytes", "20000000"]).validate(),
-            Err(ConfigError::PageOverMessage {
-                page: 20_000_000,
-                message: 16 * 1024 * 1024
-            })
+            parse(&["--max-page-bytes", "20000000"]).page_bytes(),
+            16 * 1024 * 1024,
+            "a page is never larger than a message can be"
         );
         assert_eq!(
             parse(&["--response-compression", ""]).response_compression,

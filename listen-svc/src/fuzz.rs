@@ -10,6 +10,7 @@ use shared::proto::listen::v1 as api;
 const LIMITS: Limits = Limits {
     max_segments: 8,
     max_segment_bytes: 64,
+    max_conversation_bytes: 1 << 20,
 };
 
 fn any_f64() -> impl Strategy<Value = f64> {

@@ -106,7 +106,7 @@ pub async fn run(
         limits,
         pusher_url: config.pusher_url.clone(),
         max_in_flight: config.max_in_flight as usize,
-        max_page_bytes: config.max_page_bytes as usize,
+        max_page_bytes: config.page_bytes(),
         sessions: session::Context {
             store,
             link,

@@ -24,7 +24,10 @@ use crate::auth::Caller;
 use crate::error::{ApiError, reject};
 use crate::link::LinkHandle;
 use crate::store::{ConversationStore, NewLive, Now, Status as Lifecycle};
-use crate::validate::{Limits, MAX_ID_BYTES, validate_language, validate_segments, validate_text};
+use crate::validate::{
+    Limits, MAX_ID_BYTES, validate_conversation_bytes, validate_language, validate_segments,
+    validate_text,
+};
 use crate::wire::{View, to_proto_in, transcript_batch};
 use shared::proto::listen::v1::{
     ConversationDiscarded, ConversationFailed, ConversationProcessed, ConversationStarted,
@@ -230,6 +233,8 @@ enum Inbound {
 struct Current {
     id: String,
     segments: usize,
+    /// Encoded bytes of its segments so far.
+    bytes: usize,
     deadline: Instant,
 }
 
@@ -335,6 +340,7 @@ impl Session {
         let current = resumable.map(|r| Current {
             deadline: Instant::now() + Duration::from_millis(r.remaining_ms.max(0) as u64),
             segments: r.segment_count as usize,
+            bytes: r.segment_bytes.max(0) as usize,
             id: r.id,
         });
         info!(%session_id, %uid, resumed = current.as_ref().map(|c| c.id.as_str()), "session started");
@@ -483,6 +489,9 @@ impl Session {
         }
         let already = self.current.as_ref().map_or(0, |c| c.segments);
         validate_segments("segments", &segments, self.ctx.limits, already)?;
+        let already_bytes = self.current.as_ref().map_or(0, |c| c.bytes);
+        let bytes =
+            validate_conversation_bytes("segments", &segments, self.ctx.limits, already_bytes)?;
         for _ in 0..2 {
             if self.current.is_none() {
                 let id = uuid::Uuid::now_v7().to_string();
@@ -497,6 +506,7 @@ impl Session {
                 self.current = Some(Current {
                     id: id.clone(),
                     segments: 0,
+                    bytes: 0,
                     deadline: Instant::now() + self.timeout,
                 });
                 self.send(Event::ConversationStarted(ConversationStarted {
@@ -515,6 +525,7 @@ impl Session {
             match stored {
                 Some(total) => {
                     current.segments = total as usize;
+                    current.bytes = bytes;
                     current.deadline = Instant::now() + self.timeout;
                     self.ctx.link.forward_transcript(transcript_batch(
                         &self.session_id,

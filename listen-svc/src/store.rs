@@ -131,6 +131,8 @@ pub(crate) struct NewLive {
 pub(crate) struct Resumable {
     pub id: String,
     pub segment_count: u64,
+    /// Encoded bytes of its segments.
+    pub segment_bytes: i64,
     /// Time left until its deadline, by the store's clock.
     pub remaining_ms: i64,
 }

@@ -17,7 +17,14 @@ pub(crate) const MAX_LANGUAGE_BYTES: usize = 35;
 pub(crate) struct Limits {
     pub max_segments: usize,
     pub max_segment_bytes: usize,
+    /// Encoded bytes of one conversation's segments: what the link can still send to pusher
+    /// in one message (--max-message-bytes less room for the other fields).
+    pub max_conversation_bytes: usize,
 }
+
+/// Room left in a message to pusher for everything but the segments (ids, uid, language,
+/// timestamps: a few hundred bytes).
+pub(crate) const PROCESS_OVERHEAD_BYTES: usize = 4096;
 
 /// A Submit's fields, checked, as the row to store.
 pub(crate) fn validate_submit(
@@ -31,6 +38,7 @@ pub(crate) fn validate_submit(
     };
     validate_language("language", &request.language)?;
     validate_segments("segments", &request.segments, limits, 0)?;
+    validate_conversation_bytes("segments", &request.segments, limits, 0)?;
     let has_text = request.segments.iter().any(|s| !s.text.trim().is_empty());
     Ok(NewConversation {
         id: uuid::Uuid::now_v7().to_string(),
@@ -136,6 +144,28 @@ pub(crate) fn validate_id(field: &str, value: &str) -> Result<String, ApiError> 
         .map_err(|_| ApiError::invalid(field, format!("{value:?} is not a conversation id")))
 }
 
+/// Checks that `segments` joining `already` stored bytes of segments keep the conversation
+/// small enough to send to pusher in one message. Returns the new total.
+pub(crate) fn validate_conversation_bytes(
+    field: &str,
+    segments: &[api::Segment],
+    limits: Limits,
+    already: usize,
+) -> Result<usize, ApiError> {
+    let total = already + crate::store::encode_segments(segments).len();
+    if total > limits.max_conversation_bytes {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "the conversation would be {total} bytes of segments, over the {} that can be \
+                 sent for processing (--max-message-bytes); send finish first",
+                limits.max_conversation_bytes
+            ),
+        ));
+    }
+    Ok(total)
+}
+
 /// A `ConversationView`; UNSPECIFIED means the method's `default`.
 pub(crate) fn validate_view(field: &str, value: i32, default: View) -> Result<View, ApiError> {
     match api::ConversationView::try_from(value) {
@@ -169,7 +199,27 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_segments: 3,
         max_segment_bytes: 10,
+        max_conversation_bytes: 40,
     };
+
+    #[test]
+    fn a_conversation_is_bounded_by_what_can_be_sent() {
+        let segment = |text: &str| api::Segment {
+            text: text.into(),
+            ..Default::default()
+        };
+        // Each 10-byte segment encodes to 14 bytes in the stored list.
+        let total =
+            validate_conversation_bytes("segments", &[segment("0123456789")], LIMITS, 14).unwrap();
+        assert_eq!(total, 28);
+        let refused = validate_conversation_bytes("segments", &[segment("0123456789")], LIMITS, 28)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.starts_with("segments: the conversation would be 42 bytes"),
+            "{refused}"
+        );
+    }
 
     fn submit(uid: &str, texts: &[&str]) -> api::SubmitConversationRequest {
         api::SubmitConversationRequest {

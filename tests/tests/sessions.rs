@@ -648,3 +648,52 @@ async fn a_cancelled_session_leaves_its_conversation_to_resume() {
     );
     assert_eq!(second.say(&["The second half."]).await, 2);
 }
+
+/// A conversation may grow only as large as the link can send to pusher in one message:
+/// beyond that a Session's Segments (and a Submit) get INVALID_ARGUMENT, and what was stored
+/// is still processed.
+#[tokio::test]
+async fn a_conversation_never_grows_past_what_can_be_sent() {
+    let (_pusher, listen) = system(&["--max-message-bytes", "65536"]).await;
+    let client = listen_client(&listen);
+    let (mut session, _) = Session::start(&client, "talkative", 30).await;
+    let long = "words ".repeat(2_000); // 12 000 bytes
+    for _ in 0..5 {
+        session.say(&[&long]).await;
+    }
+    session
+        .send(Msg::Segments(Segments {
+            segments: vec![segment(&long, 0.0)],
+        }))
+        .await;
+    let refused = session.error().await;
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("segments: the conversation would be")
+            && refused.message().contains("--max-message-bytes"),
+        "{}",
+        refused.message()
+    );
+
+    // What was stored is whole and still goes through.
+    let (mut again, started) = Session::start(&client, "talkative", 30).await;
+    assert!(!started.resumed_conversation_id.is_empty());
+    again.send(Msg::Finish(Finish {})).await;
+    let Event::ProcessingStarted(_) = again.next().await else {
+        panic!("expected processing_started")
+    };
+    let Event::ConversationProcessed(processed) = again.next().await else {
+        panic!("expected conversation_processed")
+    };
+    assert_eq!(processed.conversation.unwrap().segment_count, 5);
+
+    // A Submit is held to the same bound.
+    let mut big = talk("talkative", "big");
+    // 62 100 bytes of segments: within the message limit, over what can be sent on.
+    let longer = "words ".repeat(2_070);
+    big.segments = (0..5).map(|i| segment(&longer, i as f64)).collect();
+    let refused = client.clone().submit_conversation(big).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+}

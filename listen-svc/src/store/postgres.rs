@@ -482,7 +482,8 @@ impl ConversationStore for PostgresStore {
             .query_opt(
                 &format!(
                     "WITH now AS (SELECT {at} AS ms) \
-                     SELECT id, segment_count, deadline_ms - now.ms AS remaining_ms \
+                     SELECT id, segment_count, octet_length(segments)::BIGINT AS segment_bytes, \
+                       deadline_ms - now.ms AS remaining_ms \
                      FROM conversations, now \
                      WHERE uid = $1 AND status = 'in_progress' AND deadline_ms >= now.ms \
                      ORDER BY id DESC LIMIT 1"

@@ -95,11 +95,12 @@ pub(super) fn read_id_and_status(row: &impl RowAccess) -> Result<(String, Status
     Ok((id, status))
 }
 
-/// A row of `id, segment_count, remaining_ms` as a [`Resumable`].
+/// A row of `id, segment_count, segment_bytes, remaining_ms` as a [`Resumable`].
 pub(super) fn read_resumable(row: &impl RowAccess) -> Result<Resumable, StoreError> {
     Ok(Resumable {
         id: row.value("id")?,
         segment_count: row.value::<i64>("segment_count")? as u64,
+        segment_bytes: row.value("segment_bytes")?,
         remaining_ms: row.value("remaining_ms")?,
     })
 }

@@ -61,7 +61,8 @@ const CLAIM_SQL: &str = "UPDATE conversations SET owner = ?1, lease_expires_at_m
        ORDER BY queue_seq LIMIT +?4) \
      RETURNING id, uid, language, segments, finished_at_ms, generation, queue_seq, attempts";
 /// The newest IN_PROGRESS conversation of ?1 whose deadline has not passed.
-const RESUMABLE_SQL: &str = "SELECT id, segment_count, deadline_ms - ?2 AS remaining_ms \
+const RESUMABLE_SQL: &str = "SELECT id, segment_count, length(segments) AS segment_bytes, \
+     deadline_ms - ?2 AS remaining_ms \
      FROM conversations \
      WHERE uid = ?1 AND status = 'in_progress' AND deadline_ms >= ?2 \
      ORDER BY id DESC LIMIT 1";

@@ -875,6 +875,7 @@ async fn only_unexpired_live_conversations_are_resumable(f: Fixture) {
         Resumable {
             id: id.clone(),
             segment_count: 1,
+            segment_bytes: encode_segments(&[segment("hi")]).len() as i64,
             remaining_ms: 100
         }
     );

@@ -468,3 +468,28 @@ fn take_movable_respects_its_limit() {
     assert_eq!(p.take_movable(3, false).len(), 3);
     assert_eq!(p.len(), 1);
 }
+
+#[test]
+fn a_request_too_large_to_send_is_settled_as_a_permanent_failure_never_sent() {
+    let now = Instant::now();
+    let mut p = pending(4, 3);
+    assert!(p.insert(claimed("small"), now));
+    assert_eq!(p.refuse_if_larger("small", 1024), None, "it fits");
+    let mut big = claimed("big");
+    big.segments[0].text = "x".repeat(2_000);
+    assert!(p.insert(big, now));
+    let Some(AckAction::Fail {
+        generation, reason, ..
+    }) = p.refuse_if_larger("big", 1024)
+    else {
+        panic!("expected a permanent failure");
+    };
+    assert_eq!(generation, 1);
+    assert!(reason.contains("--max-message-bytes (1024)"), "{reason}");
+    assert_eq!(
+        p.due(now),
+        ["small".to_string()],
+        "the big one is never sent"
+    );
+    assert_eq!(p.refuse_if_larger("big", 1024), None, "refused once");
+}
