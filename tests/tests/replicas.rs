@@ -345,17 +345,25 @@ async fn a_replica_whose_clock_is_hours_ahead_takes_no_live_lease_and_ends_no_li
         "B's sweeper left A's live conversation alone"
     );
 
-    // A dies with work in flight: B takes it over within the lease.
+    // A dies with work in flight: B takes it over within the lease. (B is live too and may
+    // claim some of the new work itself; what counts is that A holds some when it dies.)
     let more = submit_many(&client_a, "orphaned", 20).await;
     wait_for(
-        "A to have the new work in flight",
+        "all the new work in flight, some of it on A",
         Duration::from_secs(10),
         || {
-            let mut client = client_a.clone();
-            async move { (link_status(&mut client).await.pending >= 20).then_some(()) }
+            let (mut a, mut b) = (client_a.clone(), client_b.clone());
+            async move {
+                let (on_a, on_b) = (
+                    link_status(&mut a).await.pending,
+                    link_status(&mut b).await.pending,
+                );
+                (on_a >= 1 && on_a + on_b == 20).then_some(())
+            }
         },
     )
     .await;
+    let b_sent = b.metric("listen_link_sent_total").await;
     a.kill();
     let killed = Instant::now();
     wait_for("B to take A's work over", Duration::from_secs(20), || {
