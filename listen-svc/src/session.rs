@@ -266,11 +266,12 @@ pub(crate) async fn run(
         Ok(session) => session,
         Err((tx, error)) => return fail(&tx, error).await,
     };
-    let end = match session.serve(&mut inbound).await {
-        Ok(Inbound::HalfClosed) => session.linger().await,
-        Ok(Inbound::Gone) => Ok(()),
-        Err(error) => Err(error),
+    let (how, end) = match session.serve(&mut inbound).await {
+        Ok(Inbound::HalfClosed) => ("half-closed", session.linger().await),
+        Ok(Inbound::Gone) => ("cancelled or disconnected", Ok(())),
+        Err(error) => ("refused", Err(error)),
     };
+    info!(session_id = %session.session_id, uid = %session.uid, how, "session ended");
     session.ctx.sessions.forget(&session.watched);
     if let Err(error) = end {
         fail(&session.tx, error).await;

@@ -79,7 +79,8 @@ def test_the_finished_conversation_reads_back_in_full(listen_stub):
 
 def open_session_until_stored(stub, uid, **kwargs):
     """A Session whose request side stays open: Start and one Segments, read up to
-    segments_stored. Returns (call, conversation_id, release); release() ends the requests."""
+    segments_stored. Returns (call, session_id, conversation_id, release); release() ends the
+    requests."""
     done = threading.Event()
 
     def requests():
@@ -88,10 +89,25 @@ def open_session_until_stored(stub, uid, **kwargs):
         done.wait(SESSION_TIMEOUT)
 
     call = stub.Session(requests(), **kwargs)
+    session_id = None
     for event in call:
+        if event.HasField("session_started"):
+            session_id = event.session_started.session_id
         if event.HasField("segments_stored"):
-            return call, event.segments_stored.conversation_id, done.set
+            return call, session_id, event.segments_stored.conversation_id, done.set
     raise AssertionError("no segments_stored")
+
+
+def wait_ended_as_cancelled(listen, session_id):
+    """Until listen logs that it ended the session as a cancel (not as a half-close)."""
+    deadline = time.monotonic() + CALL_TIMEOUT
+    while time.monotonic() < deadline:
+        for line in listen.log.read_text(errors="replace").splitlines():
+            if "session ended" in line and session_id in line:
+                assert "cancelled or disconnected" in line, line
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"listen did not end session {session_id}:\n{listen.log_tail()}")
 
 
 def resumed_by_a_new_session(stub, uid) -> str:
@@ -99,23 +115,26 @@ def resumed_by_a_new_session(stub, uid) -> str:
     return events[0].session_started.resumed_conversation_id
 
 
-def test_a_cancelled_session_leaves_its_conversation_to_resume(listen_stub):
+def test_a_cancelled_session_leaves_its_conversation_to_resume(listen, listen_stub):
     uid = unique("cancel")
-    call, conversation_id, release = open_session_until_stored(listen_stub, uid, timeout=SESSION_TIMEOUT)
+    call, session_id, conversation_id, release = open_session_until_stored(
+        listen_stub, uid, timeout=SESSION_TIMEOUT)
     call.cancel()
+    # The request side stays open until listen has ended the session.
+    wait_ended_as_cancelled(listen, session_id)
     release()
     # Cancel is not half-close: the conversation waits for its owner to come back.
     assert resumed_by_a_new_session(listen_stub, uid) == conversation_id
 
 
-def test_a_session_past_its_deadline_leaves_its_conversation_to_resume(listen_stub):
+def test_a_session_past_its_deadline_leaves_its_conversation_to_resume(listen, listen_stub):
     uid = unique("deadline")
-    call, conversation_id, release = open_session_until_stored(listen_stub, uid, timeout=2.0)
+    call, session_id, conversation_id, release = open_session_until_stored(listen_stub, uid, timeout=2.0)
     try:
         for _ in call:
             pass
     except grpc.RpcError as error:
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+    wait_ended_as_cancelled(listen, session_id)
     release()
-    time.sleep(0.3)
     assert resumed_by_a_new_session(listen_stub, uid) == conversation_id

@@ -635,12 +635,27 @@ async fn a_cancelled_session_leaves_its_conversation_to_resume() {
     let client = listen_client(&listen);
 
     // Cancelled: the client drops the call (tonic sends RST_STREAM CANCEL).
-    let (mut first, _) = Session::start(&client, "cancels", 30).await;
+    let (mut first, started) = Session::start(&client, "cancels", 30).await;
     first.say(&["The first half."]).await;
+    // The response side first: hyper resets the stream (CANCEL) once both are gone, before
+    // the request side could end it normally.
     let Session { tx, events } = first;
     drop(events);
-    tokio::time::sleep(Duration::from_millis(500)).await;
     drop(tx);
+    // Listen ended the session as a cancel, not as a half-close.
+    wait_for(
+        "listen to end the cancelled session",
+        Duration::from_secs(10),
+        || {
+            let ended = listen.log_lines_with(&[
+                "session ended",
+                &started.session_id,
+                "cancelled or disconnected",
+            ]);
+            async move { (ended == 1).then_some(()) }
+        },
+    )
+    .await;
     let (mut second, started) = Session::start(&client, "cancels", 30).await;
     assert!(
         !started.resumed_conversation_id.is_empty(),
