@@ -43,8 +43,8 @@ fn provider() -> Arc<CryptoProvider> {
 pub struct ServerTls {
     cert: Arc<Reloadable<CertifiedKey>>,
     client_ca: Option<Arc<Reloadable<Arc<dyn ClientCertVerifier>>>>,
-    /// The config and the generations of `cert` and `client_ca` it was built from.
-    built: Mutex<(u64, u64, Arc<ServerConfig>)>,
+    /// The config, built from `cert` and `client_ca`.
+    built: Built<ServerConfig>,
 }
 
 impl ServerTls {
@@ -74,15 +74,13 @@ impl ServerTls {
         let client_ca = client_ca
             .map(|ca| Reloadable::load(vec![(flags[2], ca.to_path_buf())], client_verifier))
             .transpose()?;
-        let config = build_server(&cert, client_ca.as_ref());
-        let generations = (
-            cert.generation(),
-            client_ca.as_ref().map_or(0, |c| c.generation()),
-        );
+        let built = Built::new(generations(&cert, client_ca.as_ref()), || {
+            build_server(&cert, client_ca.as_ref())
+        });
         Ok(Some(Arc::new(ServerTls {
             cert,
             client_ca,
-            built: Mutex::new((generations.0, generations.1, config)),
+            built,
         })))
     }
 
@@ -101,19 +99,10 @@ impl ServerTls {
 
     /// The config for a new handshake: the credentials in use now.
     pub fn config(&self) -> Arc<ServerConfig> {
-        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
-        let now = (
-            self.cert.generation(),
-            self.client_ca.as_ref().map_or(0, |c| c.generation()),
-        );
-        if (built.0, built.1) != now {
-            *built = (
-                now.0,
-                now.1,
-                build_server(&self.cert, self.client_ca.as_ref()),
-            );
-        }
-        Arc::clone(&built.2)
+        self.built
+            .current(generations(&self.cert, self.client_ca.as_ref()), || {
+                build_server(&self.cert, self.client_ca.as_ref())
+            })
     }
 
     /// TLS connections accepted from `tcp`, for `Router::serve_with_incoming`. Each
@@ -202,8 +191,8 @@ pub struct ClientTls {
     cert: Option<Arc<Reloadable<CertifiedKey>>>,
     /// The name the server's certificate must carry; the URI's host when None.
     domain: Option<String>,
-    /// The config and the generations of `ca` and `cert` it was built from.
-    built: Mutex<(u64, u64, Arc<ClientConfig>)>,
+    /// The config, built from `ca` and `cert`.
+    built: Built<ClientConfig>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -238,13 +227,14 @@ impl ClientTls {
             )?),
             _ => return Err(format!("{} and {} go together", flags[1], flags[2])),
         };
-        let config = build_client(&ca, cert.as_ref());
-        let generations = (ca.generation(), cert.as_ref().map_or(0, |c| c.generation()));
+        let built = Built::new(generations(&ca, cert.as_ref()), || {
+            build_client(&ca, cert.as_ref())
+        });
         Ok(Arc::new(ClientTls {
             ca,
             cert,
             domain: domain.map(String::from),
-            built: Mutex::new((generations.0, generations.1, config)),
+            built,
         }))
     }
 
@@ -258,15 +248,10 @@ impl ClientTls {
 
     /// The config for a new connection: the credentials in use now.
     pub fn config(&self) -> Arc<ClientConfig> {
-        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
-        let now = (
-            self.ca.generation(),
-            self.cert.as_ref().map_or(0, |c| c.generation()),
-        );
-        if (built.0, built.1) != now {
-            *built = (now.0, now.1, build_client(&self.ca, self.cert.as_ref()));
-        }
-        Arc::clone(&built.2)
+        self.built
+            .current(generations(&self.ca, self.cert.as_ref()), || {
+                build_client(&self.ca, self.cert.as_ref())
+            })
     }
 
     /// A connector for `Endpoint::connect_with_connector`: TCP to the URI's host and port,
@@ -499,6 +484,34 @@ impl std::fmt::Display for CertificateInfo {
             self.serial,
             humantime::format_rfc3339_seconds(self.not_after)
         )
+    }
+}
+
+/// The file-set generations a config was built from: the first set's, and the optional
+/// second's (0 when absent).
+fn generations<A: Send + Sync + 'static, B: Send + Sync + 'static>(
+    first: &Reloadable<A>,
+    second: Option<&Arc<Reloadable<B>>>,
+) -> (u64, u64) {
+    (first.generation(), second.map_or(0, |s| s.generation()))
+}
+
+/// A rustls config and the generations of the file sets it was built from; rebuilt when
+/// either set has been replaced since.
+struct Built<C>(Mutex<((u64, u64), Arc<C>)>);
+
+impl<C> Built<C> {
+    fn new(generations: (u64, u64), build: impl FnOnce() -> Arc<C>) -> Self {
+        Built(Mutex::new((generations, build())))
+    }
+
+    /// The config for `generations`, rebuilt with `build` if it was built from others.
+    fn current(&self, generations: (u64, u64), build: impl FnOnce() -> Arc<C>) -> Arc<C> {
+        let mut built = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if built.0 != generations {
+            *built = (generations, build());
+        }
+        Arc::clone(&built.1)
     }
 }
 
