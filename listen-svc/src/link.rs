@@ -70,6 +70,8 @@ use work::Work;
 const REQUEUE_DELAY: Duration = Duration::from_millis(50);
 /// Delay before re-sending an entry whose outcome could not be written.
 const SETTLE_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How often the queue gauges are read from the store's counters.
+const QUEUE_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// A lane that fails triggers a fresh DNS lookup (its pod may have moved), at most this often.
 const MIN_RERESOLVE: Duration = Duration::from_secs(5);
 
@@ -150,6 +152,7 @@ pub(crate) fn spawn(
             events: events_tx.clone(),
             more_work: true,
             claiming: false,
+            claims: 0,
         },
         config: Arc::new(config),
         lanes,
@@ -349,6 +352,8 @@ impl Link {
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate: a dns: target is looked up at once.
+        let mut queue_report = tokio::time::interval(QUEUE_REPORT_INTERVAL);
+        queue_report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resolve = tokio::time::interval(self.config.resolve_interval);
         resolve.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let dns = self.dns.resolver.is_some();
@@ -373,8 +378,9 @@ impl Link {
                 _ = self.transcripts.ready.notified(), if forwarding => {}
                 _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => self.on_timer(),
                 _ = heartbeat.tick() => self.heartbeat(),
+                _ = queue_report.tick() => self.work.report_queue(),
                 _ = maintenance.tick() => {
-                    self.work.renew(self.lanes.ids(), self.lanes.pending_total());
+                    self.work.renew(self.lanes.ids());
                     // Rows whose owner died become claimable when their lease expires.
                     self.work.more_work = true;
                 }

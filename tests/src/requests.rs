@@ -31,6 +31,7 @@ pub fn talk(uid: &str, key: &str) -> listen::SubmitConversationRequest {
             segment("I will send the invoice summary by Friday.", 4.0),
             segment("We need to cut travel costs next quarter.", 8.0),
         ],
+        priority: 0,
     }
 }
 
