@@ -10,9 +10,10 @@
 //! 1. opens a Connect stream (Hello -> Welcome) on each lane whose state machine says so,
 //!    each in its own task, so a slow endpoint never holds up the others;
 //! 2. on every established stream, replays that lane's window with a fresh retry budget;
-//! 3. claims PROCESSING rows from the store, only as many as there are free slots on lanes
-//!    that take work (so work beyond them stays queued in the store), and gives each to the
-//!    lane with the fewest pending (ties: round-robin);
+//! 3. claims PROCESSING rows from the store in fair order (uids take turns, interactive
+//!    before bulk, every 8th claim bulk first: `store::queue`), only as many as there are
+//!    free slots on lanes that take work (so work beyond them stays queued in the store),
+//!    and gives each to the lane with the fewest pending (ties: round-robin);
 //! 4. moves work off lanes that cannot send it (stream down, draining, endpoint gone from
 //!    DNS) onto lanes that can, when there are any; a conversation is in one window at a time;
 //! 5. matches Ack / Progress / Busy to the lane's window, writes outcomes to the store with

@@ -6,6 +6,10 @@
 //! `conversation_timeout_s` of silence, or, once the session is gone, at its deadline (by a
 //! sweeper, on any instance) unless a new session for the same uid resumes it first.
 //!
+//! A `Finish` (or a half-close) beyond the queue bounds (`--max-queued*`) ends the session
+//! with RESOURCE_EXHAUSTED and RetryInfo, leaving the conversation IN_PROGRESS for a new
+//! session to resume; a finish by silence is queued whatever the bounds.
+//!
 //! When the client half-closes, the conversation still IN_PROGRESS is finished as if `Finish`
 //! had been sent, and the stream stays open until every conversation the session finished
 //! has had its outcome event (processed, failed or discarded), or `--session-linger` has
