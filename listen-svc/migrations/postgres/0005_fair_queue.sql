@@ -1,4 +1,5 @@
--- Same shape as migrations/sqlite/0005_fair_queue.sql; see there for the meaning.
+-- Same shape as migrations/sqlite/0005_fair_queue.sql; see there for the meaning. Queue
+-- order stays the conversations_queue_seq sequence here (no next_seq column).
 -- Fair scheduling and admission.
 --
 -- Start-time fair queueing per priority: every uid has a finish tag per priority

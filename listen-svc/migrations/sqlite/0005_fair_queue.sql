@@ -20,14 +20,20 @@ UPDATE conversations SET queue_tag = ranked.tag
           FROM conversations WHERE status = 'processing') AS ranked
     WHERE conversations.id = ranked.id;
 
+-- next_seq replaces queue_counter: one row update per enqueue gives the count, the virtual
+-- time and the queue order (queue_seq only orders rows of one priority and tag).
 CREATE TABLE queue_priorities (
     priority INTEGER PRIMARY KEY,
     vtime    INTEGER NOT NULL,  -- highest start tag claimed
-    queued   INTEGER NOT NULL   -- rows waiting for their first claim
+    queued   INTEGER NOT NULL,  -- rows waiting for their first claim
+    next_seq INTEGER NOT NULL   -- the last queue_seq given out
 );
-INSERT INTO queue_priorities (priority, vtime, queued)
-    SELECT 0, 0, COUNT(queued_at_ms) FROM conversations WHERE status = 'processing';
-INSERT INTO queue_priorities (priority, vtime, queued) VALUES (1, 0, 0);
+INSERT INTO queue_priorities (priority, vtime, queued, next_seq)
+    SELECT 0, 0, COUNT(queued_at_ms), (SELECT next FROM queue_counter)
+    FROM conversations WHERE status = 'processing';
+INSERT INTO queue_priorities (priority, vtime, queued, next_seq)
+    SELECT 1, 0, 0, next FROM queue_counter;
+DROP TABLE queue_counter;
 
 -- One row per uid and priority with rows waiting; deleted when its count reaches 0.
 CREATE TABLE queue_uids (

@@ -70,10 +70,12 @@ macro_rules! pick_sql {
 }
 const PICK_SQL: &str = pick_sql!("");
 const PICK_BULK_SQL: &str = pick_sql!("AND priority = 1");
-/// The queued counts admission decides by: all, and uid ?1's.
-const QUEUED_COUNTS_SQL: &str = "SELECT \
+/// What an enqueue of uid ?1 at priority ?2 decides by: the queued counts (all, and the
+/// uid's) and the uid's finish tag.
+const QUEUE_STATE_SQL: &str = "SELECT \
      (SELECT COALESCE(SUM(queued), 0) FROM queue_priorities), \
-     (SELECT COALESCE(SUM(queued), 0) FROM queue_uids WHERE uid = ?1)";
+     (SELECT COALESCE(SUM(queued), 0) FROM queue_uids WHERE uid = ?1), \
+     (SELECT finish FROM queue_uids WHERE uid = ?1 AND priority = ?2)";
 /// Per priority: rows waiting for their first claim, and when the oldest began to wait.
 const QUEUE_STATS_SQL: &str = "SELECT p.queued, \
      (SELECT MIN(queued_at_ms) FROM conversations \
@@ -375,13 +377,10 @@ fn finish_one(
         return Ok(Ok(None));
     };
     let (status, queued) = if has_text {
-        if let Err(full) = admit(conn, &uid, admission)? {
-            return Ok(Err(full));
+        match enqueue(conn, &uid, Priority::Interactive, admission)? {
+            Ok(place) => (Status::Processing, Some(place)),
+            Err(full) => return Ok(Err(full)),
         }
-        (
-            Status::Processing,
-            Some(enqueue(conn, &uid, Priority::Interactive)?),
-        )
     } else {
         (Status::Discarded, None)
     };
@@ -412,34 +411,33 @@ struct Place {
     at_ms: i64,
 }
 
-/// Whether one more conversation of `uid` fits within `admission`'s bounds.
-fn admit(
+/// Counts a conversation of `uid` into the queue and returns its place, or refuses it
+/// beyond `admission`'s bounds, writing nothing. Three statements: the state it decides by,
+/// the priority's row (count, queue order, virtual time) and the uid's row.
+fn enqueue(
     conn: &Connection,
     uid: &str,
+    priority: Priority,
     admission: Admission,
-) -> Result<Result<(), QueueFull>, StoreError> {
-    if admission == Admission::Always {
-        return Ok(Ok(()));
-    }
-    let (total, mine): (i64, i64) = conn
-        .prepare_cached(QUEUED_COUNTS_SQL)
-        .map_err(unavailable)?
-        .query_row(params![uid], |row| Ok((row.get(0)?, row.get(1)?)))
-        .map_err(unavailable)?;
-    Ok(admission.admit(uid, total.max(0) as u64, mine.max(0) as u64))
-}
-
-/// Counts a conversation of `uid` into the queue and returns its place.
-fn enqueue(conn: &Connection, uid: &str, priority: Priority) -> Result<Place, StoreError> {
+) -> Result<Result<Place, QueueFull>, StoreError> {
     let priority = priority.as_i64();
-    let (vtime, finish): (i64, Option<i64>) = conn
+    let (total, mine, finish): (i64, i64, Option<i64>) = conn
+        .prepare_cached(QUEUE_STATE_SQL)
+        .map_err(unavailable)?
+        .query_row(params![uid, priority], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .map_err(unavailable)?;
+    if let Err(full) = admission.admit(uid, total.max(0) as u64, mine.max(0) as u64) {
+        return Ok(Err(full));
+    }
+    let (vtime, seq): (i64, i64) = conn
         .prepare_cached(
-            "SELECT p.vtime, u.finish FROM queue_priorities p \
-             LEFT JOIN queue_uids u ON u.uid = ?1 AND u.priority = p.priority \
-             WHERE p.priority = ?2",
+            "UPDATE queue_priorities SET queued = queued + 1, next_seq = next_seq + 1 \
+             WHERE priority = ?1 RETURNING vtime, next_seq",
         )
         .map_err(unavailable)?
-        .query_row(params![uid, priority], |row| Ok((row.get(0)?, row.get(1)?)))
+        .query_row(params![priority], |row| Ok((row.get(0)?, row.get(1)?)))
         .map_err(unavailable)?;
     let tag = start_tag(vtime, finish);
     conn.prepare_cached(
@@ -449,15 +447,11 @@ fn enqueue(conn: &Connection, uid: &str, priority: Priority) -> Result<Place, St
     .map_err(unavailable)?
     .execute(params![uid, priority, tag + 1])
     .map_err(unavailable)?;
-    conn.prepare_cached("UPDATE queue_priorities SET queued = queued + 1 WHERE priority = ?1")
-        .map_err(unavailable)?
-        .execute(params![priority])
-        .map_err(unavailable)?;
-    Ok(Place {
+    Ok(Ok(Place {
         tag,
-        seq: next_queue_seq(conn)?,
+        seq,
         at_ms: Now::Store.in_process(),
-    })
+    }))
 }
 
 /// Claims up to `limit` rows that `pick` (one of the pick statements) selects.
@@ -527,13 +521,6 @@ fn take_from_queue(conn: &Connection, tally: &ClaimTally) -> Result<(), StoreErr
     Ok(())
 }
 
-fn next_queue_seq(conn: &Connection) -> Result<i64, StoreError> {
-    conn.prepare_cached("UPDATE queue_counter SET next = next + 1 RETURNING next")
-        .map_err(unavailable)?
-        .query_row([], |r| r.get(0))
-        .map_err(unavailable)
-}
-
 #[async_trait::async_trait]
 impl ConversationStore for SqliteStore {
     async fn submit(
@@ -557,12 +544,10 @@ impl ConversationStore for SqliteStore {
                 }
             }
             let place = match new.status {
-                Status::Processing => {
-                    if let Err(full) = admit(conn, &new.uid, admission)? {
-                        return Ok(Err(full));
-                    }
-                    Some(enqueue(conn, &new.uid, new.priority)?)
-                }
+                Status::Processing => match enqueue(conn, &new.uid, new.priority, admission)? {
+                    Ok(place) => Some(place),
+                    Err(full) => return Ok(Err(full)),
+                },
                 _ => None,
             };
             conn.prepare_cached(
@@ -632,7 +617,11 @@ impl ConversationStore for SqliteStore {
                 .query_row(params![id], |row| row.get(0))
                 .map_err(unavailable)?;
             let priority = Priority::from_stored(&id, priority)?;
-            let place = enqueue(conn, &current.uid, priority)?;
+            let Ok(place) = enqueue(conn, &current.uid, priority, Admission::Always)? else {
+                return Err(StoreError::Corrupt(
+                    "an unbounded enqueue was refused".into(),
+                ));
+            };
             conn.prepare_cached(
                 "UPDATE conversations SET status = 'processing', queue_seq = ?2, queue_tag = ?3, \
                  queued_at_ms = ?4, owner = NULL, lease_expires_at_ms = NULL, last_error = NULL \

@@ -131,7 +131,9 @@ async fn completion_latencies(client: &ListenClient) -> Vec<Duration> {
 fn completion_latency(c: &listen::Conversation) -> Option<Duration> {
     let (created, completed) = (c.created_at.as_ref()?, c.completed_at.as_ref()?);
     let ms = |t: &prost_types::Timestamp| t.seconds as f64 * 1e3 + f64::from(t.nanos) / 1e6;
-    Some(Duration::from_secs_f64((ms(completed) - ms(created)).max(0.0) / 1e3))
+    Some(Duration::from_secs_f64(
+        (ms(completed) - ms(created)).max(0.0) / 1e3,
+    ))
 }
 
 /// P8's trickle: `uids` uids each submitting `each` conversations, one every 200 ms, while
