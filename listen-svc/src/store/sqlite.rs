@@ -496,18 +496,21 @@ fn claim_picked(
 /// Takes what a claim tallied out of the queue's counters and moves the virtual times.
 fn take_from_queue(conn: &Connection, tally: &ClaimTally) -> Result<(), StoreError> {
     for ((uid, priority), n) in &tally.uids {
-        conn.prepare_cached(
-            "UPDATE queue_uids SET queued = queued - ?3 WHERE uid = ?1 AND priority = ?2",
-        )
-        .map_err(unavailable)?
-        .execute(params![uid, priority, n])
-        .map_err(unavailable)?;
-        conn.prepare_cached(
-            "DELETE FROM queue_uids WHERE uid = ?1 AND priority = ?2 AND queued <= 0",
-        )
-        .map_err(unavailable)?
-        .execute(params![uid, priority])
-        .map_err(unavailable)?;
+        let left: Option<i64> = conn
+            .prepare_cached(
+                "UPDATE queue_uids SET queued = queued - ?3 WHERE uid = ?1 AND priority = ?2 \
+                 RETURNING queued",
+            )
+            .map_err(unavailable)?
+            .query_row(params![uid, priority, n], |row| row.get(0))
+            .optional()
+            .map_err(unavailable)?;
+        if left.is_some_and(|left| left <= 0) {
+            conn.prepare_cached("DELETE FROM queue_uids WHERE uid = ?1 AND priority = ?2")
+                .map_err(unavailable)?
+                .execute(params![uid, priority])
+                .map_err(unavailable)?;
+        }
     }
     for (priority, (n, tag)) in &tally.priorities {
         conn.prepare_cached(
