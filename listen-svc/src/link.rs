@@ -755,7 +755,9 @@ impl Link {
                 self.work.claiming = false;
                 match result {
                     Ok(claimed) => {
-                        self.work.more_work = claimed.len() >= limit;
+                        // A wake while the claim was out (work committed after its scan)
+                        // has set more_work again; a full claim means there may be more.
+                        self.work.more_work |= claimed.len() >= limit;
                         let now = Instant::now();
                         for row in claimed {
                             debug!(conversation_id = %row.id, generation = row.generation, "claimed");

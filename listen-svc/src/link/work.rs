@@ -46,6 +46,9 @@ impl Work {
             return;
         }
         self.claiming = true;
+        // Set again by a wake that arrives while this claim is out, so work committed after
+        // the claim's scan is not left for the next maintenance tick.
+        self.more_work = false;
         let limit = free.min(CLAIM_BATCH);
         let order = ClaimOrder::for_claim(self.claims);
         self.claims += 1;
