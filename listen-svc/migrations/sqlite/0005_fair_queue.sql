@@ -11,6 +11,9 @@
 ALTER TABLE conversations ADD COLUMN priority INTEGER NOT NULL DEFAULT 0; -- 0 interactive, 1 bulk
 ALTER TABLE conversations ADD COLUMN queue_tag INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE conversations ADD COLUMN queued_at_ms INTEGER;
+-- Set by each claim: how long the row had waited for it (NULL when claimed again). The claim
+-- returns it; SQLite's RETURNING sees only the new values, so queued_at_ms is gone by then.
+ALTER TABLE conversations ADD COLUMN queue_wait_ms INTEGER;
 
 -- Rows queued before this migration: unclaimed ones wait, and each uid's keep their order.
 UPDATE conversations SET queued_at_ms = COALESCE(finished_at_ms, created_at_ms)

@@ -463,32 +463,28 @@ fn claim_picked(
     lease_until_ms: i64,
     limit: usize,
 ) -> Result<Vec<(ClaimKey, Claimed)>, StoreError> {
-    let picked: Vec<(String, Option<i64>)> = conn
-        .prepare_cached(pick)
-        .map_err(unavailable)?
-        .query_map(params![now_ms, limit as i64], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })
-        .map_err(unavailable)?
-        .collect::<Result<_, _>>()
-        .map_err(unavailable)?;
-    let mut take = conn
+    // One statement: the SET expressions read the old row, so queue_wait_ms is the wait
+    // since queued_at_ms (NULL when the row was claimed before).
+    let mut stmt = conn
         .prepare_cached(&format!(
-            "UPDATE conversations SET owner = ?2, lease_expires_at_ms = ?3, \
-             generation = generation + 1, queued_at_ms = NULL \
-             WHERE id = ?1 RETURNING {CLAIMED_COLUMNS}"
+            "UPDATE conversations SET owner = ?3, lease_expires_at_ms = ?4, \
+             generation = generation + 1, queue_wait_ms = ?1 - queued_at_ms, \
+             queued_at_ms = NULL \
+             WHERE id IN (SELECT id FROM ({pick})) \
+             RETURNING {CLAIMED_COLUMNS}, queue_wait_ms"
         ))
         .map_err(unavailable)?;
-    let mut claimed = Vec::with_capacity(picked.len());
-    for (id, queued_at_ms) in picked {
-        let mut rows = take
-            .query(params![id, owner, lease_until_ms])
-            .map_err(unavailable)?;
-        if let Some(row) = rows.next().map_err(unavailable)? {
-            let (key, mut row) = read_claimed(row)?;
-            row.waited_ms = queued_at_ms.map(|at| (now_ms - at).max(0));
-            claimed.push((key, row));
-        }
+    let mut rows = stmt
+        .query(params![now_ms, limit as i64, owner, lease_until_ms])
+        .map_err(unavailable)?;
+    let mut claimed = Vec::new();
+    while let Some(row) = rows.next().map_err(unavailable)? {
+        let (key, mut claimed_row) = read_claimed(row)?;
+        claimed_row.waited_ms = row
+            .get::<_, Option<i64>>("queue_wait_ms")
+            .map_err(unavailable)?
+            .map(|ms| ms.max(0));
+        claimed.push((key, claimed_row));
     }
     Ok(in_claim_order(claimed))
 }
