@@ -454,6 +454,18 @@ fn enqueue(
     }))
 }
 
+/// The claim of what `pick` selects (?1 now, ?2 limit), leased to ?3 until ?4. One
+/// statement: the SET expressions read the old row, so queue_wait_ms is the wait since
+/// queued_at_ms (NULL when the row was claimed before).
+fn claim_sql(pick: &str) -> String {
+    format!(
+        "UPDATE conversations SET owner = ?3, lease_expires_at_ms = ?4, \
+         generation = generation + 1, queue_wait_ms = ?1 - queued_at_ms, queued_at_ms = NULL \
+         WHERE id IN (SELECT id FROM ({pick})) \
+         RETURNING {CLAIMED_COLUMNS}, queue_wait_ms"
+    )
+}
+
 /// Claims up to `limit` rows that `pick` (one of the pick statements) selects.
 fn claim_picked(
     conn: &Connection,
@@ -463,17 +475,7 @@ fn claim_picked(
     lease_until_ms: i64,
     limit: usize,
 ) -> Result<Vec<(ClaimKey, Claimed)>, StoreError> {
-    // One statement: the SET expressions read the old row, so queue_wait_ms is the wait
-    // since queued_at_ms (NULL when the row was claimed before).
-    let mut stmt = conn
-        .prepare_cached(&format!(
-            "UPDATE conversations SET owner = ?3, lease_expires_at_ms = ?4, \
-             generation = generation + 1, queue_wait_ms = ?1 - queued_at_ms, \
-             queued_at_ms = NULL \
-             WHERE id IN (SELECT id FROM ({pick})) \
-             RETURNING {CLAIMED_COLUMNS}, queue_wait_ms"
-        ))
-        .map_err(unavailable)?;
+    let mut stmt = conn.prepare_cached(&claim_sql(pick)).map_err(unavailable)?;
     let mut rows = stmt
         .query(params![now_ms, limit as i64, owner, lease_until_ms])
         .map_err(unavailable)?;
@@ -911,9 +913,12 @@ mod plan_tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open_connection(&dir.path().join("plan.db"), true).unwrap();
         migrate(&mut conn).unwrap();
+        let (claim, claim_bulk) = (claim_sql(PICK_SQL), claim_sql(PICK_BULK_SQL));
         for (sql, index, may_sort) in [
             (PICK_SQL, "conversations_queue", false),
             (PICK_BULK_SQL, "conversations_queue", false),
+            (claim.as_str(), "conversations_queue", false),
+            (claim_bulk.as_str(), "conversations_queue", false),
             (COUNT_PROCESSING_SQL, "conversations_queue", false),
             (QUEUE_STATS_SQL, "conversations_waiting", false),
             (EXPIRED_SQL, "conversations_deadline", false),
@@ -945,10 +950,10 @@ mod plan_tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open_connection(&dir.path().join("prepare.db"), true).unwrap();
         migrate(&mut conn).unwrap();
-        let mut claim = conn.prepare(PICK_SQL).unwrap();
+        let mut claim = conn.prepare(&claim_sql(PICK_SQL)).unwrap();
         let mut expired = conn.prepare(EXPIRED_SQL).unwrap();
         for limit in 1..=5i64 {
-            let mut rows = claim.query(params![0, limit]).unwrap();
+            let mut rows = claim.query(params![0, limit, "owner", 1]).unwrap();
             while rows.next().unwrap().is_some() {}
             let mut rows = expired.query(params![0, limit]).unwrap();
             while rows.next().unwrap().is_some() {}
