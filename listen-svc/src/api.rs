@@ -6,7 +6,9 @@ use crate::auth;
 use crate::error::{ApiError, reject};
 use crate::link::LinkHandle;
 use crate::session;
-use crate::store::{ConversationStore, ListFilter, RetryOutcome, Status};
+use crate::store::{
+    Admission, ConversationStore, ListFilter, Now, Priority, QueueBounds, RetryOutcome, Status,
+};
 use crate::validate::{
     Limits, MAX_ID_BYTES, validate_id, validate_submit, validate_text, validate_view,
 };
@@ -32,6 +34,10 @@ pub(crate) struct ListenService {
     /// Most encoded bytes in one ListConversations response (`--max-page-bytes`).
     pub max_page_bytes: usize,
     pub sessions: session::Context,
+    /// `--max-queued`, `--max-queued-per-uid`.
+    pub queue_bounds: QueueBounds,
+    /// The delay a full queue's refusal asks for (`--queue-retry-after`).
+    pub queue_retry_after: std::time::Duration,
 }
 
 type Reply<T> = Result<Response<T>, tonic::Status>;
@@ -120,7 +126,11 @@ impl ListenService {
         let request = request.into_inner();
         let new = validate_submit(request, self.limits)?;
         caller.require("uid", &new.uid)?;
-        let submitted = self.store.submit(new).await?;
+        let submitted = self
+            .store
+            .submit(new, Admission::Bounded(self.queue_bounds))
+            .await?
+            .map_err(|full| ApiError::queue_full(full, self.queue_retry_after))?;
         if submitted.created {
             let status = if submitted.status == Status::Processing {
                 "processing"
@@ -280,17 +290,26 @@ impl ListenService {
         }
         let snapshot = self.link.snapshot();
         // The link's own state is reported even when the store cannot be counted.
-        let (queued, last_error) = match self.store.count_processing().await {
-            Ok(processing) => (
-                processing.saturating_sub(snapshot.pending as u64),
-                snapshot.last_error,
+        let (queues, last_error) = match self.store.queue_stats(Now::Store).await {
+            Ok(stats) => (stats, snapshot.last_error),
+            Err(error) => (
+                Default::default(),
+                format!("cannot count queued work: {error}"),
             ),
-            Err(error) => (0, format!("cannot count queued work: {error}")),
         };
         Ok(api::LinkStatus {
             state: snapshot.state as i32,
             pending: snapshot.pending as u32,
-            queued,
+            queued: queues.iter().map(|q| q.queued).sum(),
+            queues: Priority::ALL
+                .into_iter()
+                .zip(queues)
+                .map(|(priority, stats)| api::QueueStatus {
+                    priority: to_proto_priority(priority) as i32,
+                    queued: stats.queued,
+                    oldest_age_seconds: stats.oldest_age_ms as f64 / 1e3,
+                })
+                .collect(),
             reconnects: snapshot.reconnects,
             last_error,
             consecutive_failures: snapshot.consecutive_failures,
@@ -314,6 +333,13 @@ impl ListenService {
                 })
                 .collect(),
         })
+    }
+}
+
+fn to_proto_priority(priority: Priority) -> api::Priority {
+    match priority {
+        Priority::Interactive => api::Priority::Interactive,
+        Priority::Bulk => api::Priority::Bulk,
     }
 }
 

@@ -153,6 +153,28 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_sessions_per_uid: u32,
 
+    /// Conversations waiting in the store to be sent to pusher, at most, all uids together.
+    /// Beyond it Submit and a session's Finish get RESOURCE_EXHAUSTED (with RetryInfo) and
+    /// nothing is stored. The default holds a long pusher outage at a steady rate (hours at
+    /// 100 conversations/s) while bounding the disk a stalled pusher can fill (about this
+    /// many times the average conversation's size).
+    #[arg(long, env = "LISTEN_MAX_QUEUED", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub max_queued: u64,
+
+    /// Conversations of one uid waiting in the store to be sent to pusher, at most. Beyond it
+    /// that uid's Submit and Finish get RESOURCE_EXHAUSTED (with RetryInfo); other uids are
+    /// not affected. The default takes a day of one device's recordings synced at once while
+    /// keeping one misbehaving client to 1 % of --max-queued.
+    #[arg(long, env = "LISTEN_MAX_QUEUED_PER_UID", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub max_queued_per_uid: u64,
+
+    /// The delay a RESOURCE_EXHAUSTED answer to a full queue asks the client to wait before
+    /// trying again (its google.rpc.RetryInfo).
+    #[arg(long, env = "LISTEN_QUEUE_RETRY_AFTER", default_value = "10s", value_parser = parse_positive_duration)]
+    pub queue_retry_after: Duration,
+
     /// Lowest conversation_timeout_s a session may ask for.
     #[arg(long, env = "LISTEN_MIN_CONVERSATION_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub min_conversation_timeout: Duration,
@@ -442,6 +464,14 @@ impl Config {
             max_segment_bytes: self.max_segment_bytes as usize,
             max_conversation_bytes: (self.max_message_bytes as usize)
                 .saturating_sub(crate::validate::PROCESS_OVERHEAD_BYTES),
+        }
+    }
+
+    /// The admission bounds on queued conversations.
+    pub(crate) fn queue_bounds(&self) -> crate::store::QueueBounds {
+        crate::store::QueueBounds {
+            max_queued: self.max_queued,
+            max_queued_per_uid: self.max_queued_per_uid,
         }
     }
 

@@ -5,8 +5,10 @@
 //! refused call is logged and counted, once, at the level its cause deserves; internal details
 //! stay in the log and out of the status.
 
-use crate::store::StoreError;
+use crate::store::{QueueFull, StoreError};
+use std::time::Duration;
 use tonic::Status;
+use tonic_types::{ErrorDetails, StatusExt};
 use tracing::{debug, error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,13 @@ pub(crate) enum ApiError {
     /// A bound (the message names its flag) is reached; retry later.
     #[error("{0}")]
     Exhausted(String),
+    /// The queue is at a bound: nothing was stored; retry after the delay (sent as a
+    /// `google.rpc.RetryInfo` detail too).
+    #[error("{full}; nothing was stored, retry in {}s", retry_after.as_secs_f64())]
+    QueueFull {
+        full: QueueFull,
+        retry_after: Duration,
+    },
     /// The client did not send what the protocol needs within its deadline.
     #[error("{0}")]
     TooSlow(&'static str),
@@ -54,6 +63,11 @@ impl ApiError {
         }
     }
 
+    /// A full queue refused new work: RESOURCE_EXHAUSTED with `retry_after` as RetryInfo.
+    pub(crate) fn queue_full(full: QueueFull, retry_after: Duration) -> Self {
+        ApiError::QueueFull { full, retry_after }
+    }
+
     /// The status code's name, as the `code` label of `listen_rejected_requests_total`.
     fn code_label(&self) -> &'static str {
         match self {
@@ -62,7 +76,7 @@ impl ApiError {
             ApiError::NotRetryable { .. } | ApiError::OutOfOrder { .. } => "failed_precondition",
             ApiError::Unauthenticated(_) => "unauthenticated",
             ApiError::PermissionDenied(_) => "permission_denied",
-            ApiError::Exhausted(_) => "resource_exhausted",
+            ApiError::Exhausted(_) | ApiError::QueueFull { .. } => "resource_exhausted",
             ApiError::TooSlow(_) => "deadline_exceeded",
             ApiError::ShuttingDown(_) | ApiError::Store(StoreError::Unavailable(_)) => {
                 "unavailable"
@@ -107,6 +121,11 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(_) => Status::unauthenticated(message),
             ApiError::PermissionDenied(_) => Status::permission_denied(message),
             ApiError::Exhausted(_) => Status::resource_exhausted(message),
+            ApiError::QueueFull { retry_after, .. } => Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
             ApiError::TooSlow(_) => Status::deadline_exceeded(message),
             ApiError::ShuttingDown(_) => Status::unavailable(message),
             ApiError::Internal(_) => Status::internal(message),
@@ -127,6 +146,19 @@ mod tests {
 
     #[test]
     fn each_error_has_its_code_and_a_message_without_internal_details() {
+        let full = Status::from(ApiError::QueueFull {
+            full: QueueFull::Total { limit: 5 },
+            retry_after: Duration::from_secs(10),
+        });
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        assert_eq!(
+            full.message(),
+            "5 conversations are queued, listen's limit (--max-queued); nothing was stored, retry in 10s"
+        );
+        assert_eq!(
+            full.get_details_retry_info().and_then(|r| r.retry_delay),
+            Some(Duration::from_secs(10))
+        );
         for (error, code, message) in [
             (
                 ApiError::invalid("segments[1].text", "too long"),

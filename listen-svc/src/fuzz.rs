@@ -40,8 +40,9 @@ prop_compose! {
 
 prop_compose! {
     fn any_submit()(uid in prop_oneof![Just(String::new()), ".{0,140}"], key in ".{0,140}", language in ".{0,40}",
-                    segments in prop::collection::vec(any_segment(), 0..12)) -> api::SubmitConversationRequest {
-        api::SubmitConversationRequest { uid, segments, idempotency_key: key, language }
+                    segments in prop::collection::vec(any_segment(), 0..12),
+                    priority in -1i32..4) -> api::SubmitConversationRequest {
+        api::SubmitConversationRequest { uid, segments, idempotency_key: key, language, priority }
     }
 }
 

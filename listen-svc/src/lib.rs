@@ -115,7 +115,11 @@ pub async fn run(
             min_timeout: config.min_conversation_timeout,
             linger: config.session_linger,
             shutdown: sessions_shutdown,
+            queue_bounds: config.queue_bounds(),
+            queue_retry_after: config.queue_retry_after,
         },
+        queue_bounds: config.queue_bounds(),
+        queue_retry_after: config.queue_retry_after,
     };
     let (reflection_v1, reflection_v1alpha) = shared::grpc::reflection(&[SERVICE_NAME])?;
     let authenticator = config.authenticator()?.map(Arc::new);

@@ -10,9 +10,10 @@
 //! 1. opens a Connect stream (Hello -> Welcome) on each lane whose state machine says so,
 //!    each in its own task, so a slow endpoint never holds up the others;
 //! 2. on every established stream, replays that lane's window with a fresh retry budget;
-//! 3. claims PROCESSING rows from the store, only as many as there are free slots on lanes
-//!    that take work (so work beyond them stays queued in the store), and gives each to the
-//!    lane with the fewest pending (ties: round-robin);
+//! 3. claims PROCESSING rows from the store in fair order (uids take turns, interactive
+//!    before bulk, every 8th claim bulk first: `store::queue`), only as many as there are
+//!    free slots on lanes that take work (so work beyond them stays queued in the store),
+//!    and gives each to the lane with the fewest pending (ties: round-robin);
 //! 4. moves work off lanes that cannot send it (stream down, draining, endpoint gone from
 //!    DNS) onto lanes that can, when there are any; a conversation is in one window at a time;
 //! 5. matches Ack / Progress / Busy to the lane's window, writes outcomes to the store with
@@ -70,6 +71,8 @@ use work::Work;
 const REQUEUE_DELAY: Duration = Duration::from_millis(50);
 /// Delay before re-sending an entry whose outcome could not be written.
 const SETTLE_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How often the queue gauges are read from the store's counters.
+const QUEUE_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// A lane that fails triggers a fresh DNS lookup (its pod may have moved), at most this often.
 const MIN_RERESOLVE: Duration = Duration::from_secs(5);
 
@@ -150,6 +153,7 @@ pub(crate) fn spawn(
             events: events_tx.clone(),
             more_work: true,
             claiming: false,
+            claims: 0,
         },
         config: Arc::new(config),
         lanes,
@@ -349,6 +353,8 @@ impl Link {
         let mut heartbeat = tokio::time::interval(self.config.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate: a dns: target is looked up at once.
+        let mut queue_report = tokio::time::interval(QUEUE_REPORT_INTERVAL);
+        queue_report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut resolve = tokio::time::interval(self.config.resolve_interval);
         resolve.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let dns = self.dns.resolver.is_some();
@@ -373,8 +379,9 @@ impl Link {
                 _ = self.transcripts.ready.notified(), if forwarding => {}
                 _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => self.on_timer(),
                 _ = heartbeat.tick() => self.heartbeat(),
+                _ = queue_report.tick() => self.work.report_queue(),
                 _ = maintenance.tick() => {
-                    self.work.renew(self.lanes.ids(), self.lanes.pending_total());
+                    self.work.renew(self.lanes.ids());
                     // Rows whose owner died become claimable when their lease expires.
                     self.work.more_work = true;
                 }
@@ -748,7 +755,9 @@ impl Link {
                 self.work.claiming = false;
                 match result {
                     Ok(claimed) => {
-                        self.work.more_work = claimed.len() >= limit;
+                        // A wake while the claim was out (work committed after its scan)
+                        // has set more_work again; a full claim means there may be more.
+                        self.work.more_work |= claimed.len() >= limit;
                         let now = Instant::now();
                         for row in claimed {
                             debug!(conversation_id = %row.id, generation = row.generation, "claimed");

@@ -6,6 +6,10 @@
 //! `conversation_timeout_s` of silence, or, once the session is gone, at its deadline (by a
 //! sweeper, on any instance) unless a new session for the same uid resumes it first.
 //!
+//! A `Finish` (or a half-close) beyond the queue bounds (`--max-queued*`) ends the session
+//! with RESOURCE_EXHAUSTED and RetryInfo, leaving the conversation IN_PROGRESS for a new
+//! session to resume; a finish by silence is queued whatever the bounds.
+//!
 //! When the client half-closes, the conversation still IN_PROGRESS is finished as if `Finish`
 //! had been sent, and the stream stays open until every conversation the session finished
 //! has had its outcome event (processed, failed or discarded), or `--session-linger` has
@@ -23,7 +27,7 @@
 use crate::auth::Caller;
 use crate::error::{ApiError, reject};
 use crate::link::LinkHandle;
-use crate::store::{ConversationStore, NewLive, Now, Status as Lifecycle};
+use crate::store::{Admission, ConversationStore, NewLive, Now, QueueBounds, Status as Lifecycle};
 use crate::validate::{
     Limits, MAX_ID_BYTES, validate_conversation_bytes, validate_language, validate_segments,
     validate_text,
@@ -219,6 +223,10 @@ pub(crate) struct Context {
     /// After a half-close, the longest the stream waits for outcomes (`--session-linger`).
     pub linger: Duration,
     pub shutdown: watch::Receiver<bool>,
+    /// Bounds an explicit Finish (or a half-close) is held to (`--max-queued*`).
+    pub queue_bounds: QueueBounds,
+    /// The delay a refused Finish asks for (`--queue-retry-after`).
+    pub queue_retry_after: Duration,
 }
 
 /// How a session's inbound side ended.
@@ -388,7 +396,8 @@ impl Session {
                 }
                 _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     debug!(uid = %self.uid, "silence timeout");
-                    self.finish().await?;
+                    // Nobody asked: it is queued whatever the bounds.
+                    self.finish(Admission::Always).await?;
                     continue;
                 }
                 () = stopping(&mut shutdown) => {
@@ -403,7 +412,7 @@ impl Session {
                 })) => self.append(batch.segments).await?,
                 Ok(Some(SessionRequest {
                     msg: Some(Msg::Finish(_)),
-                })) => self.finish().await?,
+                })) => self.finish(self.bounded()).await?,
                 Ok(Some(SessionRequest {
                     msg: Some(Msg::Start(_)),
                 })) => {
@@ -436,7 +445,7 @@ impl Session {
     /// conversation this session finished has had its outcome event, the linger time has
     /// passed, or the client stops reading.
     async fn linger(&mut self) -> Result<(), ApiError> {
-        self.finish().await?;
+        self.finish(self.bounded()).await?;
         let until = Instant::now() + self.ctx.linger;
         let mut shutdown = self.ctx.shutdown.clone();
         let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
@@ -548,12 +557,25 @@ impl Session {
         Err(ApiError::Internal("could not store segments"))
     }
 
-    async fn finish(&mut self) -> Result<(), ApiError> {
-        let Some(current) = self.current.take() else {
+    /// What a client's Finish is held to.
+    fn bounded(&self) -> Admission {
+        Admission::Bounded(self.ctx.queue_bounds)
+    }
+
+    /// Finishes the current conversation. Refused by `admission` (RESOURCE_EXHAUSTED, which
+    /// ends the session), it stays IN_PROGRESS and current, for a new session to resume.
+    async fn finish(&mut self, admission: Admission) -> Result<(), ApiError> {
+        let Some(current) = self.current.as_ref() else {
             return Ok(());
         };
-        let id = current.id;
-        let finished = self.ctx.store.finish(&id, Now::Store).await?;
+        let id = current.id.clone();
+        let finished = self
+            .ctx
+            .store
+            .finish(&id, Now::Store, admission)
+            .await?
+            .map_err(|full| ApiError::queue_full(full, self.ctx.queue_retry_after))?;
+        self.current = None;
         match finished {
             Some(Lifecycle::Processing) => {
                 self.ctx.sessions.wait_for(&id, &self.notices);

@@ -7,14 +7,17 @@
 //!
 //! Two backends, [`SqliteStore`] and [`PostgresStore`], each keep their own dialect's SQL
 //! (claims, upserts, migrations). What they share is written once: `row` reads result rows
-//! (the column list, row to [`Conversation`], claimed rows) and `list` builds the list query.
+//! (the column list, row to [`Conversation`], claimed rows), `list` builds the list query,
+//! and [`queue`] decides admission and fair order (start tags).
 
 mod list;
 mod postgres;
+pub(crate) mod queue;
 mod row;
 mod sqlite;
 
 pub(crate) use postgres::PostgresStore;
+pub(crate) use queue::{Admission, ClaimOrder, Priority, QueueBounds, QueueFull, QueueStats};
 pub(crate) use sqlite::SqliteStore;
 
 use shared::proto::listen::v1 as api;
@@ -83,6 +86,7 @@ pub(crate) struct NewConversation {
     pub segments: Vec<api::Segment>,
     /// PROCESSING, or DISCARDED when there is nothing to process.
     pub status: Status,
+    pub priority: Priority,
     pub now_ms: i64,
 }
 
@@ -159,6 +163,10 @@ pub(crate) struct Claimed {
     /// Sends recorded so far; the next send's attempt number continues from here, so attempt
     /// numbers never repeat over a conversation's life (retries included).
     pub attempts: u32,
+    pub priority: Priority,
+    /// On its first claim since it entered PROCESSING: how long it waited, by the store's
+    /// clock. None when claimed again (a lease that expired).
+    pub waited_ms: Option<i64>,
 }
 
 /// A page request for listing.
@@ -196,25 +204,34 @@ pub(crate) enum StoreError {
 #[async_trait::async_trait]
 pub(crate) trait ConversationStore: Send + Sync + 'static {
     /// Stores a new conversation, or returns the existing one for the same
-    /// (uid, idempotency_key). Committed durably before returning.
-    async fn submit(&self, new: NewConversation) -> Result<Submitted, StoreError>;
+    /// (uid, idempotency_key), even over the bounds. Committed durably before returning. A
+    /// new PROCESSING one beyond `admission`'s bounds is refused and nothing is written.
+    async fn submit(
+        &self,
+        new: NewConversation,
+        admission: Admission,
+    ) -> Result<Result<Submitted, QueueFull>, StoreError>;
 
     async fn get(&self, id: &str) -> Result<Option<Conversation>, StoreError>;
 
     /// Newest first.
     async fn list(&self, filter: ListFilter) -> Result<Vec<Conversation>, StoreError>;
 
-    /// FAILED -> PROCESSING, at the back of the queue, with no owner. Attempts keep counting.
+    /// FAILED -> PROCESSING, at the back of its uid's queue, with no owner. Attempts keep
+    /// counting. Not bounded by admission (an operator's decision about stored work).
     async fn retry(&self, id: &str) -> Result<RetryOutcome, StoreError>;
 
-    /// Claims up to `limit` PROCESSING rows, oldest queued first, that nobody holds (no owner
-    /// or an expired lease). Sets owner and lease and bumps the generation.
+    /// Claims up to `limit` PROCESSING rows that nobody holds (no owner or an expired lease),
+    /// in fair order: by priority as `order` says, then start tag, then queue order. Sets
+    /// owner and lease, bumps the generation, and takes rows claimed for the first time out
+    /// of the queued counts, advancing each priority's virtual time.
     async fn claim(
         &self,
         owner: &str,
         now: Now,
         lease_ms: i64,
         limit: usize,
+        order: ClaimOrder,
     ) -> Result<Vec<Claimed>, StoreError>;
 
     /// Gives up every lease `owner` holds, so any instance can claim those rows at once. Used
@@ -254,7 +271,15 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// Rows in PROCESSING (pending and queued).
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "tests check the counters against it")
+    )]
     async fn count_processing(&self) -> Result<u64, StoreError>;
+
+    /// Conversations waiting for their first claim, per priority, and the age of the oldest
+    /// (by the store's clock): two counter rows and an index lookup, whatever the backlog.
+    async fn queue_stats(&self, now: Now) -> Result<[QueueStats; 2], StoreError>;
 
     /// Opens an IN_PROGRESS conversation with no segments yet.
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError>;
@@ -269,15 +294,22 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
         now: Now,
     ) -> Result<Option<u64>, StoreError>;
 
-    /// IN_PROGRESS -> PROCESSING (queued), or DISCARDED when it holds no text. Returns the
-    /// new status, or None if it was not in progress.
-    async fn finish(&self, id: &str, now: Now) -> Result<Option<Status>, StoreError>;
+    /// IN_PROGRESS -> PROCESSING (queued, interactive), or DISCARDED when it holds no text.
+    /// Returns the new status, or None if it was not in progress. Beyond `admission`'s
+    /// bounds it is refused and stays IN_PROGRESS, unchanged.
+    async fn finish(
+        &self,
+        id: &str,
+        now: Now,
+        admission: Admission,
+    ) -> Result<Result<Option<Status>, QueueFull>, StoreError>;
 
     /// The newest IN_PROGRESS conversation of `uid` whose deadline has not passed.
     async fn find_resumable(&self, uid: &str, now: Now) -> Result<Option<Resumable>, StoreError>;
 
     /// Finishes up to `limit` IN_PROGRESS conversations whose deadline passed (their
-    /// finish time is the deadline). Returns what became of each.
+    /// finish time is the deadline), whatever the admission bounds: they are stored already
+    /// and nobody is there to retry. Returns what became of each.
     async fn finish_expired(
         &self,
         now: Now,

@@ -3,7 +3,7 @@
 //! handlers, live sessions and the property tests.
 
 use crate::error::ApiError;
-use crate::store::{NewConversation, Status, now_ms};
+use crate::store::{NewConversation, Priority, Status, now_ms};
 use crate::wire::View;
 use shared::proto::listen::v1 as api;
 
@@ -39,6 +39,7 @@ pub(crate) fn validate_submit(
     validate_language("language", &request.language)?;
     validate_segments("segments", &request.segments, limits, 0)?;
     validate_conversation_bytes("segments", &request.segments, limits, 0)?;
+    let priority = validate_priority("priority", request.priority)?;
     let has_text = request.segments.iter().any(|s| !s.text.trim().is_empty());
     Ok(NewConversation {
         id: uuid::Uuid::now_v7().to_string(),
@@ -51,8 +52,23 @@ pub(crate) fn validate_submit(
         } else {
             Status::Discarded
         },
+        priority,
         now_ms: now_ms(),
     })
+}
+
+/// A request's `Priority` (unspecified is interactive).
+pub(crate) fn validate_priority(field: &str, value: i32) -> Result<Priority, ApiError> {
+    match api::Priority::try_from(value) {
+        Ok(api::Priority::Unspecified | api::Priority::Interactive) => Ok(Priority::Interactive),
+        Ok(api::Priority::Bulk) => Ok(Priority::Bulk),
+        Err(_) => Err(ApiError::invalid(
+            field,
+            format!(
+                "{value} is not a priority; use PRIORITY_INTERACTIVE (1, the default) or PRIORITY_BULK (2)"
+            ),
+        )),
+    }
 }
 
 /// Checks a batch of segments joining `already` stored ones. Field names start with `field`
@@ -281,6 +297,23 @@ mod tests {
         assert_eq!(
             invalid_field(validate_submit(key, LIMITS)),
             "idempotency_key"
+        );
+        let mut priority = submit("u", &["a"]);
+        priority.priority = 7;
+        assert_eq!(invalid_field(validate_submit(priority, LIMITS)), "priority");
+    }
+
+    #[test]
+    fn priority_defaults_to_interactive() {
+        let mut request = submit("u", &["a"]);
+        assert_eq!(
+            validate_submit(request.clone(), LIMITS).unwrap().priority,
+            Priority::Interactive
+        );
+        request.priority = api::Priority::Bulk as i32;
+        assert_eq!(
+            validate_submit(request, LIMITS).unwrap().priority,
+            Priority::Bulk
         );
     }
 

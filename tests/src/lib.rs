@@ -12,6 +12,7 @@
 //! - `waits`: [`wait_for`] a condition with a deadline, and the waits built on it.
 //! - `metrics`: [`Service::metric`] and [`sum_series`] over a scrape of /metrics.
 //! - `requests`: clients, [`talk`], and the reads tests build their checks from.
+//! - `session`: a live [`Session`] stream as a test drives it.
 //! - [`clock`]: a shifted wall clock for one process (libfaketime).
 //! - [`dns`], [`fake_pusher`], [`http`], [`nats`], [`postgres`], [`proxy`]: the test doubles and
 //!   servers the scenarios put around the binaries.
@@ -29,6 +30,7 @@ mod metrics;
 mod options;
 mod processes;
 mod requests;
+mod session;
 mod waits;
 
 pub use shared::proto::listen::v1 as listen;
@@ -44,8 +46,9 @@ pub use processes::{
 };
 pub use requests::{
     ListenClient, PusherClient, count_listed, link_status, listen_client, pusher_client, segment,
-    status_of, submit_many, talk,
+    status_of, submit_many, submit_many_as, talk,
 };
+pub use session::Session;
 pub use waits::{
     LinkWait, wait_all, wait_drained, wait_endpoints_connected, wait_for, wait_for_every,
     wait_link, wait_one,

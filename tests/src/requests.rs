@@ -31,6 +31,7 @@ pub fn talk(uid: &str, key: &str) -> listen::SubmitConversationRequest {
             segment("I will send the invoice summary by Friday.", 4.0),
             segment("We need to cut travel costs next quarter.", 8.0),
         ],
+        priority: 0,
     }
 }
 
@@ -67,6 +68,16 @@ pub async fn link_status(client: &mut ListenClient) -> listen::LinkStatus {
 
 /// Submits `n` conversations for `uid` with up to 16 in flight; returns their ids in order.
 pub async fn submit_many(client: &ListenClient, uid: &str, n: usize) -> Vec<String> {
+    submit_many_as(client, uid, n, listen::Priority::Unspecified).await
+}
+
+/// [`submit_many`] at `priority`.
+pub async fn submit_many_as(
+    client: &ListenClient,
+    uid: &str,
+    n: usize,
+    priority: listen::Priority,
+) -> Vec<String> {
     let mut ids = vec![String::new(); n];
     let mut tasks = tokio::task::JoinSet::new();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -80,10 +91,9 @@ pub async fn submit_many(client: &ListenClient, uid: &str, n: usize) -> Vec<Stri
                 if i >= n {
                     return done;
                 }
-                let response = client
-                    .submit_conversation(talk(&uid, &format!("{uid}-{i}")))
-                    .await
-                    .expect("submit");
+                let mut request = talk(&uid, &format!("{uid}-{i}"));
+                request.priority = priority as i32;
+                let response = client.submit_conversation(request).await.expect("submit");
                 done.push((i, response.into_inner().conversation_id));
             }
         });

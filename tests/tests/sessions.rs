@@ -2,13 +2,12 @@
 
 use std::time::{Duration, Instant};
 use tests::listen::{
-    ConversationStatus, Finish, Segments, SessionEvent, SessionRequest, Start,
-    session_event::Event, session_request::Msg,
+    ConversationStatus, Finish, Segments, Start, session_event::Event, session_request::Msg,
 };
 use tests::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Streaming};
+use tonic::Code;
 
 /// Sessions may ask for a 1 s silence timeout, abandoned ones are swept every 200 ms, and
 /// unary calls time out after 1 s (which must not cut the streams).
@@ -20,110 +19,6 @@ const FAST_SESSIONS: &[&str] = &[
     "--request-timeout",
     "1s",
 ];
-
-struct Session {
-    tx: mpsc::Sender<SessionRequest>,
-    events: Streaming<SessionEvent>,
-}
-
-impl Session {
-    async fn open(client: &ListenClient) -> Session {
-        let (tx, rx) = mpsc::channel(16);
-        let events = client
-            .clone()
-            .session(ReceiverStream::new(rx))
-            .await
-            .expect("session")
-            .into_inner();
-        Session { tx, events }
-    }
-
-    /// Opens a session and starts it; returns it with its SessionStarted.
-    async fn start(
-        client: &ListenClient,
-        uid: &str,
-        timeout_s: u32,
-    ) -> (Session, tests::listen::SessionStarted) {
-        let mut session = Session::open(client).await;
-        session
-            .send(Msg::Start(Start {
-                uid: uid.into(),
-                language: "en".into(),
-                conversation_timeout_s: timeout_s,
-            }))
-            .await;
-        match session.next().await {
-            Event::SessionStarted(started) => (session, started),
-            other => panic!("expected session_started, got {other:?}"),
-        }
-    }
-
-    async fn send(&self, msg: Msg) {
-        self.tx
-            .send(SessionRequest { msg: Some(msg) })
-            .await
-            .expect("session open");
-    }
-
-    async fn say(&mut self, texts: &[&str]) -> u64 {
-        let segments = texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| segment(t, i as f64))
-            .collect();
-        self.send(Msg::Segments(Segments { segments })).await;
-        loop {
-            match self.next().await {
-                Event::SegmentsStored(stored) => return stored.total_segments,
-                Event::ConversationStarted(_) => continue,
-                other => panic!("expected segments_stored, got {other:?}"),
-            }
-        }
-    }
-
-    async fn next(&mut self) -> Event {
-        let message = tokio::time::timeout(Duration::from_secs(20), self.events.message())
-            .await
-            .expect("an event within 20 s")
-            .expect("no stream error")
-            .expect("stream open");
-        message.event.expect("event set")
-    }
-
-    /// Ends the request side (half-close): the client sends nothing more but still reads.
-    fn half_close(&mut self) {
-        self.tx = mpsc::channel(1).0;
-    }
-
-    /// Every event until the stream ends; panics if it ends with an error or takes 20 s.
-    async fn rest(&mut self) -> Vec<Event> {
-        let mut events = Vec::new();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(20), self.events.message())
-                .await
-                .expect("the stream ends within 20 s")
-            {
-                Ok(Some(message)) => events.push(message.event.expect("event set")),
-                Ok(None) => return events,
-                Err(status) => panic!("stream ended with {status:?} after {events:?}"),
-            }
-        }
-    }
-
-    /// The status the stream ends with.
-    async fn error(&mut self) -> tonic::Status {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(20), self.events.message())
-                .await
-                .expect("ended in time")
-            {
-                Err(status) => return status,
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("stream ended without an error"),
-            }
-        }
-    }
-}
 
 async fn system(extra: &[&str]) -> (Service, Service) {
     let pusher_port = free_port();

@@ -3,7 +3,9 @@
 //! restarts, the real pusher) stays in the `tests` crate.
 
 use super::*;
-use crate::store::{Conversation, NewConversation, SqliteStore, Status as Stored, now_ms};
+use crate::store::{
+    Admission, Conversation, NewConversation, Priority, SqliteStore, Status as Stored, now_ms,
+};
 use ::tests::dns::TestDns;
 use ::tests::fake_pusher::{Behaviour, FakePusher};
 use ::tests::proxy::{Mode, Proxy};
@@ -98,19 +100,24 @@ impl Rig {
     async fn submit(&self, text: &str) -> String {
         let id = uuid::Uuid::now_v7().to_string();
         self.store
-            .submit(NewConversation {
-                id: id.clone(),
-                uid: "u".into(),
-                idempotency_key: None,
-                language: "en".into(),
-                segments: vec![api::Segment {
-                    text: text.into(),
-                    ..Default::default()
-                }],
-                status: Stored::Processing,
-                now_ms: now_ms(),
-            })
+            .submit(
+                NewConversation {
+                    id: id.clone(),
+                    uid: "u".into(),
+                    idempotency_key: None,
+                    language: "en".into(),
+                    segments: vec![api::Segment {
+                        text: text.into(),
+                        ..Default::default()
+                    }],
+                    status: Stored::Processing,
+                    priority: Priority::Interactive,
+                    now_ms: now_ms(),
+                },
+                Admission::Always,
+            )
             .await
+            .unwrap()
             .unwrap();
         self.link.wake();
         id

@@ -4,7 +4,7 @@
 //! out.
 
 use super::{Event, SettledHook};
-use crate::store::{ConversationStore, Now, StoreError, now_ms};
+use crate::store::{ClaimOrder, Claimed, ConversationStore, Now, Priority, StoreError, now_ms};
 use crate::wire::completion_of;
 use shared::proto::pusher::v1::Processed;
 use std::sync::Arc;
@@ -29,6 +29,8 @@ pub(super) struct Work {
     pub more_work: bool,
     /// A claim is outstanding (at most one at a time).
     pub claiming: bool,
+    /// Claims made so far: every `BULK_EVERY`th takes bulk work first.
+    pub claims: u64,
 }
 
 impl Work {
@@ -44,13 +46,43 @@ impl Work {
             return;
         }
         self.claiming = true;
+        // Set again by a wake that arrives while this claim is out, so work committed after
+        // the claim's scan is not left for the next maintenance tick.
+        self.more_work = false;
         let limit = free.min(CLAIM_BATCH);
+        let order = ClaimOrder::for_claim(self.claims);
+        self.claims += 1;
         let (store, events) = (Arc::clone(&self.store), self.events.clone());
         let owner = self.owner.clone();
         let lease_ms = self.lease_ttl.as_millis() as i64;
         tokio::spawn(async move {
-            let result = store.claim(&owner, Now::Store, lease_ms, limit).await;
+            let result = store
+                .claim(&owner, Now::Store, lease_ms, limit, order)
+                .await;
+            if let Ok(claimed) = &result {
+                record_waits(claimed);
+            }
             let _ = events.send(Event::Claimed { limit, result }).await;
+        });
+    }
+
+    /// Sets the queue gauges from the store's counters (the same on every replica of a
+    /// PostgreSQL store: they count the shared queue).
+    pub(super) fn report_queue(&self) {
+        let store = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            match store.queue_stats(Now::Store).await {
+                Ok(stats) => {
+                    for (priority, stats) in Priority::ALL.into_iter().zip(stats) {
+                        let label = priority.label();
+                        metrics::gauge!("listen_queued_conversations", "priority" => label)
+                            .set(stats.queued as f64);
+                        metrics::gauge!("listen_queue_oldest_age_seconds", "priority" => label)
+                            .set(stats.oldest_age_ms as f64 / 1e3);
+                    }
+                }
+                Err(error) => warn!(%error, "reading the queue's counters failed"),
+            }
         });
     }
 
@@ -104,15 +136,8 @@ impl Work {
     }
 
     /// Renews the leases of `ids` (what the windows hold: a backlog of queued rows costs
-    /// nothing here), and sets the queued gauge on the same tick.
-    pub(super) fn renew(&self, ids: Vec<String>, pending: usize) {
-        let counter = Arc::clone(&self.store);
-        tokio::spawn(async move {
-            if let Ok(processing) = counter.count_processing().await {
-                metrics::gauge!("listen_link_queued")
-                    .set(processing.saturating_sub(pending as u64) as f64);
-            }
-        });
+    /// nothing here).
+    pub(super) fn renew(&self, ids: Vec<String>) {
         if ids.is_empty() {
             return;
         }
@@ -132,5 +157,15 @@ impl Work {
                 }
             }
         });
+    }
+}
+
+/// Time from PROCESSING to the first claim, per priority, for rows claimed the first time.
+fn record_waits(claimed: &[Claimed]) {
+    for row in claimed {
+        if let Some(waited_ms) = row.waited_ms {
+            metrics::histogram!("listen_queue_wait_seconds", "priority" => row.priority.label())
+                .record(waited_ms as f64 / 1e3);
+        }
     }
 }

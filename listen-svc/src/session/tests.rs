@@ -3,7 +3,7 @@
 //! status becomes.
 
 use super::*;
-use crate::store::{Completion, NewConversation, SqliteStore, now_ms};
+use crate::store::{ClaimOrder, Completion, NewConversation, Priority, SqliteStore, now_ms};
 use shared::proto::listen::v1 as api;
 
 struct Fixture {
@@ -27,22 +27,30 @@ fn fixture(max_sessions: usize, max_per_uid: usize) -> Fixture {
 async fn claimed(store: &dyn ConversationStore, uid: &str) -> (String, i64) {
     let id = uuid::Uuid::now_v7().to_string();
     store
-        .submit(NewConversation {
-            id: id.clone(),
-            uid: uid.into(),
-            idempotency_key: None,
-            language: String::new(),
-            segments: vec![api::Segment {
-                text: "we need to ship the report".into(),
-                end: 1.0,
-                ..Default::default()
-            }],
-            status: Lifecycle::Processing,
-            now_ms: now_ms(),
-        })
+        .submit(
+            NewConversation {
+                id: id.clone(),
+                uid: uid.into(),
+                idempotency_key: None,
+                language: String::new(),
+                segments: vec![api::Segment {
+                    text: "we need to ship the report".into(),
+                    end: 1.0,
+                    ..Default::default()
+                }],
+                status: Lifecycle::Processing,
+                priority: Priority::Interactive,
+                now_ms: now_ms(),
+            },
+            Admission::Always,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let rows = store
+        .claim("test", Now::Store, 60_000, 1, ClaimOrder::InteractiveFirst)
         .await
         .unwrap();
-    let rows = store.claim("test", Now::Store, 60_000, 1).await.unwrap();
     assert_eq!(rows.len(), 1);
     (id, rows[0].generation)
 }

@@ -4,7 +4,10 @@
 //!   then gets `Unavailable` (a stopped server fails Submit fast rather than hanging it).
 //! - Each operation is one statement or one transaction; PostgreSQL does the grouping.
 //! - Claims use `FOR UPDATE SKIP LOCKED`, so replicas claiming at once never take the same
-//!   row and never wait on each other.
+//!   row.
+//! - Every transaction that changes the queue's counters and virtual times (submit, finish,
+//!   retry, claim) takes one advisory lock first (`QUEUE_LOCK`): replicas never deadlock on
+//!   each other's counter rows, and admission reads counts nobody is changing meanwhile.
 //! - Migrations run under an advisory lock, so replicas starting together apply them once.
 //! - Connections use TLS as the URL's libpq parameters say (`sslmode`, `sslrootcert`,
 //!   `sslcert`, `sslkey`): `url` takes them out of the URL, `tls` connects and explains
@@ -16,20 +19,22 @@ mod tls;
 mod url;
 
 use super::list::{Arg, Placeholders, list_query};
+use super::queue::start_tag;
 use super::row::{
-    COLUMNS, RowAccess, in_queue_order, read_claimed, read_conversation, read_id_and_status,
-    read_resumable,
+    CLAIMED_COLUMNS, COLUMNS, ClaimKey, ClaimTally, RowAccess, in_claim_order, read_claimed,
+    read_conversation, read_id_and_status, read_resumable, without_keys,
 };
 use super::{
-    Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
-    Now, Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries,
-    encode_segments, has_text,
+    Admission, ClaimOrder, Claimed, Completion, Conversation, ConversationStore, ListFilter,
+    NewConversation, NewLive, Now, Priority, QueueFull, QueueStats, Resumable, RetryOutcome,
+    Status, StoreError, Submitted, encode_deliveries, encode_segments, has_text,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prost::Message;
 use shared::proto::listen::v1 as api;
 use std::time::Duration;
 use tls::{Connector, Endpoint};
+use tokio_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 use tracing::debug;
 
@@ -46,12 +51,15 @@ const POOL_WAIT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Arbitrary, fixed: serializes migrations across replicas.
 const MIGRATION_LOCK: i64 = 0x6c69_7374_656e;
+/// Arbitrary, fixed: serializes the queue's bookkeeping across replicas (see the module docs).
+const QUEUE_LOCK: i64 = 0x6c69_7374_7175;
 
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_conversations.sql"),
     include_str!("../../migrations/postgres/0002_live_conversations.sql"),
     include_str!("../../migrations/postgres/0003_deliveries.sql"),
     include_str!("../../migrations/postgres/0004_partial_indexes.sql"),
+    include_str!("../../migrations/postgres/0005_fair_queue.sql"),
 ];
 
 pub(crate) struct PostgresStore {
@@ -163,19 +171,213 @@ fn unavailable(error: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(detail)
 }
 
+/// Takes the queue lock until the transaction ends.
+async fn lock_queue(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&QUEUE_LOCK])
+        .await
+        .map(|_| ())
+        .map_err(unavailable)
+}
+
+/// Under the queue lock: whether one more conversation of `uid` at `priority` fits within
+/// `admission`'s bounds, and if so, counts it in and returns its start tag. A refusal writes
+/// nothing.
+async fn enqueue(
+    tx: &Transaction<'_>,
+    uid: &str,
+    priority: Priority,
+    admission: Admission,
+) -> Result<Result<i64, QueueFull>, StoreError> {
+    let priority = priority.as_i64();
+    let state = tx
+        .query_one(
+            "SELECT (SELECT COALESCE(SUM(queued), 0) FROM queue_priorities)::BIGINT AS total, \
+               (SELECT COALESCE(SUM(queued), 0) FROM queue_uids WHERE uid = $1)::BIGINT AS mine, \
+               p.vtime, u.finish \
+             FROM queue_priorities p \
+             LEFT JOIN queue_uids u ON u.uid = $1 AND u.priority = p.priority \
+             WHERE p.priority = $2",
+            &[&uid, &priority],
+        )
+        .await
+        .map_err(unavailable)?;
+    let (total, mine): (i64, i64) = (state.value("total")?, state.value("mine")?);
+    if let Err(full) = admission.admit(uid, total.max(0) as u64, mine.max(0) as u64) {
+        return Ok(Err(full));
+    }
+    let tag = start_tag(state.value("vtime")?, state.value("finish")?);
+    tx.execute(
+        "WITH counted AS (UPDATE queue_priorities SET queued = queued + 1 WHERE priority = $2) \
+         INSERT INTO queue_uids (uid, priority, queued, finish) VALUES ($1, $2, 1, $3) \
+         ON CONFLICT (uid, priority) DO UPDATE \
+           SET queued = queue_uids.queued + 1, finish = EXCLUDED.finish",
+        &[&uid, &priority, &(tag + 1)],
+    )
+    .await
+    .map_err(unavailable)?;
+    Ok(Ok(tag))
+}
+
+/// Claims up to `limit` rows in fair order (only bulk ones with `bulk_only`).
+async fn claim_picked(
+    tx: &Transaction<'_>,
+    bulk_only: bool,
+    owner: &str,
+    now: Now,
+    lease_ms: i64,
+    limit: usize,
+) -> Result<Vec<(ClaimKey, Claimed)>, StoreError> {
+    let at = now_ms_param(2);
+    let filter = if bulk_only { "AND priority = 1" } else { "" };
+    let rows = tx
+        .query(
+            &format!(
+                "WITH now AS (SELECT {at} AS ms), picked AS ( \
+                   SELECT id, queued_at_ms FROM conversations \
+                   WHERE status = 'processing' \
+                     AND (owner IS NULL OR lease_expires_at_ms < (SELECT ms FROM now)) {filter} \
+                   ORDER BY priority, queue_tag, queue_seq LIMIT $4 \
+                   FOR UPDATE SKIP LOCKED) \
+                 UPDATE conversations c SET owner = $1, \
+                   lease_expires_at_ms = (SELECT ms FROM now) + $3::BIGINT, \
+                   generation = c.generation + 1, queued_at_ms = NULL \
+                 FROM picked WHERE c.id = picked.id \
+                 RETURNING {}, (SELECT ms FROM now) - picked.queued_at_ms AS waited_ms",
+                CLAIMED_COLUMNS
+                    .split(", ")
+                    .map(|column| format!("c.{}", column.trim()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            &[&owner, &now.param(), &lease_ms, &(limit as i64)],
+        )
+        .await
+        .map_err(unavailable)?;
+    let claimed = rows
+        .iter()
+        .map(|row| {
+            let (key, mut claimed) = read_claimed(row)?;
+            claimed.waited_ms = row.value::<Option<i64>>("waited_ms")?.map(|ms| ms.max(0));
+            Ok((key, claimed))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(in_claim_order(claimed))
+}
+
+/// Under the queue lock: takes what a claim tallied out of the counters and moves the
+/// virtual times.
+async fn take_from_queue(tx: &Transaction<'_>, tally: &ClaimTally) -> Result<(), StoreError> {
+    if !tally.uids.is_empty() {
+        let uids: Vec<&str> = tally.uids.keys().map(|(uid, _)| uid.as_str()).collect();
+        let priorities: Vec<i64> = tally.uids.keys().map(|(_, p)| *p).collect();
+        let counts: Vec<i64> = tally.uids.values().copied().collect();
+        tx.execute(
+            "UPDATE queue_uids u SET queued = u.queued - d.n \
+             FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS d(uid, priority, n) \
+             WHERE u.uid = d.uid AND u.priority = d.priority",
+            &[&uids, &priorities, &counts],
+        )
+        .await
+        .map_err(unavailable)?;
+        tx.execute(
+            "DELETE FROM queue_uids WHERE uid = ANY($1) AND queued <= 0",
+            &[&uids],
+        )
+        .await
+        .map_err(unavailable)?;
+    }
+    for (priority, (n, tag)) in &tally.priorities {
+        tx.execute(
+            "UPDATE queue_priorities SET queued = queued - $2, vtime = GREATEST(vtime, $3) \
+             WHERE priority = $1",
+            &[priority, n, tag],
+        )
+        .await
+        .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// Under the queue lock: IN_PROGRESS -> PROCESSING (interactive) or DISCARDED, finished now
+/// or (`at_deadline`) at its deadline. Beyond `admission`'s bounds nothing changes.
+async fn finish_one(
+    tx: &Transaction<'_>,
+    id: &str,
+    now: Now,
+    at_deadline: bool,
+    admission: Admission,
+) -> Result<Result<Option<Status>, QueueFull>, StoreError> {
+    let live = tx
+        .query_opt(
+            "SELECT uid, has_text FROM conversations \
+             WHERE id = $1 AND status = 'in_progress' FOR UPDATE",
+            &[&id],
+        )
+        .await
+        .map_err(unavailable)?;
+    let Some(live) = live else {
+        return Ok(Ok(None));
+    };
+    let uid: String = live.value("uid")?;
+    let (status, tag) = if live.value::<bool>("has_text")? {
+        match enqueue(tx, &uid, Priority::Interactive, admission).await? {
+            Ok(tag) => (Status::Processing, Some(tag)),
+            Err(full) => return Ok(Err(full)),
+        }
+    } else {
+        (Status::Discarded, None)
+    };
+    let at = now_ms_param(4);
+    tx.execute(
+        &format!(
+            "UPDATE conversations SET status = $2, \
+               queue_seq = CASE WHEN $3::BIGINT IS NOT NULL THEN nextval('conversations_queue_seq') END, \
+               queue_tag = COALESCE($3::BIGINT, 0), priority = 0, \
+               queued_at_ms = CASE WHEN $3::BIGINT IS NOT NULL THEN {at} END, \
+               finished_at_ms = CASE WHEN $5 THEN deadline_ms ELSE {at} END, deadline_ms = NULL \
+             WHERE id = $1"
+        ),
+        &[&id, &status.as_str(), &tag, &now.param(), &at_deadline],
+    )
+    .await
+    .map_err(unavailable)?;
+    Ok(Ok(Some(status)))
+}
+
 #[async_trait::async_trait]
 impl ConversationStore for PostgresStore {
-    async fn submit(&self, new: NewConversation) -> Result<Submitted, StoreError> {
-        let client = self.client().await?;
+    async fn submit(
+        &self,
+        new: NewConversation,
+        admission: Admission,
+    ) -> Result<Result<Submitted, QueueFull>, StoreError> {
+        let mut client = self.client().await?;
         let queued = new.status == Status::Processing;
-        let inserted = client
+        let tx = client.transaction().await.map_err(unavailable)?;
+        let mut tag = None;
+        if queued {
+            lock_queue(&tx).await?;
+            if let Some(existing) = existing_submit(&*tx, &new).await? {
+                return Ok(Ok(existing));
+            }
+            match enqueue(&tx, &new.uid, new.priority, admission).await? {
+                Ok(t) => tag = Some(t),
+                Err(full) => return Ok(Err(full)),
+            }
+        }
+        let at = now_ms_param(12);
+        let inserted = tx
             .query_opt(
-                "INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
-                 segment_count, created_at_ms, finished_at_ms, queue_seq) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, \
-                         CASE WHEN $9 THEN nextval('conversations_queue_seq') END) \
-                 ON CONFLICT (uid, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-                 RETURNING id",
+                &format!(
+                    "INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
+                     segment_count, created_at_ms, finished_at_ms, queue_seq, priority, queue_tag, \
+                     queued_at_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, \
+                             CASE WHEN $9 THEN nextval('conversations_queue_seq') END, $10, \
+                             COALESCE($11::BIGINT, 0), CASE WHEN $9 THEN {at} END) \
+                     ON CONFLICT (uid, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+                     RETURNING id"
+                ),
                 &[
                     &new.id,
                     &new.uid,
@@ -186,29 +388,26 @@ impl ConversationStore for PostgresStore {
                     &(new.segments.len() as i64),
                     &new.now_ms,
                     &queued,
+                    &new.priority.as_i64(),
+                    &tag,
+                    &Now::Store.param(),
                 ],
             )
             .await
             .map_err(unavailable)?;
         if inserted.is_some() {
-            return Ok(Submitted {
+            tx.commit().await.map_err(unavailable)?;
+            return Ok(Ok(Submitted {
                 id: new.id,
                 status: new.status,
                 created: true,
-            });
+            }));
         }
-        let row = client
-            .query_one(
-                "SELECT id, status FROM conversations WHERE uid = $1 AND idempotency_key = $2",
-                &[&new.uid, &new.idempotency_key],
-            )
-            .await
-            .map_err(unavailable)?;
-        let (id, status) = read_id_and_status(&row)?;
-        Ok(Submitted {
-            id,
-            status,
-            created: false,
+        // The key exists (a submit without the queue lock got there first): nothing counted.
+        tx.rollback().await.map_err(unavailable)?;
+        let existing = existing_submit(&**client, &new).await?;
+        existing.map(Ok).ok_or_else(|| {
+            StoreError::Unavailable("the conversation vanished during submit".into())
         })
     }
 
@@ -239,33 +438,46 @@ impl ConversationStore for PostgresStore {
     }
 
     async fn retry(&self, id: &str) -> Result<RetryOutcome, StoreError> {
-        let client = self.client().await?;
-        let row = client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        lock_queue(&tx).await?;
+        let current = tx
             .query_opt(
-                &format!(
-                    "UPDATE conversations SET status = 'processing', \
-                     queue_seq = nextval('conversations_queue_seq'), owner = NULL, \
-                     lease_expires_at_ms = NULL, last_error = NULL \
-                     WHERE id = $1 AND status = 'failed' RETURNING {COLUMNS}"
-                ),
+                "SELECT uid, priority, status FROM conversations WHERE id = $1 FOR UPDATE",
                 &[&id],
             )
             .await
             .map_err(unavailable)?;
-        if let Some(row) = row {
-            return Ok(RetryOutcome::Retried(Box::new(read_conversation(&row)?)));
+        let Some(current) = current else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        let status = Status::parse_stored(id, &current.value::<String>("status")?)?;
+        if status != Status::Failed {
+            return Ok(RetryOutcome::NotFailed(status));
         }
-        let status = client
-            .query_opt("SELECT status FROM conversations WHERE id = $1", &[&id])
+        let uid: String = current.value("uid")?;
+        let priority = Priority::from_stored(id, current.value("priority")?)?;
+        let Ok(tag) = enqueue(&tx, &uid, priority, Admission::Always).await? else {
+            return Err(StoreError::Corrupt(
+                "an unbounded enqueue was refused".into(),
+            ));
+        };
+        let at = now_ms_param(3);
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE conversations SET status = 'processing', \
+                     queue_seq = nextval('conversations_queue_seq'), queue_tag = $2, \
+                     queued_at_ms = {at}, owner = NULL, lease_expires_at_ms = NULL, last_error = NULL \
+                     WHERE id = $1 RETURNING {COLUMNS}"
+                ),
+                &[&id, &tag, &Now::Store.param()],
+            )
             .await
             .map_err(unavailable)?;
-        Ok(match status {
-            None => RetryOutcome::NotFound,
-            Some(row) => {
-                let status: String = row.value("status")?;
-                RetryOutcome::NotFailed(Status::parse_stored(id, &status)?)
-            }
-        })
+        let retried = read_conversation(&row)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(RetryOutcome::Retried(Box::new(retried)))
     }
 
     async fn claim(
@@ -274,31 +486,22 @@ impl ConversationStore for PostgresStore {
         now: Now,
         lease_ms: i64,
         limit: usize,
+        order: ClaimOrder,
     ) -> Result<Vec<Claimed>, StoreError> {
-        let at = now_ms_param(2);
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "WITH now AS (SELECT {at} AS ms), picked AS ( \
-                       SELECT id FROM conversations \
-                       WHERE status = 'processing' \
-                         AND (owner IS NULL OR lease_expires_at_ms < (SELECT ms FROM now)) \
-                       ORDER BY queue_seq LIMIT $4 \
-                       FOR UPDATE SKIP LOCKED) \
-                     UPDATE conversations c SET owner = $1, \
-                       lease_expires_at_ms = (SELECT ms FROM now) + $3::BIGINT, \
-                       generation = c.generation + 1 \
-                     FROM picked WHERE c.id = picked.id \
-                     RETURNING c.id, c.uid, c.language, c.segments, c.finished_at_ms, \
-                       c.generation, c.queue_seq, c.attempts"
-                ),
-                &[&owner, &now.param(), &lease_ms, &(limit as i64)],
-            )
-            .await
-            .map_err(unavailable)?;
-        let claimed = rows.iter().map(read_claimed).collect::<Result<_, _>>()?;
-        Ok(in_queue_order(claimed))
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        lock_queue(&tx).await?;
+        let mut claimed = Vec::new();
+        if order == ClaimOrder::BulkFirst {
+            claimed = claim_picked(&tx, true, owner, now, lease_ms, limit).await?;
+        }
+        let rest = limit - claimed.len();
+        if rest > 0 {
+            claimed.extend(claim_picked(&tx, false, owner, now, lease_ms, rest).await?);
+        }
+        take_from_queue(&tx, &ClaimTally::of(&claimed)).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(without_keys(claimed))
     }
 
     async fn release(&self, owner: &str) -> Result<u64, StoreError> {
@@ -397,6 +600,36 @@ impl ConversationStore for PostgresStore {
         Ok(row.value::<i64>("processing")? as u64)
     }
 
+    async fn queue_stats(&self, now: Now) -> Result<[QueueStats; 2], StoreError> {
+        let at = now_ms_param(1);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "WITH now AS (SELECT {at} AS ms) \
+                     SELECT p.priority, p.queued, (SELECT ms FROM now) - \
+                       (SELECT MIN(queued_at_ms) FROM conversations \
+                        WHERE queued_at_ms IS NOT NULL AND priority = p.priority) AS oldest_age_ms \
+                     FROM queue_priorities p"
+                ),
+                &[&now.param()],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut stats = [QueueStats::default(); 2];
+        for row in &rows {
+            let priority = Priority::from_stored("queue_priorities", row.value("priority")?)?;
+            stats[priority as usize] = QueueStats {
+                queued: row.value::<i64>("queued")?.max(0) as u64,
+                oldest_age_ms: row
+                    .value::<Option<i64>>("oldest_age_ms")?
+                    .unwrap_or(0)
+                    .max(0),
+            };
+        }
+        Ok(stats)
+    }
+
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError> {
         let at = now_ms_param(4);
         let client = self.client().await?;
@@ -452,27 +685,20 @@ impl ConversationStore for PostgresStore {
         Ok(count.map(|n| n as u64))
     }
 
-    async fn finish(&self, id: &str, now: Now) -> Result<Option<Status>, StoreError> {
-        let at = now_ms_param(2);
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "UPDATE conversations SET \
-                       status = CASE WHEN has_text THEN 'processing' ELSE 'discarded' END, \
-                       queue_seq = CASE WHEN has_text THEN nextval('conversations_queue_seq') END, \
-                       finished_at_ms = {at}, deadline_ms = NULL \
-                     WHERE id = $1 AND status = 'in_progress' RETURNING status"
-                ),
-                &[&id, &now.param()],
-            )
-            .await
-            .map_err(unavailable)?;
-        row.map(|r| {
-            let status: String = r.value("status")?;
-            Status::parse_stored(id, &status)
-        })
-        .transpose()
+    async fn finish(
+        &self,
+        id: &str,
+        now: Now,
+        admission: Admission,
+    ) -> Result<Result<Option<Status>, QueueFull>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        lock_queue(&tx).await?;
+        let finished = finish_one(&tx, id, now, false, admission).await?;
+        if matches!(finished, Ok(Some(_))) {
+            tx.commit().await.map_err(unavailable)?;
+        }
+        Ok(finished)
     }
 
     async fn find_resumable(&self, uid: &str, now: Now) -> Result<Option<Resumable>, StoreError> {
@@ -501,24 +727,55 @@ impl ConversationStore for PostgresStore {
         limit: usize,
     ) -> Result<Vec<(String, Status)>, StoreError> {
         let at = now_ms_param(1);
-        let client = self.client().await?;
-        let rows = client
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        lock_queue(&tx).await?;
+        let expired = tx
             .query(
                 &format!(
-                    "WITH expired AS ( \
-                   SELECT id FROM conversations \
-                   WHERE status = 'in_progress' AND deadline_ms < {at} \
-                   ORDER BY deadline_ms LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                 UPDATE conversations c SET \
-                   status = CASE WHEN c.has_text THEN 'processing' ELSE 'discarded' END, \
-                   queue_seq = CASE WHEN c.has_text THEN nextval('conversations_queue_seq') END, \
-                   finished_at_ms = c.deadline_ms, deadline_ms = NULL \
-                 FROM expired WHERE c.id = expired.id RETURNING c.id, c.status"
+                    "SELECT id FROM conversations \
+                     WHERE status = 'in_progress' AND deadline_ms < {at} \
+                     ORDER BY deadline_ms LIMIT $2 FOR UPDATE SKIP LOCKED"
                 ),
                 &[&now.param(), &(limit as i64)],
             )
             .await
             .map_err(unavailable)?;
-        rows.iter().map(read_id_and_status).collect()
+        let mut finished = Vec::with_capacity(expired.len());
+        for row in &expired {
+            let id: String = row.value("id")?;
+            // Finished at its deadline, not at the sweep; admitted whatever the bounds.
+            if let Ok(Some(status)) = finish_one(&tx, &id, now, true, Admission::Always).await? {
+                finished.push((id, status));
+            }
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(finished)
     }
+}
+
+/// The conversation already stored under `new`'s (uid, idempotency_key), if any.
+async fn existing_submit(
+    client: &impl tokio_postgres::GenericClient,
+    new: &NewConversation,
+) -> Result<Option<Submitted>, StoreError> {
+    if new.idempotency_key.is_none() {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT id, status FROM conversations WHERE uid = $1 AND idempotency_key = $2",
+            &[&new.uid, &new.idempotency_key],
+        )
+        .await
+        .map_err(unavailable)?;
+    row.map(|row| {
+        let (id, status) = read_id_and_status(&row)?;
+        Ok(Submitted {
+            id,
+            status,
+            created: false,
+        })
+    })
+    .transpose()
 }

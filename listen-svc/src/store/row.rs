@@ -6,8 +6,8 @@
 //! [`StoreError::Corrupt`] naming the column, never a panic.
 
 use super::{
-    Claimed, Conversation, Resumable, Status, StoreError, decode_deliveries, decode_segments,
-    decode_structured,
+    Claimed, Conversation, Priority, Resumable, Status, StoreError, decode_deliveries,
+    decode_segments, decode_structured,
 };
 
 /// What a `SELECT` or `RETURNING` of a whole [`Conversation`] lists; read by [`read_conversation`].
@@ -66,10 +66,18 @@ pub(super) fn read_conversation(row: &impl RowAccess) -> Result<Conversation, St
     })
 }
 
-/// A row a claim returned (id, uid, language, segments, finished_at_ms, generation,
-/// queue_seq, attempts): the [`Claimed`] and its place in the queue.
-pub(super) fn read_claimed(row: &impl RowAccess) -> Result<(i64, Claimed), StoreError> {
+/// A claimed row's place in claim order: (priority, start tag, queue_seq).
+pub(super) type ClaimKey = (i64, i64, i64);
+
+/// The columns a claim returns, read by [`read_claimed`].
+pub(super) const CLAIMED_COLUMNS: &str = "id, uid, language, segments, finished_at_ms, \
+                                          generation, queue_seq, attempts, priority, queue_tag";
+
+/// A row of [`CLAIMED_COLUMNS`]: the [`Claimed`] (its `waited_ms` for the backend to set)
+/// and its place in claim order.
+pub(super) fn read_claimed(row: &impl RowAccess) -> Result<(ClaimKey, Claimed), StoreError> {
     let id: String = row.value("id")?;
+    let priority: i64 = row.value("priority")?;
     let claimed = Claimed {
         uid: row.value("uid")?,
         language: row.value("language")?,
@@ -77,15 +85,47 @@ pub(super) fn read_claimed(row: &impl RowAccess) -> Result<(i64, Claimed), Store
         finished_at_ms: row.value("finished_at_ms")?,
         generation: row.value("generation")?,
         attempts: attempts(row)?,
+        priority: Priority::from_stored(&id, priority)?,
+        waited_ms: None,
         id,
     };
-    Ok((row.value("queue_seq")?, claimed))
+    let key = (priority, row.value("queue_tag")?, row.value("queue_seq")?);
+    Ok((key, claimed))
 }
 
-/// Claimed rows oldest queued first (`RETURNING` gives no order).
-pub(super) fn in_queue_order(mut claimed: Vec<(i64, Claimed)>) -> Vec<Claimed> {
-    claimed.sort_by_key(|(queue_seq, _)| *queue_seq);
+/// Rows one claim statement returned, in claim order (`RETURNING` gives no order).
+pub(super) fn in_claim_order(mut claimed: Vec<(ClaimKey, Claimed)>) -> Vec<(ClaimKey, Claimed)> {
+    claimed.sort_by_key(|(key, _)| *key);
+    claimed
+}
+
+/// The claimed rows without their keys.
+pub(super) fn without_keys(claimed: Vec<(ClaimKey, Claimed)>) -> Vec<Claimed> {
     claimed.into_iter().map(|(_, c)| c).collect()
+}
+
+/// What a claim takes out of the queue's counters: per (uid, priority) the rows claimed for
+/// the first time, and per priority those and the highest start tag claimed (the virtual
+/// time moves up to it).
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct ClaimTally {
+    pub uids: std::collections::BTreeMap<(String, i64), i64>,
+    pub priorities: std::collections::BTreeMap<i64, (i64, i64)>,
+}
+
+impl ClaimTally {
+    pub(super) fn of(claimed: &[(ClaimKey, Claimed)]) -> ClaimTally {
+        let mut tally = ClaimTally::default();
+        for ((priority, tag, _), row) in claimed {
+            let first = i64::from(row.waited_ms.is_some());
+            *tally.uids.entry((row.uid.clone(), *priority)).or_default() += first;
+            let entry = tally.priorities.entry(*priority).or_insert((0, *tag));
+            entry.0 += first;
+            entry.1 = entry.1.max(*tag);
+        }
+        tally.uids.retain(|_, n| *n > 0);
+        tally
+    }
 }
 
 /// A row of `id, status`: a conversation's id and its status.

@@ -14,13 +14,15 @@
 //!   automatic checkpoints are off on the writer so its commits never pay for them.
 
 use super::list::{Arg, Placeholders, list_query};
+use super::queue::start_tag;
 use super::row::{
-    COLUMNS, in_queue_order, read_claimed, read_conversation, read_id_and_status, read_resumable,
+    CLAIMED_COLUMNS, COLUMNS, ClaimKey, ClaimTally, in_claim_order, read_claimed,
+    read_conversation, read_id_and_status, read_resumable, without_keys,
 };
 use super::{
-    Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
-    Now, Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries,
-    encode_segments, has_text,
+    Admission, ClaimOrder, Claimed, Completion, Conversation, ConversationStore, ListFilter,
+    NewConversation, NewLive, Now, Priority, QueueFull, QueueStats, Resumable, RetryOutcome,
+    Status, StoreError, Submitted, encode_deliveries, encode_segments, has_text,
 };
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -47,19 +49,38 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0002_live_conversations.sql"),
     include_str!("../../migrations/sqlite/0003_deliveries.sql"),
     include_str!("../../migrations/sqlite/0004_partial_indexes.sql"),
+    include_str!("../../migrations/sqlite/0005_fair_queue.sql"),
 ];
 
-/// The oldest unowned (or lease-expired) PROCESSING rows, leased to ?1 until ?3.
+/// The next unowned (or lease-expired) PROCESSING rows in fair order, with `$filter` (a
+/// priority) if any: one scan of `conversations_queue`.
 ///
-/// `LIMIT +?4`, not `LIMIT ?4`: SQLite plans a bare parameter limit with its value and
+/// `LIMIT +?2`, not `LIMIT ?2`: SQLite plans a bare parameter limit with its value and
 /// re-compiles the statement whenever the value changes (every claim: it is the number of
 /// free slots). The unary plus makes it an expression.
-const CLAIM_SQL: &str = "UPDATE conversations SET owner = ?1, lease_expires_at_ms = ?3, \
-     generation = generation + 1 \
-     WHERE id IN (SELECT id FROM conversations \
-       WHERE status = 'processing' AND (owner IS NULL OR lease_expires_at_ms < ?2) \
-       ORDER BY queue_seq LIMIT +?4) \
-     RETURNING id, uid, language, segments, finished_at_ms, generation, queue_seq, attempts";
+macro_rules! pick_sql {
+    ($filter:literal) => {
+        concat!(
+            "SELECT id, queued_at_ms FROM conversations \
+             WHERE status = 'processing' AND (owner IS NULL OR lease_expires_at_ms < ?1) ",
+            $filter,
+            " ORDER BY priority, queue_tag, queue_seq LIMIT +?2"
+        )
+    };
+}
+const PICK_SQL: &str = pick_sql!("");
+const PICK_BULK_SQL: &str = pick_sql!("AND priority = 1");
+/// What an enqueue of uid ?1 at priority ?2 decides by: the queued counts (all, and the
+/// uid's) and the uid's finish tag.
+const QUEUE_STATE_SQL: &str = "SELECT \
+     (SELECT COALESCE(SUM(queued), 0) FROM queue_priorities), \
+     (SELECT COALESCE(SUM(queued), 0) FROM queue_uids WHERE uid = ?1), \
+     (SELECT finish FROM queue_uids WHERE uid = ?1 AND priority = ?2)";
+/// Per priority: rows waiting for their first claim, and when the oldest began to wait.
+const QUEUE_STATS_SQL: &str = "SELECT p.queued, \
+     (SELECT MIN(queued_at_ms) FROM conversations \
+      WHERE queued_at_ms IS NOT NULL AND priority = p.priority) AS oldest \
+     FROM queue_priorities p WHERE p.priority = ?1";
 /// The newest IN_PROGRESS conversation of ?1 whose deadline has not passed.
 const RESUMABLE_SQL: &str = "SELECT id, segment_count, length(segments) AS segment_bytes, \
      deadline_ms - ?2 AS remaining_ms \
@@ -336,38 +357,178 @@ fn get_conversation(conn: &Connection, id: &str) -> Result<Option<Conversation>,
     }
 }
 
-/// IN_PROGRESS -> PROCESSING/DISCARDED. `finished_at_ms` None means "at its deadline".
+/// IN_PROGRESS -> PROCESSING (interactive) or DISCARDED. `finished_at_ms` None means "at
+/// its deadline". Beyond `admission`'s bounds nothing changes.
 fn finish_one(
     conn: &Connection,
     id: &str,
     finished_at_ms: Option<i64>,
-) -> Result<Option<Status>, StoreError> {
-    let queue_seq = next_queue_seq(conn)?;
-    let status: Option<String> = conn
+    admission: Admission,
+) -> Result<Result<Option<Status>, QueueFull>, StoreError> {
+    let live: Option<(String, bool)> = conn
         .prepare_cached(
-            "UPDATE conversations SET \
-               status = CASE WHEN has_text THEN 'processing' ELSE 'discarded' END, \
-               queue_seq = CASE WHEN has_text THEN ?2 END, \
-               finished_at_ms = COALESCE(?3, deadline_ms), deadline_ms = NULL \
-             WHERE id = ?1 AND status = 'in_progress' RETURNING status",
+            "SELECT uid, has_text FROM conversations WHERE id = ?1 AND status = 'in_progress'",
         )
         .map_err(unavailable)?
-        .query_row(params![id, queue_seq, finished_at_ms], |row| row.get(0))
+        .query_row(params![id], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()
         .map_err(unavailable)?;
-    status.map(|s| Status::parse_stored(id, &s)).transpose()
+    let Some((uid, has_text)) = live else {
+        return Ok(Ok(None));
+    };
+    let (status, queued) = if has_text {
+        match enqueue(conn, &uid, Priority::Interactive, admission)? {
+            Ok(place) => (Status::Processing, Some(place)),
+            Err(full) => return Ok(Err(full)),
+        }
+    } else {
+        (Status::Discarded, None)
+    };
+    conn.prepare_cached(
+        "UPDATE conversations SET status = ?2, queue_seq = ?3, queue_tag = COALESCE(?4, 0), \
+           priority = 0, queued_at_ms = ?5, finished_at_ms = COALESCE(?6, deadline_ms), \
+           deadline_ms = NULL \
+         WHERE id = ?1 AND status = 'in_progress'",
+    )
+    .map_err(unavailable)?
+    .execute(params![
+        id,
+        status.as_str(),
+        queued.map(|q| q.seq),
+        queued.map(|q| q.tag),
+        queued.map(|q| q.at_ms),
+        finished_at_ms
+    ])
+    .map_err(unavailable)?;
+    Ok(Ok(Some(status)))
 }
 
-fn next_queue_seq(conn: &Connection) -> Result<i64, StoreError> {
-    conn.prepare_cached("UPDATE queue_counter SET next = next + 1 RETURNING next")
+/// Where an enqueued conversation goes: its start tag, queue order and enqueue time.
+#[derive(Clone, Copy)]
+struct Place {
+    tag: i64,
+    seq: i64,
+    at_ms: i64,
+}
+
+/// Counts a conversation of `uid` into the queue and returns its place, or refuses it
+/// beyond `admission`'s bounds, writing nothing. Three statements: the state it decides by,
+/// the priority's row (count, queue order, virtual time) and the uid's row.
+fn enqueue(
+    conn: &Connection,
+    uid: &str,
+    priority: Priority,
+    admission: Admission,
+) -> Result<Result<Place, QueueFull>, StoreError> {
+    let priority = priority.as_i64();
+    let (total, mine, finish): (i64, i64, Option<i64>) = conn
+        .prepare_cached(QUEUE_STATE_SQL)
         .map_err(unavailable)?
-        .query_row([], |r| r.get(0))
-        .map_err(unavailable)
+        .query_row(params![uid, priority], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .map_err(unavailable)?;
+    if let Err(full) = admission.admit(uid, total.max(0) as u64, mine.max(0) as u64) {
+        return Ok(Err(full));
+    }
+    let (vtime, seq): (i64, i64) = conn
+        .prepare_cached(
+            "UPDATE queue_priorities SET queued = queued + 1, next_seq = next_seq + 1 \
+             WHERE priority = ?1 RETURNING vtime, next_seq",
+        )
+        .map_err(unavailable)?
+        .query_row(params![priority], |row| Ok((row.get(0)?, row.get(1)?)))
+        .map_err(unavailable)?;
+    let tag = start_tag(vtime, finish);
+    conn.prepare_cached(
+        "INSERT INTO queue_uids (uid, priority, queued, finish) VALUES (?1, ?2, 1, ?3) \
+         ON CONFLICT (uid, priority) DO UPDATE SET queued = queued + 1, finish = excluded.finish",
+    )
+    .map_err(unavailable)?
+    .execute(params![uid, priority, tag + 1])
+    .map_err(unavailable)?;
+    Ok(Ok(Place {
+        tag,
+        seq,
+        at_ms: Now::Store.in_process(),
+    }))
+}
+
+/// The claim of what `pick` selects (?1 now, ?2 limit), leased to ?3 until ?4. One
+/// statement: the SET expressions read the old row, so queue_wait_ms is the wait since
+/// queued_at_ms (NULL when the row was claimed before).
+fn claim_sql(pick: &str) -> String {
+    format!(
+        "UPDATE conversations SET owner = ?3, lease_expires_at_ms = ?4, \
+         generation = generation + 1, queue_wait_ms = ?1 - queued_at_ms, queued_at_ms = NULL \
+         WHERE id IN (SELECT id FROM ({pick})) \
+         RETURNING {CLAIMED_COLUMNS}, queue_wait_ms"
+    )
+}
+
+/// Claims up to `limit` rows that `pick` (one of the pick statements) selects.
+fn claim_picked(
+    conn: &Connection,
+    pick: &str,
+    owner: &str,
+    now_ms: i64,
+    lease_until_ms: i64,
+    limit: usize,
+) -> Result<Vec<(ClaimKey, Claimed)>, StoreError> {
+    let mut stmt = conn.prepare_cached(&claim_sql(pick)).map_err(unavailable)?;
+    let mut rows = stmt
+        .query(params![now_ms, limit as i64, owner, lease_until_ms])
+        .map_err(unavailable)?;
+    let mut claimed = Vec::new();
+    while let Some(row) = rows.next().map_err(unavailable)? {
+        let (key, mut claimed_row) = read_claimed(row)?;
+        claimed_row.waited_ms = row
+            .get::<_, Option<i64>>("queue_wait_ms")
+            .map_err(unavailable)?
+            .map(|ms| ms.max(0));
+        claimed.push((key, claimed_row));
+    }
+    Ok(in_claim_order(claimed))
+}
+
+/// Takes what a claim tallied out of the queue's counters and moves the virtual times.
+fn take_from_queue(conn: &Connection, tally: &ClaimTally) -> Result<(), StoreError> {
+    for ((uid, priority), n) in &tally.uids {
+        let left: Option<i64> = conn
+            .prepare_cached(
+                "UPDATE queue_uids SET queued = queued - ?3 WHERE uid = ?1 AND priority = ?2 \
+                 RETURNING queued",
+            )
+            .map_err(unavailable)?
+            .query_row(params![uid, priority, n], |row| row.get(0))
+            .optional()
+            .map_err(unavailable)?;
+        if left.is_some_and(|left| left <= 0) {
+            conn.prepare_cached("DELETE FROM queue_uids WHERE uid = ?1 AND priority = ?2")
+                .map_err(unavailable)?
+                .execute(params![uid, priority])
+                .map_err(unavailable)?;
+        }
+    }
+    for (priority, (n, tag)) in &tally.priorities {
+        conn.prepare_cached(
+            "UPDATE queue_priorities SET queued = queued - ?2, vtime = MAX(vtime, ?3) \
+             WHERE priority = ?1",
+        )
+        .map_err(unavailable)?
+        .execute(params![priority, n, tag])
+        .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 #[async_trait::async_trait]
 impl ConversationStore for SqliteStore {
-    async fn submit(&self, new: NewConversation) -> Result<Submitted, StoreError> {
+    async fn submit(
+        &self,
+        new: NewConversation,
+        admission: Admission,
+    ) -> Result<Result<Submitted, QueueFull>, StoreError> {
         self.write(move |conn| {
             if let Some(key) = &new.idempotency_key {
                 let existing = conn
@@ -380,17 +541,21 @@ impl ConversationStore for SqliteStore {
                     .map_err(unavailable)?
                     .transpose()?;
                 if let Some((id, status)) = existing {
-                    return Ok(Submitted { id, status, created: false });
+                    return Ok(Ok(Submitted { id, status, created: false }));
                 }
             }
-            let queue_seq = match new.status {
-                Status::Processing => Some(next_queue_seq(conn)?),
+            let place = match new.status {
+                Status::Processing => match enqueue(conn, &new.uid, new.priority, admission)? {
+                    Ok(place) => Some(place),
+                    Err(full) => return Ok(Err(full)),
+                },
                 _ => None,
             };
             conn.prepare_cached(
                 "INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
-                 segment_count, created_at_ms, finished_at_ms, queue_seq) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+                 segment_count, created_at_ms, finished_at_ms, queue_seq, priority, queue_tag, \
+                 queued_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, COALESCE(?11, 0), ?12)",
             )
             .map_err(unavailable)?
             .execute(params![
@@ -402,10 +567,13 @@ impl ConversationStore for SqliteStore {
                 encode_segments(&new.segments),
                 new.segments.len() as i64,
                 new.now_ms,
-                queue_seq,
+                place.map(|p| p.seq),
+                new.priority.as_i64(),
+                place.map(|p| p.tag),
+                place.map(|p| p.at_ms),
             ])
             .map_err(unavailable)?;
-            Ok(Submitted { id: new.id, status: new.status, created: true })
+            Ok(Ok(Submitted { id: new.id, status: new.status, created: true }))
         })
         .await
     }
@@ -444,14 +612,24 @@ impl ConversationStore for SqliteStore {
             if current.status != Status::Failed {
                 return Ok(RetryOutcome::NotFailed(current.status));
             }
-            let queue_seq = next_queue_seq(conn)?;
+            let priority: i64 = conn
+                .prepare_cached("SELECT priority FROM conversations WHERE id = ?1")
+                .map_err(unavailable)?
+                .query_row(params![id], |row| row.get(0))
+                .map_err(unavailable)?;
+            let priority = Priority::from_stored(&id, priority)?;
+            let Ok(place) = enqueue(conn, &current.uid, priority, Admission::Always)? else {
+                return Err(StoreError::Corrupt(
+                    "an unbounded enqueue was refused".into(),
+                ));
+            };
             conn.prepare_cached(
-                "UPDATE conversations SET status = 'processing', queue_seq = ?2, owner = NULL, \
-                 lease_expires_at_ms = NULL, last_error = NULL \
+                "UPDATE conversations SET status = 'processing', queue_seq = ?2, queue_tag = ?3, \
+                 queued_at_ms = ?4, owner = NULL, lease_expires_at_ms = NULL, last_error = NULL \
                  WHERE id = ?1 AND status = 'failed'",
             )
             .map_err(unavailable)?
-            .execute(params![id, queue_seq])
+            .execute(params![id, place.seq, place.tag, place.at_ms])
             .map_err(unavailable)?;
             let updated = get_conversation(conn, &id)?
                 .ok_or_else(|| StoreError::Corrupt(format!("{id} vanished during retry")))?;
@@ -466,20 +644,29 @@ impl ConversationStore for SqliteStore {
         now: Now,
         lease_ms: i64,
         limit: usize,
+        order: ClaimOrder,
     ) -> Result<Vec<Claimed>, StoreError> {
         let owner = owner.to_string();
         self.write(move |conn| {
             let now_ms = now.in_process();
             let lease_until_ms = now_ms.saturating_add(lease_ms);
-            let mut stmt = conn.prepare_cached(CLAIM_SQL).map_err(unavailable)?;
-            let mut rows = stmt
-                .query(params![owner, now_ms, lease_until_ms, limit as i64])
-                .map_err(unavailable)?;
             let mut claimed = Vec::new();
-            while let Some(row) = rows.next().map_err(unavailable)? {
-                claimed.push(read_claimed(row)?);
+            if order == ClaimOrder::BulkFirst {
+                claimed = claim_picked(conn, PICK_BULK_SQL, &owner, now_ms, lease_until_ms, limit)?;
             }
-            Ok(in_queue_order(claimed))
+            let rest = limit - claimed.len();
+            if rest > 0 {
+                claimed.extend(claim_picked(
+                    conn,
+                    PICK_SQL,
+                    &owner,
+                    now_ms,
+                    lease_until_ms,
+                    rest,
+                )?);
+            }
+            take_from_queue(conn, &ClaimTally::of(&claimed))?;
+            Ok(without_keys(claimed))
         })
         .await
     }
@@ -589,6 +776,25 @@ impl ConversationStore for SqliteStore {
         .await
     }
 
+    async fn queue_stats(&self, now: Now) -> Result<[QueueStats; 2], StoreError> {
+        self.read(move |conn| {
+            let now_ms = now.in_process();
+            let mut stats = [QueueStats::default(); 2];
+            let mut stmt = conn.prepare_cached(QUEUE_STATS_SQL).map_err(unavailable)?;
+            for (priority, stat) in Priority::ALL.into_iter().zip(&mut stats) {
+                let (queued, oldest): (i64, Option<i64>) = stmt
+                    .query_row(params![priority.as_i64()], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .map_err(unavailable)?;
+                *stat = QueueStats {
+                    queued: queued.max(0) as u64,
+                    oldest_age_ms: oldest.map_or(0, |at| (now_ms - at).max(0)),
+                };
+            }
+            Ok(stats)
+        })
+        .await
+    }
+
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError> {
         self.write(move |conn| {
             conn.prepare_cached(
@@ -643,9 +849,14 @@ impl ConversationStore for SqliteStore {
         .await
     }
 
-    async fn finish(&self, id: &str, now: Now) -> Result<Option<Status>, StoreError> {
+    async fn finish(
+        &self,
+        id: &str,
+        now: Now,
+        admission: Admission,
+    ) -> Result<Result<Option<Status>, QueueFull>, StoreError> {
         let id = id.to_string();
-        self.write(move |conn| finish_one(conn, &id, Some(now.in_process())))
+        self.write(move |conn| finish_one(conn, &id, Some(now.in_process()), admission))
             .await
     }
 
@@ -680,7 +891,7 @@ impl ConversationStore for SqliteStore {
             let mut finished = Vec::with_capacity(ids.len());
             for id in ids {
                 // Finished at its deadline, not at the sweep.
-                if let Some(status) = finish_one(conn, &id, None)? {
+                if let Ok(Some(status)) = finish_one(conn, &id, None, Admission::Always)? {
                     finished.push((id, status));
                 }
             }
@@ -702,9 +913,14 @@ mod plan_tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open_connection(&dir.path().join("plan.db"), true).unwrap();
         migrate(&mut conn).unwrap();
+        let (claim, claim_bulk) = (claim_sql(PICK_SQL), claim_sql(PICK_BULK_SQL));
         for (sql, index, may_sort) in [
-            (CLAIM_SQL, "conversations_queue", false),
+            (PICK_SQL, "conversations_queue", false),
+            (PICK_BULK_SQL, "conversations_queue", false),
+            (claim.as_str(), "conversations_queue", false),
+            (claim_bulk.as_str(), "conversations_queue", false),
             (COUNT_PROCESSING_SQL, "conversations_queue", false),
+            (QUEUE_STATS_SQL, "conversations_waiting", false),
             (EXPIRED_SQL, "conversations_deadline", false),
             (RESUMABLE_SQL, "conversations_live", true),
         ] {
@@ -734,10 +950,10 @@ mod plan_tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open_connection(&dir.path().join("prepare.db"), true).unwrap();
         migrate(&mut conn).unwrap();
-        let mut claim = conn.prepare(CLAIM_SQL).unwrap();
+        let mut claim = conn.prepare(&claim_sql(PICK_SQL)).unwrap();
         let mut expired = conn.prepare(EXPIRED_SQL).unwrap();
         for limit in 1..=5i64 {
-            let mut rows = claim.query(params!["owner", 0, 1, limit]).unwrap();
+            let mut rows = claim.query(params![0, limit, "owner", 1]).unwrap();
             while rows.next().unwrap().is_some() {}
             let mut rows = expired.query(params![0, limit]).unwrap();
             while rows.next().unwrap().is_some() {}

@@ -16,8 +16,9 @@ impl Fixture {
     /// A new PROCESSING conversation of user "u", unowned: its id.
     async fn queued(&self) -> String {
         self.store
-            .submit(new("u", None, Status::Processing, 0))
+            .submit(new("u", None, Status::Processing, 0), Admission::Always)
             .await
+            .unwrap()
             .unwrap()
             .id
     }
@@ -123,6 +124,8 @@ macro_rules! conformance {
     };
 }
 
+mod fair_queue;
+
 conformance!(
     submit_then_get_round_trips_everything,
     same_idempotency_key_returns_the_same_conversation,
@@ -165,6 +168,7 @@ fn new(uid: &str, key: Option<&str>, status: Status, now_ms: i64) -> NewConversa
         language: "en".into(),
         segments: vec![segment("hello there"), segment("second")],
         status,
+        priority: Priority::Interactive,
         now_ms,
     }
 }
@@ -173,7 +177,12 @@ const LEASE: i64 = 30_000;
 
 async fn submit_then_get_round_trips_everything(f: Fixture) {
     let conversation = new("u1", Some("k1"), Status::Processing, 1_000);
-    let submitted = f.store.submit(conversation.clone()).await.unwrap();
+    let submitted = f
+        .store
+        .submit(conversation.clone(), Admission::Always)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         submitted,
         Submitted {
@@ -205,13 +214,21 @@ async fn submit_then_get_round_trips_everything(f: Fixture) {
 async fn same_idempotency_key_returns_the_same_conversation(f: Fixture) {
     let first = f
         .store
-        .submit(new("u1", Some("k"), Status::Processing, 1))
+        .submit(
+            new("u1", Some("k"), Status::Processing, 1),
+            Admission::Always,
+        )
         .await
+        .unwrap()
         .unwrap();
     let again = f
         .store
-        .submit(new("u1", Some("k"), Status::Processing, 2))
+        .submit(
+            new("u1", Some("k"), Status::Processing, 2),
+            Admission::Always,
+        )
         .await
+        .unwrap()
         .unwrap();
     assert_eq!(
         (again.id.as_str(), again.created),
@@ -220,19 +237,25 @@ async fn same_idempotency_key_returns_the_same_conversation(f: Fixture) {
     // Keys are per uid, and no key means always new.
     let other_user = f
         .store
-        .submit(new("u2", Some("k"), Status::Processing, 3))
+        .submit(
+            new("u2", Some("k"), Status::Processing, 3),
+            Admission::Always,
+        )
         .await
+        .unwrap()
         .unwrap();
     assert_ne!(other_user.id, first.id);
     let a = f
         .store
-        .submit(new("u1", None, Status::Processing, 4))
+        .submit(new("u1", None, Status::Processing, 4), Admission::Always)
         .await
+        .unwrap()
         .unwrap();
     let b = f
         .store
-        .submit(new("u1", None, Status::Processing, 5))
+        .submit(new("u1", None, Status::Processing, 5), Admission::Always)
         .await
+        .unwrap()
         .unwrap();
     assert!(a.created && b.created && a.id != b.id);
 }
@@ -242,18 +265,24 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
     for i in 0..5 {
         ids.push(
             f.store
-                .submit(new("u", None, Status::Processing, i))
+                .submit(new("u", None, Status::Processing, i), Admission::Always)
                 .await
+                .unwrap()
                 .unwrap()
                 .id,
         );
     }
     f.store
-        .submit(new("u", None, Status::Discarded, 9))
+        .submit(new("u", None, Status::Discarded, 9), Admission::Always)
         .await
+        .unwrap()
         .unwrap();
 
-    let first = f.store.claim("a", Now::At(100), LEASE, 3).await.unwrap();
+    let first = f
+        .store
+        .claim("a", Now::At(100), LEASE, 3, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap();
     assert_eq!(
         first.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
         ids[..3]
@@ -264,7 +293,11 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
         vec![segment("hello there"), segment("second")]
     );
 
-    let rest = f.store.claim("b", Now::At(100), LEASE, 10).await.unwrap();
+    let rest = f
+        .store
+        .claim("b", Now::At(100), LEASE, 10, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap();
     assert_eq!(
         rest.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
         ids[3..],
@@ -272,7 +305,7 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
     );
     assert!(
         f.store
-            .claim("c", Now::At(100), LEASE, 10)
+            .claim("c", Now::At(100), LEASE, 10, ClaimOrder::InteractiveFirst)
             .await
             .unwrap()
             .is_empty()
@@ -280,7 +313,11 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
 
     // Released rows (restart under the same identity, clean shutdown) are claimable at once.
     assert_eq!(f.store.release("a").await.unwrap(), 3);
-    let own = f.store.claim("a", Now::At(200), LEASE, 10).await.unwrap();
+    let own = f
+        .store
+        .claim("a", Now::At(200), LEASE, 10, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap();
     assert_eq!(own.len(), 3);
     assert!(
         own.iter().all(|c| c.generation == 2),
@@ -291,7 +328,10 @@ async fn claim_takes_unowned_processing_rows_oldest_first_and_only_once(f: Fixtu
 async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture) {
     let id = f.queued().await;
     let other = f.queued().await;
-    f.store.claim("a", Now::At(0), LEASE, 10).await.unwrap();
+    f.store
+        .claim("a", Now::At(0), LEASE, 10, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap();
     let both = vec![id.clone(), other.clone()];
     // Only the owner renews, and only rows that exist.
     assert_eq!(
@@ -312,7 +352,13 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture
     );
     assert!(
         f.store
-            .claim("b", Now::At(LEASE + 1), LEASE - 1, 10)
+            .claim(
+                "b",
+                Now::At(LEASE + 1),
+                LEASE - 1,
+                10,
+                ClaimOrder::InteractiveFirst
+            )
             .await
             .unwrap()
             .is_empty(),
@@ -321,7 +367,13 @@ async fn expired_leases_are_claimed_by_others_and_renewal_prevents_it(f: Fixture
 
     let taken = f
         .store
-        .claim("b", Now::At(2 * LEASE + 1), LEASE - 1, 10)
+        .claim(
+            "b",
+            Now::At(2 * LEASE + 1),
+            LEASE - 1,
+            10,
+            ClaimOrder::InteractiveFirst,
+        )
         .await
         .unwrap();
     assert_eq!(taken.len(), 2);
@@ -353,7 +405,7 @@ async fn renewal_covers_only_the_rows_named(f: Fixture) {
     let forgotten = f.queued().await;
     assert_eq!(
         f.store
-            .claim("a", Now::At(0), LEASE, 10)
+            .claim("a", Now::At(0), LEASE, 10, ClaimOrder::InteractiveFirst)
             .await
             .unwrap()
             .len(),
@@ -368,7 +420,13 @@ async fn renewal_covers_only_the_rows_named(f: Fixture) {
     );
     let taken = f
         .store
-        .claim("b", Now::At(LEASE + 1), 2 * LEASE - 1, 10)
+        .claim(
+            "b",
+            Now::At(LEASE + 1),
+            2 * LEASE - 1,
+            10,
+            ClaimOrder::InteractiveFirst,
+        )
         .await
         .unwrap();
     let taken: Vec<&str> = taken.iter().map(|c| c.id.as_str()).collect();
@@ -377,7 +435,11 @@ async fn renewal_covers_only_the_rows_named(f: Fixture) {
 
 async fn completion_is_idempotent(f: Fixture) {
     let id = f.queued().await;
-    let claimed = f.store.claim("a", Now::At(0), LEASE, 1).await.unwrap();
+    let claimed = f
+        .store
+        .claim("a", Now::At(0), LEASE, 1, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap();
     let structured = api::Structured {
         title: "T".into(),
         overview: "O".into(),
@@ -425,7 +487,13 @@ async fn completion_is_idempotent(f: Fixture) {
     );
     assert!(
         f.store
-            .claim("b", Now::At(i64::MAX - 1), 1, 10)
+            .claim(
+                "b",
+                Now::At(i64::MAX - 1),
+                1,
+                10,
+                ClaimOrder::InteractiveFirst
+            )
             .await
             .unwrap()
             .is_empty()
@@ -441,7 +509,12 @@ async fn failed_conversations_can_be_retried_once_failed(f: Fixture) {
     );
     assert_eq!(f.store.retry("nope").await.unwrap(), RetryOutcome::NotFound);
 
-    let generation = f.store.claim("a", Now::At(0), LEASE, 1).await.unwrap()[0].generation;
+    let generation = f
+        .store
+        .claim("a", Now::At(0), LEASE, 1, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap()[0]
+        .generation;
     assert!(f.store.fail(&id, generation, "poison", 5).await.unwrap());
     let failed = f.store.get(&id).await.unwrap().unwrap();
     assert_eq!(
@@ -457,7 +530,11 @@ async fn failed_conversations_can_be_retried_once_failed(f: Fixture) {
         (Status::Processing, None, 5)
     );
     // A retried conversation goes to the back of the queue.
-    let claimed = f.store.claim("a", Now::At(1), LEASE - 1, 10).await.unwrap();
+    let claimed = f
+        .store
+        .claim("a", Now::At(1), LEASE - 1, 10, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap();
     assert_eq!(
         claimed.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
         vec![later, id]
@@ -473,21 +550,24 @@ async fn list_pages_newest_first_with_filters(f: Fixture) {
     for i in 0..5 {
         u1.push(
             f.store
-                .submit(new("u1", None, Status::Processing, i))
+                .submit(new("u1", None, Status::Processing, i), Admission::Always)
                 .await
+                .unwrap()
                 .unwrap()
                 .id,
         );
     }
     let discarded = f
         .store
-        .submit(new("u1", None, Status::Discarded, 9))
+        .submit(new("u1", None, Status::Discarded, 9), Admission::Always)
         .await
+        .unwrap()
         .unwrap()
         .id;
     f.store
-        .submit(new("u2", None, Status::Processing, 9))
+        .submit(new("u2", None, Status::Processing, 9), Admission::Always)
         .await
+        .unwrap()
         .unwrap();
 
     let page = |uid: Option<&str>, status, before: Option<String>, limit| ListFilter {
@@ -574,18 +654,21 @@ async fn concurrent_submits_all_land(f: Fixture) {
             let store = Arc::clone(&f.store);
             tokio::spawn(async move {
                 store
-                    .submit(new(
-                        &format!("u{}", i % 7),
-                        Some(&format!("k{i}")),
-                        Status::Processing,
-                        i,
-                    ))
+                    .submit(
+                        new(
+                            &format!("u{}", i % 7),
+                            Some(&format!("k{i}")),
+                            Status::Processing,
+                            i,
+                        ),
+                        Admission::Always,
+                    )
                     .await
             })
         })
         .collect();
     for task in tasks {
-        assert!(task.await.unwrap().unwrap().created);
+        assert!(task.await.unwrap().unwrap().unwrap().created);
     }
     assert_eq!(f.store.count_processing().await.unwrap(), 300);
 }
@@ -593,8 +676,12 @@ async fn concurrent_submits_all_land(f: Fixture) {
 async fn data_survives_reopening(f: Fixture) {
     let id = f
         .store
-        .submit(new("u", Some("k"), Status::Processing, 0))
+        .submit(
+            new("u", Some("k"), Status::Processing, 0),
+            Admission::Always,
+        )
         .await
+        .unwrap()
         .unwrap()
         .id;
     let reopened = f.reopen().await;
@@ -604,8 +691,12 @@ async fn data_survives_reopening(f: Fixture) {
     );
     assert!(
         !reopened
-            .submit(new("u", Some("k"), Status::Processing, 1))
+            .submit(
+                new("u", Some("k"), Status::Processing, 1),
+                Admission::Always
+            )
             .await
+            .unwrap()
             .unwrap()
             .created
     );
@@ -613,15 +704,20 @@ async fn data_survives_reopening(f: Fixture) {
 
 async fn a_failing_operation_does_not_undo_others(f: Fixture) {
     let mut same_id = new("u", None, Status::Processing, 0);
-    f.store.submit(same_id.clone()).await.unwrap();
+    f.store
+        .submit(same_id.clone(), Admission::Always)
+        .await
+        .unwrap()
+        .unwrap();
     same_id.idempotency_key = Some("different".into());
     // Same primary key: this insert fails, concurrently with good ones.
     let (bad, good) = tokio::join!(
-        f.store.submit(same_id),
-        f.store.submit(new("u", None, Status::Processing, 0))
+        f.store.submit(same_id, Admission::Always),
+        f.store
+            .submit(new("u", None, Status::Processing, 0), Admission::Always)
     );
     assert!(matches!(bad, Err(StoreError::Unavailable(_))));
-    assert!(good.unwrap().created);
+    assert!(good.unwrap().unwrap().created);
     assert_eq!(f.store.count_processing().await.unwrap(), 2);
 }
 
@@ -643,7 +739,10 @@ async fn mistyped_columns_are_reported_by_name_not_panicked_on(f: Fixture) {
     };
     assert!(names_uid(f.store.get(&id).await.map(|_| ())));
     assert!(names_uid(
-        f.store.claim("a", Now::At(0), LEASE, 10).await.map(|_| ())
+        f.store
+            .claim("a", Now::At(0), LEASE, 10, ClaimOrder::InteractiveFirst)
+            .await
+            .map(|_| ())
     ));
 }
 
@@ -664,8 +763,9 @@ fn newer_schema_is_refused_with_a_clear_error() {
 async fn concurrent_claims_never_take_the_same_row(f: Fixture) {
     for i in 0..200 {
         f.store
-            .submit(new("u", None, Status::Processing, i))
+            .submit(new("u", None, Status::Processing, i), Admission::Always)
             .await
+            .unwrap()
             .unwrap();
     }
     let claims: Vec<_> = (0..8)
@@ -675,7 +775,13 @@ async fn concurrent_claims_never_take_the_same_row(f: Fixture) {
                 let mut mine = Vec::new();
                 loop {
                     let batch = store
-                        .claim(&format!("o{owner}"), Now::At(0), LEASE, 7)
+                        .claim(
+                            &format!("o{owner}"),
+                            Now::At(0),
+                            LEASE,
+                            7,
+                            ClaimOrder::InteractiveFirst,
+                        )
                         .await
                         .unwrap();
                     if batch.is_empty() {
@@ -704,8 +810,12 @@ async fn concurrent_submits_with_one_key_make_one_conversation(f: Fixture) {
             let store = Arc::clone(&f.store);
             tokio::spawn(async move {
                 store
-                    .submit(new("u", Some("same"), Status::Processing, i))
+                    .submit(
+                        new("u", Some("same"), Status::Processing, i),
+                        Admission::Always,
+                    )
                     .await
+                    .unwrap()
                     .unwrap()
             })
         })
@@ -802,7 +912,7 @@ async fn live_conversation_appends_in_order_and_finishes_to_processing(f: Fixtur
     assert_eq!(texts, ["one", "two", "three"]);
     assert!(
         f.store
-            .claim("a", Now::At(0), LEASE, 10)
+            .claim("a", Now::At(0), LEASE, 10, ClaimOrder::InteractiveFirst)
             .await
             .unwrap()
             .is_empty(),
@@ -810,11 +920,19 @@ async fn live_conversation_appends_in_order_and_finishes_to_processing(f: Fixtur
     );
 
     assert_eq!(
-        f.store.finish(&id, Now::At(300)).await.unwrap(),
+        f.store
+            .finish(&id, Now::At(300), Admission::Always)
+            .await
+            .unwrap()
+            .unwrap(),
         Some(Status::Processing)
     );
     assert_eq!(
-        f.store.finish(&id, Now::At(400)).await.unwrap(),
+        f.store
+            .finish(&id, Now::At(400), Admission::Always)
+            .await
+            .unwrap()
+            .unwrap(),
         None,
         "finishing twice changes nothing"
     );
@@ -830,7 +948,11 @@ async fn live_conversation_appends_in_order_and_finishes_to_processing(f: Fixtur
         (got.status, got.segments.len(), got.finished_at_ms),
         (Status::Processing, 3, Some(300))
     );
-    let claimed = f.store.claim("a", Now::At(0), LEASE, 10).await.unwrap();
+    let claimed = f
+        .store
+        .claim("a", Now::At(0), LEASE, 10, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].segments.len(), 3);
 }
@@ -844,12 +966,16 @@ async fn live_conversation_without_text_is_discarded(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(
-        f.store.finish(&id, Now::At(20)).await.unwrap(),
+        f.store
+            .finish(&id, Now::At(20), Admission::Always)
+            .await
+            .unwrap()
+            .unwrap(),
         Some(Status::Discarded)
     );
     assert!(
         f.store
-            .claim("a", Now::At(0), LEASE, 10)
+            .claim("a", Now::At(0), LEASE, 10, ClaimOrder::InteractiveFirst)
             .await
             .unwrap()
             .is_empty()
@@ -894,7 +1020,11 @@ async fn only_unexpired_live_conversations_are_resumable(f: Fixture) {
             .unwrap()
             .is_none()
     );
-    f.store.finish(&id, Now::At(1_450)).await.unwrap();
+    f.store
+        .finish(&id, Now::At(1_450), Admission::Always)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         f.store
             .find_resumable("u", Now::At(1_460))
@@ -910,13 +1040,17 @@ async fn only_unexpired_live_conversations_are_resumable(f: Fixture) {
 async fn the_stores_own_clock_decides_leases_and_deadlines(f: Fixture) {
     let id = f
         .store
-        .submit(new("u", None, Status::Processing, now_ms()))
+        .submit(
+            new("u", None, Status::Processing, now_ms()),
+            Admission::Always,
+        )
         .await
+        .unwrap()
         .unwrap()
         .id;
     assert_eq!(
         f.store
-            .claim("a", Now::Store, 60_000, 10)
+            .claim("a", Now::Store, 60_000, 10, ClaimOrder::InteractiveFirst)
             .await
             .unwrap()
             .len(),
@@ -924,7 +1058,7 @@ async fn the_stores_own_clock_decides_leases_and_deadlines(f: Fixture) {
     );
     assert!(
         f.store
-            .claim("b", Now::Store, 60_000, 10)
+            .claim("b", Now::Store, 60_000, 10, ClaimOrder::InteractiveFirst)
             .await
             .unwrap()
             .is_empty(),
@@ -940,7 +1074,11 @@ async fn the_stores_own_clock_decides_leases_and_deadlines(f: Fixture) {
     // Claimed by "b" once the 50 ms lease has run out by the store's clock.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let taken = loop {
-        let taken = f.store.claim("b", Now::Store, 60_000, 10).await.unwrap();
+        let taken = f
+            .store
+            .claim("b", Now::Store, 60_000, 10, ClaimOrder::InteractiveFirst)
+            .await
+            .unwrap();
         if !taken.is_empty() || std::time::Instant::now() > deadline {
             break taken;
         }
@@ -1026,7 +1164,7 @@ async fn expired_live_conversations_are_finished_at_their_deadline(f: Fixture) {
     );
     assert_eq!(
         f.store
-            .claim("a", Now::At(0), LEASE, 10)
+            .claim("a", Now::At(0), LEASE, 10, ClaimOrder::InteractiveFirst)
             .await
             .unwrap()
             .len(),
@@ -1037,7 +1175,11 @@ async fn expired_live_conversations_are_finished_at_their_deadline(f: Fixture) {
 async fn discarded_completions_and_delivery_results_are_stored(f: Fixture) {
     let kept = f.queued().await;
     let noise = f.queued().await;
-    let claimed = f.store.claim("a", Now::At(0), LEASE, 10).await.unwrap();
+    let claimed = f
+        .store
+        .claim("a", Now::At(0), LEASE, 10, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap();
     let deliveries = vec![
         api::WebhookDelivery {
             url: "http://a/hook".into(),
@@ -1113,7 +1255,11 @@ async fn sqlite_wal_stays_bounded_under_sustained_writes() {
                     i,
                 );
                 conversation.segments = vec![segment(&text)];
-                store.submit(conversation).await.unwrap();
+                store
+                    .submit(conversation, Admission::Always)
+                    .await
+                    .unwrap()
+                    .unwrap();
             }
         });
     }

@@ -23,6 +23,10 @@ struct Sizes {
     replay: u64,
     in_flight: u64,
     sessions: usize,
+    /// P8: uid A's backlog, and the other uids' trickle (uids x conversations each).
+    backlog: usize,
+    trickle_uids: usize,
+    trickle_each: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -34,6 +38,9 @@ const FULL: Sizes = Sizes {
     replay: 100_000,
     in_flight: 1_000,
     sessions: 500,
+    backlog: 20_000,
+    trickle_uids: 10,
+    trickle_each: 25,
 };
 const SMOKE: Sizes = Sizes {
     submit_requests: 300,
@@ -44,6 +51,9 @@ const SMOKE: Sizes = Sizes {
     replay: 500,
     in_flight: 50,
     sessions: 20,
+    backlog: 300,
+    trickle_uids: 2,
+    trickle_each: 3,
 };
 
 fn loadgen(target: std::net::SocketAddr, rpc: &str, concurrency: usize, requests: u64) -> Value {
@@ -107,21 +117,57 @@ async fn completion_latencies(client: &ListenClient) -> Vec<Duration> {
                 .await
                 .expect("list")
                 .into_inner();
-            for c in &page.conversations {
-                if let (Some(created), Some(completed)) = (&c.created_at, &c.completed_at) {
-                    let ms = |t: &prost_types::Timestamp| {
-                        t.seconds as f64 * 1e3 + f64::from(t.nanos) / 1e6
-                    };
-                    let elapsed = (ms(completed) - ms(created)).max(0.0);
-                    latencies.push(Duration::from_secs_f64(elapsed / 1e3));
-                }
-            }
+            latencies.extend(page.conversations.iter().filter_map(completion_latency));
             if page.next_page_token.is_empty() {
                 break;
             }
             token = page.next_page_token;
         }
     }
+    latencies
+}
+
+/// A conversation's Submit -> COMPLETED, from its stored timestamps (ms resolution).
+fn completion_latency(c: &listen::Conversation) -> Option<Duration> {
+    let (created, completed) = (c.created_at.as_ref()?, c.completed_at.as_ref()?);
+    let ms = |t: &prost_types::Timestamp| t.seconds as f64 * 1e3 + f64::from(t.nanos) / 1e6;
+    Some(Duration::from_secs_f64(
+        (ms(completed) - ms(created)).max(0.0) / 1e3,
+    ))
+}
+
+/// P8's trickle: `uids` uids each submitting `each` conversations, one every 200 ms, while
+/// whatever else runs; waits until all are COMPLETED and returns their Submit -> COMPLETED,
+/// sorted.
+async fn trickle(client: &ListenClient, uids: usize, each: usize) -> Vec<Duration> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for u in 0..uids {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            let mut ids = Vec::new();
+            let mut pace = tokio::time::interval(Duration::from_millis(200));
+            for i in 0..each {
+                pace.tick().await;
+                let request = talk(&format!("trickle-{u}"), &format!("trickle-{u}-{i}"));
+                let response = client.submit_conversation(request).await.expect("submit");
+                ids.push(response.into_inner().conversation_id);
+            }
+            ids
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        ids.extend(done.expect("trickle task"));
+    }
+    let done = wait_all(
+        client,
+        &ids,
+        listen::ConversationStatus::Completed,
+        Duration::from_secs(600),
+    )
+    .await;
+    let mut latencies: Vec<Duration> = done.iter().filter_map(completion_latency).collect();
+    latencies.sort();
     latencies
 }
 
@@ -150,7 +196,7 @@ Runs the benchmark scenarios of BENCHMARKS.md against the real binaries (built f
 program's profile) and prints a markdown table. The full run takes minutes.
 
   --smoke        tiny counts: a seconds-long run that checks every scenario works (no timing)
-  --only LIST    only these scenarios, comma-separated: P1, P2, P3, P4, P5, P6, NATS
+  --only LIST    only these scenarios, comma-separated: P1, P2, P3, P4, P5, P6, P8, NATS
   -h, --help     this text";
 
 struct Args {
@@ -516,6 +562,44 @@ async fn main() {
         );
         drop(open);
         let _ = listen::GetLinkStatusRequest {};
+    }
+
+    // P8: fairness. Other uids submit at a trickle, with and without uid A's backlog
+    // queued ahead of them; pusher takes 50 ms per conversation (64 at once), so the
+    // backlog takes seconds to drain. Their Submit -> COMPLETED should not grow with it.
+    if want("P8") {
+        let per_uid = sizes.backlog.to_string();
+        let mut figures = Vec::new();
+        for backlog in [0, sizes.backlog] {
+            let pusher_port = free_port();
+            let _pusher = start_pusher(
+                PusherOptions::port(pusher_port).args(&["--simulated-latency", "50ms"]),
+            )
+            .await;
+            let listen = start_listen(ListenOptions {
+                pusher_port,
+                extra: &["--max-queued-per-uid", &per_uid],
+            })
+            .await;
+            let client = listen_client(&listen);
+            submit_many(&client, "backlog", backlog).await;
+            let queued_before = link_status(&mut client.clone()).await.queued;
+            let latencies = trickle(&client, sizes.trickle_uids, sizes.trickle_each).await;
+            let backlog_left = link_status(&mut client.clone()).await.queued;
+            figures.push(format!(
+                "backlog {backlog} ({queued_before} queued when the trickle began, {backlog_left} when it had all completed): p50 {:.0} ms, p99 {:.0} ms",
+                quantile_ms(&latencies, 0.5),
+                quantile_ms(&latencies, 0.99)
+            ));
+            drop(listen);
+        }
+        row(
+            &format!(
+                "P8 fairness: {} uids x {} conversations at 5/s each, Submit -> COMPLETED, pusher 50 ms per conversation",
+                sizes.trickle_uids, sizes.trickle_each
+            ),
+            figures.join("; "),
+        );
     }
 
     println!("\n| scenario | result |\n|---|---|");

@@ -213,6 +213,7 @@ async fn run(args: &Args) -> Report {
                                 end: 1.0,
                                 is_user: true,
                             }],
+                            priority: 0,
                         })
                         .await
                         .map(|_| ()),

@@ -47,6 +47,8 @@ fn claimed(id: &str) -> Claimed {
         finished_at_ms: None,
         generation: 1,
         attempts: 0,
+        priority: crate::store::Priority::Interactive,
+        waited_ms: None,
     }
 }
 

@@ -35,6 +35,8 @@ fn claimed(id: &str) -> Claimed {
         finished_at_ms: Some(1_700_000_000_123),
         generation: 1,
         attempts: 0,
+        priority: crate::store::Priority::Interactive,
+        waited_ms: None,
     }
 }
 
