@@ -40,7 +40,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tonic::{Status, Streaming};
-use tracing::{debug, info, warn};
+use shared::telemetry::TraceContext;
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Events buffered per session.
 pub(crate) const EVENT_BUFFER: usize = 64;
@@ -502,8 +503,13 @@ impl Session {
                     language: self.language.clone(),
                     timeout_ms: self.timeout.as_millis() as i64,
                     now: Now::Store,
+                    trace: TraceContext::of(&tracing::Span::current()),
                 };
-                self.ctx.store.start_conversation(new).await?;
+                self.ctx
+                    .store
+                    .start_conversation(new)
+                    .instrument(info_span!("store.commit", db.operation = "start_conversation", conversation_id = %id))
+                    .await?;
                 self.current = Some(Current {
                     id: id.clone(),
                     segments: 0,

@@ -18,6 +18,7 @@ pub(crate) use postgres::PostgresStore;
 pub(crate) use sqlite::SqliteStore;
 
 use shared::proto::listen::v1 as api;
+use shared::telemetry::TraceContext;
 
 /// Where a conversation is in its lifecycle. Stored as text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -84,6 +85,8 @@ pub(crate) struct NewConversation {
     /// PROCESSING, or DISCARDED when there is nothing to process.
     pub status: Status,
     pub now_ms: i64,
+    /// The trace the Submit call is part of; every send continues it.
+    pub trace: TraceContext,
 }
 
 /// A stored conversation as read back.
@@ -124,6 +127,8 @@ pub(crate) struct NewLive {
     pub timeout_ms: i64,
     /// Its creation time, from which the first deadline is counted.
     pub now: Now,
+    /// The trace of the session that opened it; every send continues it.
+    pub trace: TraceContext,
 }
 
 /// An IN_PROGRESS conversation a new session for the same uid can resume.
@@ -159,6 +164,8 @@ pub(crate) struct Claimed {
     /// Sends recorded so far; the next send's attempt number continues from here, so attempt
     /// numbers never repeat over a conversation's life (retries included).
     pub attempts: u32,
+    /// As stored when it was created (empty when traces were off).
+    pub trace: TraceContext,
 }
 
 /// A page request for listing.
@@ -403,6 +410,11 @@ pub(crate) fn decode_deliveries(
 }
 
 /// Whether any segment carries text (decides PROCESSING vs DISCARDED).
+/// A trace context value as stored: NULL when empty.
+pub(crate) fn stored(value: &str) -> Option<&str> {
+    (!value.is_empty()).then_some(value)
+}
+
 pub(crate) fn has_text(segments: &[api::Segment]) -> bool {
     segments.iter().any(|s| !s.text.trim().is_empty())
 }

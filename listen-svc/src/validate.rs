@@ -52,6 +52,7 @@ pub(crate) fn validate_submit(
             Status::Discarded
         },
         now_ms: now_ms(),
+        trace: Default::default(),
     })
 }
 

@@ -23,7 +23,7 @@ use super::row::{
 use super::{
     Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
     Now, Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries,
-    encode_segments, has_text,
+    encode_segments, has_text, stored,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prost::Message;
@@ -52,6 +52,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0002_live_conversations.sql"),
     include_str!("../../migrations/postgres/0003_deliveries.sql"),
     include_str!("../../migrations/postgres/0004_partial_indexes.sql"),
+    include_str!("../../migrations/postgres/0006_trace_context.sql"),
 ];
 
 pub(crate) struct PostgresStore {
@@ -171,9 +172,10 @@ impl ConversationStore for PostgresStore {
         let inserted = client
             .query_opt(
                 "INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
-                 segment_count, created_at_ms, finished_at_ms, queue_seq) \
+                 segment_count, created_at_ms, finished_at_ms, queue_seq, traceparent, \
+                 tracestate) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, \
-                         CASE WHEN $9 THEN nextval('conversations_queue_seq') END) \
+                         CASE WHEN $9 THEN nextval('conversations_queue_seq') END, $10, $11) \
                  ON CONFLICT (uid, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
                  RETURNING id",
                 &[
@@ -186,6 +188,8 @@ impl ConversationStore for PostgresStore {
                     &(new.segments.len() as i64),
                     &new.now_ms,
                     &queued,
+                    &stored(&new.trace.traceparent),
+                    &stored(&new.trace.tracestate),
                 ],
             )
             .await
@@ -291,7 +295,7 @@ impl ConversationStore for PostgresStore {
                        generation = c.generation + 1 \
                      FROM picked WHERE c.id = picked.id \
                      RETURNING c.id, c.uid, c.language, c.segments, c.finished_at_ms, \
-                       c.generation, c.queue_seq, c.attempts"
+                       c.generation, c.queue_seq, c.attempts, c.traceparent, c.tracestate"
                 ),
                 &[&owner, &now.param(), &lease_ms, &(limit as i64)],
             )
@@ -405,9 +409,10 @@ impl ConversationStore for PostgresStore {
                 &format!(
                     "WITH now AS (SELECT {at} AS ms) \
                      INSERT INTO conversations (id, uid, language, status, segments, \
-                       segment_count, created_at_ms, deadline_ms, timeout_ms, has_text) \
+                       segment_count, created_at_ms, deadline_ms, timeout_ms, has_text, \
+                       traceparent, tracestate) \
                      SELECT $1, $2, $3, 'in_progress', ''::bytea, 0, ms, ms + $5::BIGINT, \
-                       $5::BIGINT, FALSE FROM now"
+                       $5::BIGINT, FALSE, $6, $7 FROM now"
                 ),
                 &[
                     &new.id,
@@ -415,6 +420,8 @@ impl ConversationStore for PostgresStore {
                     &new.language,
                     &new.now.param(),
                     &new.timeout_ms,
+                    &stored(&new.trace.traceparent),
+                    &stored(&new.trace.tracestate),
                 ],
             )
             .await

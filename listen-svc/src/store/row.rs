@@ -9,6 +9,7 @@ use super::{
     Claimed, Conversation, Resumable, Status, StoreError, decode_deliveries, decode_segments,
     decode_structured,
 };
+use shared::telemetry::TraceContext;
 
 /// What a `SELECT` or `RETURNING` of a whole [`Conversation`] lists; read by [`read_conversation`].
 pub(super) const COLUMNS: &str = "id, uid, language, status, segments, segment_count, \
@@ -67,7 +68,7 @@ pub(super) fn read_conversation(row: &impl RowAccess) -> Result<Conversation, St
 }
 
 /// A row a claim returned (id, uid, language, segments, finished_at_ms, generation,
-/// queue_seq, attempts): the [`Claimed`] and its place in the queue.
+/// queue_seq, attempts, traceparent, tracestate): the [`Claimed`] and its place in the queue.
 pub(super) fn read_claimed(row: &impl RowAccess) -> Result<(i64, Claimed), StoreError> {
     let id: String = row.value("id")?;
     let claimed = Claimed {
@@ -77,6 +78,7 @@ pub(super) fn read_claimed(row: &impl RowAccess) -> Result<(i64, Claimed), Store
         finished_at_ms: row.value("finished_at_ms")?,
         generation: row.value("generation")?,
         attempts: attempts(row)?,
+        trace: TraceContext::new(row.value("traceparent")?, row.value("tracestate")?),
         id,
     };
     Ok((row.value("queue_seq")?, claimed))

@@ -20,7 +20,7 @@ use super::row::{
 use super::{
     Claimed, Completion, Conversation, ConversationStore, ListFilter, NewConversation, NewLive,
     Now, Resumable, RetryOutcome, Status, StoreError, Submitted, encode_deliveries,
-    encode_segments, has_text,
+    encode_segments, has_text, stored,
 };
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0002_live_conversations.sql"),
     include_str!("../../migrations/sqlite/0003_deliveries.sql"),
     include_str!("../../migrations/sqlite/0004_partial_indexes.sql"),
+    include_str!("../../migrations/sqlite/0006_trace_context.sql"),
 ];
 
 /// The oldest unowned (or lease-expired) PROCESSING rows, leased to ?1 until ?3.
@@ -59,7 +60,8 @@ const CLAIM_SQL: &str = "UPDATE conversations SET owner = ?1, lease_expires_at_m
      WHERE id IN (SELECT id FROM conversations \
        WHERE status = 'processing' AND (owner IS NULL OR lease_expires_at_ms < ?2) \
        ORDER BY queue_seq LIMIT +?4) \
-     RETURNING id, uid, language, segments, finished_at_ms, generation, queue_seq, attempts";
+     RETURNING id, uid, language, segments, finished_at_ms, generation, queue_seq, attempts, \
+       traceparent, tracestate";
 /// The newest IN_PROGRESS conversation of ?1 whose deadline has not passed.
 const RESUMABLE_SQL: &str = "SELECT id, segment_count, length(segments) AS segment_bytes, \
      deadline_ms - ?2 AS remaining_ms \
@@ -389,8 +391,9 @@ impl ConversationStore for SqliteStore {
             };
             conn.prepare_cached(
                 "INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
-                 segment_count, created_at_ms, finished_at_ms, queue_seq) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+                 segment_count, created_at_ms, finished_at_ms, queue_seq, traceparent, \
+                 tracestate) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11)",
             )
             .map_err(unavailable)?
             .execute(params![
@@ -403,6 +406,8 @@ impl ConversationStore for SqliteStore {
                 new.segments.len() as i64,
                 new.now_ms,
                 queue_seq,
+                stored(&new.trace.traceparent),
+                stored(&new.trace.tracestate),
             ])
             .map_err(unavailable)?;
             Ok(Submitted { id: new.id, status: new.status, created: true })
@@ -593,8 +598,8 @@ impl ConversationStore for SqliteStore {
         self.write(move |conn| {
             conn.prepare_cached(
                 "INSERT INTO conversations (id, uid, language, status, segments, segment_count, \
-                 created_at_ms, deadline_ms, timeout_ms, has_text) \
-                 VALUES (?1, ?2, ?3, 'in_progress', x'', 0, ?4, ?4 + ?5, ?5, 0)",
+                 created_at_ms, deadline_ms, timeout_ms, has_text, traceparent, tracestate) \
+                 VALUES (?1, ?2, ?3, 'in_progress', x'', 0, ?4, ?4 + ?5, ?5, 0, ?6, ?7)",
             )
             .map_err(unavailable)?
             .execute(params![
@@ -602,7 +607,9 @@ impl ConversationStore for SqliteStore {
                 new.uid,
                 new.language,
                 new.now.in_process(),
-                new.timeout_ms
+                new.timeout_ms,
+                stored(&new.trace.traceparent),
+                stored(&new.trace.tracestate),
             ])
             .map(|_| ())
             .map_err(unavailable)
