@@ -15,9 +15,9 @@ use shared::proto::listen::v1 as api;
 use shared::proto::listen::v1::listen_server::Listen;
 use shared::telemetry::{TraceContext, remote_parent};
 use std::sync::Arc;
-use tracing::{Instrument, Span, field, info_span};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Streaming};
+use tracing::{Instrument, Span, field, info_span};
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 500;

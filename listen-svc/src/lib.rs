@@ -10,7 +10,8 @@
 //! - [`config`]: flags, checked into the settings of each part (`ConfigError` names the flag);
 //! - `api`: the unary `listen.v1.Listen` calls; `session`: live `Session` streams and the
 //!   registry that bounds them and routes outcomes; `auth`: bearer tokens; `sweeper`: finishes
-//!   sessions' conversations at their deadline;
+//!   sessions' conversations at their deadline; `census`: counts the store by status for the
+//!   metrics;
 //! - `link`: the owner task of the streams to pusher (state machine, pending windows, lanes);
 //! - `validate` (request limits and checks) and `wire` (stored types <-> protobuf): pure;
 //! - `error`: every refusal as `ApiError`, and the one place it becomes a gRPC status;
@@ -19,6 +20,7 @@
 
 mod api;
 mod auth;
+mod census;
 mod config;
 mod error;
 #[cfg(test)]
@@ -92,6 +94,7 @@ pub async fn run(
     );
     // Sessions end themselves on shutdown (tonic would otherwise wait on their streams).
     let (stop_sessions, sessions_shutdown) = watch::channel(false);
+    let census = tokio::spawn(census::run(Arc::clone(&store), link_shutdown.clone()));
     let sweeper = tokio::spawn(sweeper::run(
         Arc::clone(&store),
         link.clone(),
@@ -195,6 +198,7 @@ pub async fn run(
 
     let _ = stop_link.send(true);
     let _ = sweeper.await;
+    let _ = census.await;
     if tokio::time::timeout(Duration::from_secs(10), link_task)
         .await
         .is_err()

@@ -50,12 +50,12 @@ pub use target::Target;
 use crate::store::{Claimed, ConversationStore, StoreError};
 use error::{Closed, LinkError};
 use lanes::Lanes;
+use opentelemetry::KeyValue;
 use pending::{AckAction, Ignored};
 use series::EndpointSeries;
 use shared::backoff::Backoff;
 use shared::grpc::health::{HealthReporter, ServingStatus};
 use shared::proto::listen::v1::{LINK_HEALTH_NAME, LinkState as Wire};
-use opentelemetry::KeyValue;
 use shared::proto::pusher::v1::{
     Heartbeat, LinkResponse, ProcessConversation, link_request, link_response,
 };
@@ -815,9 +815,17 @@ impl Link {
         };
         match result {
             Ok(true) => {
-                let attempts = lane.pending.remove(&id).map(|e| e.attempt).unwrap_or(0);
+                let entry = lane.pending.remove(&id);
+                let attempts = entry.as_ref().map_or(0, |e| e.attempt);
                 info!(conversation_id = %id, attempts, outcome, "conversation settled");
                 metrics::counter!("listen_conversations_total", "status" => outcome).increment(1);
+                if let Some(finished) = entry.and_then(|e| e.request.finished_at) {
+                    let finished_ms =
+                        finished.seconds * 1000 + i64::from(finished.nanos) / 1_000_000;
+                    let seconds = (crate::store::now_ms() - finished_ms).max(0) as f64 / 1000.0;
+                    metrics::histogram!("listen_conversation_duration_seconds", "status" => outcome)
+                        .record(seconds);
+                }
                 (self.work.on_settled)(&id);
             }
             Ok(false) => {

@@ -34,13 +34,13 @@ use shared::proto::listen::v1::{
     ProcessingStarted, SegmentsStored, SessionEvent, SessionRequest, SessionStarted, Start,
     session_event::Event, session_request::Msg,
 };
+use shared::telemetry::TraceContext;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tonic::{Status, Streaming};
-use shared::telemetry::TraceContext;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Events buffered per session.

@@ -31,6 +31,14 @@ pub(crate) enum Status {
 }
 
 impl Status {
+    pub(crate) const ALL: [Status; 5] = [
+        Status::InProgress,
+        Status::Processing,
+        Status::Completed,
+        Status::Failed,
+        Status::Discarded,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::InProgress => "in_progress",
@@ -262,6 +270,10 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
 
     /// Rows in PROCESSING (pending and queued).
     async fn count_processing(&self) -> Result<u64, StoreError>;
+
+    /// How many conversations have `status`, counting at most `cap` (the cost of the
+    /// query is bounded by `cap` index entries, whatever the table's size).
+    async fn count_status(&self, status: Status, cap: u64) -> Result<u64, StoreError>;
 
     /// Opens an IN_PROGRESS conversation with no segments yet.
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError>;

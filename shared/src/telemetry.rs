@@ -160,7 +160,10 @@ mod tests {
             Ok(TracesConfig::Otlp)
         );
         assert_eq!(
-            config(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4318/v1/traces")]),
+            config(&[(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://c:4318/v1/traces"
+            )]),
             Ok(TracesConfig::Otlp)
         );
         assert_eq!(

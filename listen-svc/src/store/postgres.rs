@@ -401,6 +401,19 @@ impl ConversationStore for PostgresStore {
         Ok(row.value::<i64>("processing")? as u64)
     }
 
+    async fn count_status(&self, status: Status, cap: u64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT COUNT(*) AS counted FROM \
+                 (SELECT 1 FROM conversations WHERE status = $1 LIMIT $2) AS capped",
+                &[&status.as_str(), &(cap as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.value::<i64>("counted")? as u64)
+    }
+
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError> {
         let at = now_ms_param(4);
         let client = self.client().await?;

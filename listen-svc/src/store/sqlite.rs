@@ -594,6 +594,19 @@ impl ConversationStore for SqliteStore {
         .await
     }
 
+    async fn count_status(&self, status: Status, cap: u64) -> Result<u64, StoreError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM conversations WHERE status = ?1 LIMIT ?2)",
+            )
+            .map_err(unavailable)?
+            .query_row(params![status.as_str(), cap as i64], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError> {
         self.write(move |conn| {
             conn.prepare_cached(

@@ -53,10 +53,13 @@ impl TraceContext {
 
     /// The HTTP headers that carry it, none when empty.
     pub fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
-        [(TRACEPARENT, &self.traceparent), (TRACESTATE, &self.tracestate)]
-            .into_iter()
-            .filter(|(_, value)| !value.is_empty())
-            .map(|(name, value)| (name, value.as_str()))
+        [
+            (TRACEPARENT, &self.traceparent),
+            (TRACESTATE, &self.tracestate),
+        ]
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .map(|(name, value)| (name, value.as_str()))
     }
 }
 

@@ -33,7 +33,10 @@ where
         (LogFormat::Json, false) => base.json().event_format(json).boxed(),
         (LogFormat::Json, true) => base
             .json()
-            .event_format(WithTraceIds { inner: json, json: true })
+            .event_format(WithTraceIds {
+                inner: json,
+                json: true,
+            })
             .boxed(),
     }
 }
