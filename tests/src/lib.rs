@@ -22,6 +22,7 @@ pub mod dns;
 pub mod fake_pusher;
 pub mod http;
 pub mod nats;
+pub mod otlp;
 pub mod postgres;
 pub mod proxy;
 
