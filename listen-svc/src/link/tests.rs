@@ -109,6 +109,7 @@ impl Rig {
                 }],
                 status: Stored::Processing,
                 now_ms: now_ms(),
+                trace: Default::default(),
             })
             .await
             .unwrap();

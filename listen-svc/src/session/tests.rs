@@ -39,6 +39,7 @@ async fn claimed(store: &dyn ConversationStore, uid: &str) -> (String, i64) {
             }],
             status: Lifecycle::Processing,
             now_ms: now_ms(),
+            trace: Default::default(),
         })
         .await
         .unwrap();

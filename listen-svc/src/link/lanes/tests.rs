@@ -47,6 +47,7 @@ fn claimed(id: &str) -> Claimed {
         finished_at_ms: None,
         generation: 1,
         attempts: 0,
+        trace: Default::default(),
     }
 }
 
