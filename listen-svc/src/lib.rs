@@ -53,6 +53,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    declare_metrics();
     let store: Arc<dyn ConversationStore> = match config.store_location()? {
         StoreLocation::Sqlite(path) => {
             let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??;
@@ -270,5 +271,16 @@ mod tests {
             super::redact("postgres://listen@db/listen?password=s3cret&sslmode=require"),
             "postgres://listen@db/listen?password=***&sslmode=require"
         );
+    }
+}
+
+/// The counters that alerts and the dashboard read exist at 0 from the start, rather than
+/// from their first event (an absent series makes `rate()` and alert rules silent).
+fn declare_metrics() {
+    for status in ["processing", "completed", "failed", "discarded"] {
+        metrics::counter!("listen_conversations_total", "status" => status).increment(0);
+    }
+    for kind in ["unavailable", "corrupt"] {
+        metrics::counter!("listen_store_errors_total", "kind" => kind).increment(0);
     }
 }

@@ -296,6 +296,7 @@ impl Status {
         metrics::gauge!("listen_link_state").set(state as i32 as f64);
         metrics::gauge!("listen_link_up").set(if connected { 1.0 } else { 0.0 });
         metrics::gauge!("listen_link_pending").set(pending as f64);
+        metrics::gauge!("listen_link_pending_capacity").set(lanes.capacity() as f64);
         metrics::gauge!("listen_link_endpoints").set(lanes.len() as f64);
         for lane in lanes.iter() {
             let wire = lane.state.to_wire();
