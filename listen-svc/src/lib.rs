@@ -245,6 +245,17 @@ fn redact_userinfo(url: &str) -> String {
     }
 }
 
+/// The counters that alerts and the dashboard read exist at 0 from the start, rather than
+/// from their first event (an absent series makes `rate()` and alert rules silent).
+fn declare_metrics() {
+    for status in ["processing", "completed", "failed", "discarded"] {
+        metrics::counter!("listen_conversations_total", "status" => status).increment(0);
+    }
+    for kind in ["unavailable", "corrupt"] {
+        metrics::counter!("listen_store_errors_total", "kind" => kind).increment(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -271,16 +282,5 @@ mod tests {
             super::redact("postgres://listen@db/listen?password=s3cret&sslmode=require"),
             "postgres://listen@db/listen?password=***&sslmode=require"
         );
-    }
-}
-
-/// The counters that alerts and the dashboard read exist at 0 from the start, rather than
-/// from their first event (an absent series makes `rate()` and alert rules silent).
-fn declare_metrics() {
-    for status in ["processing", "completed", "failed", "discarded"] {
-        metrics::counter!("listen_conversations_total", "status" => status).increment(0);
-    }
-    for kind in ["unavailable", "corrupt"] {
-        metrics::counter!("listen_store_errors_total", "kind" => kind).increment(0);
     }
 }

@@ -13,6 +13,12 @@ pub struct Pki {
     pub ca: CertifiedIssuer<'static, KeyPair>,
 }
 
+impl Default for Pki {
+    fn default() -> Pki {
+        Pki::new()
+    }
+}
+
 impl Pki {
     /// A CA, pusher's server certificate (localhost, 127.0.0.1), a client certificate it
     /// signed, and a client certificate from an unrelated CA.
