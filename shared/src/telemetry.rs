@@ -18,6 +18,16 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// At most this long is spent exporting the last spans on exit.
+pub const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// For `--help`: how traces are turned on.
+pub const TRACES_HELP: &str = "Traces: OpenTelemetry over OTLP (gRPC or HTTP), off unless \
+OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set or \
+OTEL_TRACES_EXPORTER=otlp; OTEL_TRACES_EXPORTER=none or OTEL_SDK_DISABLED=true turn them \
+off. The standard OTEL_EXPORTER_OTLP_*, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, \
+OTEL_TRACES_SAMPLER(_ARG) and OTEL_BSP_* variables apply (docs/observability.md).";
+
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -80,10 +90,14 @@ impl Telemetry {
         self.provider.is_some()
     }
 
-    /// Exports buffered spans (bounded by the exporter's timeout) and stops the exporter.
+    /// Exports buffered spans and stops the exporter, within [`SHUTDOWN_TIMEOUT`]: an
+    /// unreachable collector does not hold up the exit.
     pub async fn shutdown(self) {
         if let Some(provider) = self.provider {
-            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT)
+            })
+            .await;
         }
     }
 }

@@ -269,3 +269,74 @@ async fn with_traces_off_nothing_is_exported_and_no_traceparent_is_sent() {
     assert_eq!(requests[0].header("traceparent"), "");
     assert!(!listen.log_text().contains("trace_id"));
 }
+
+#[tokio::test]
+async fn a_traced_session_is_the_trace_of_its_conversations() {
+    use tests::listen::{Finish, Segments, SessionRequest, Start, session_request::Msg};
+    let otlp = OtlpReceiver::start().await;
+    let pusher_port = free_port();
+    let env = otlp.env();
+    let _pusher = start_pusher(PusherOptions::port(pusher_port).envs(&pairs(&env))).await;
+    let listen = start_listen_with_env(
+        ListenOptions {
+            pusher_port,
+            extra: &[],
+        },
+        env.clone(),
+    )
+    .await;
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-{CLIENT_SPAN}-01").parse().unwrap(),
+    );
+    let mut events = listen_client(&listen)
+        .session(request)
+        .await
+        .unwrap()
+        .into_inner();
+    for msg in [
+        Msg::Start(Start {
+            uid: "session".into(),
+            language: "en".into(),
+            conversation_timeout_s: 60,
+        }),
+        Msg::Segments(Segments {
+            segments: vec![segment("We will ship the report on Friday.", 0.0)],
+        }),
+        Msg::Finish(Finish {}),
+    ] {
+        tx.send(SessionRequest { msg: Some(msg) }).await.unwrap();
+    }
+    // Half-closed: the session stays until its conversation's outcome is delivered, then ends.
+    drop(tx);
+    tokio::time::timeout(SETTLE, async {
+        while events.message().await.unwrap().is_some() {}
+    })
+    .await
+    .expect("the session ends within 30 s");
+
+    let spans = wait_for("the session's and the job's spans", SETTLE, || async {
+        let spans = otlp.spans();
+        (!named(&spans, "listen-svc", "listen.v1.Listen/Session").is_empty()
+            && !named(&spans, "pusher-svc", "pusher.job").is_empty())
+        .then_some(spans)
+    })
+    .await;
+    let session = one(&spans, "listen-svc", "listen.v1.Listen/Session");
+    assert_eq!(
+        (session.trace_id.as_str(), session.parent_span_id.as_str()),
+        (TRACE_ID, CLIENT_SPAN)
+    );
+    let commit = one(&spans, "listen-svc", "store.commit");
+    assert_eq!(commit.attribute("db.operation"), "start_conversation");
+    assert!(descends_from(&spans, commit, session));
+    let job = one(&spans, "pusher-svc", "pusher.job");
+    assert!(descends_from(&spans, job, session), "{spans:#?}");
+    assert_eq!(
+        job.attribute("conversation_id"),
+        commit.attribute("conversation_id")
+    );
+}
