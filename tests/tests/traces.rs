@@ -89,9 +89,18 @@ async fn a_traced_submit_is_one_trace_from_listen_through_pusher_to_the_webhook(
     let spans = wait_for("spans from listen and pusher", SETTLE, || async {
         let mut spans = otlp.spans();
         spans.extend(spans_of_http(&collector.requests()));
+        // Each span is exported when it ends, in batches: wait for the last of each kind.
+        let all_there = [
+            ("listen-svc", "listen.v1.Listen/SubmitConversation"),
+            ("listen-svc", "store.commit"),
+            ("listen-svc", "link.send"),
+            ("pusher-svc", "pusher.job"),
+            ("pusher-svc", "structure"),
+        ]
+        .iter()
+        .all(|(service, name)| !named(&spans, service, name).is_empty());
         let attempts = named(&spans, "pusher-svc", "webhook.attempt").len();
-        let submits = named(&spans, "listen-svc", "listen.v1.Listen/SubmitConversation").len();
-        (attempts == 2 && submits == 1).then_some(spans)
+        (all_there && attempts == 2).then_some(spans)
     })
     .await;
 
@@ -202,6 +211,7 @@ async fn a_pusher_killed_mid_job_still_leaves_one_trace_with_the_replay_in_it() 
     let spans = wait_for("the job span of the restarted pusher", SETTLE, || async {
         let spans = otlp.spans();
         (!named(&spans, "pusher-svc", "pusher.job").is_empty()
+            && !named(&spans, "listen-svc", "listen.v1.Listen/SubmitConversation").is_empty()
             && named(&spans, "listen-svc", "link.send").len() >= 2)
             .then_some(spans)
     })
@@ -321,6 +331,7 @@ async fn a_traced_session_is_the_trace_of_its_conversations() {
     let spans = wait_for("the session's and the job's spans", SETTLE, || async {
         let spans = otlp.spans();
         (!named(&spans, "listen-svc", "listen.v1.Listen/Session").is_empty()
+            && !named(&spans, "listen-svc", "store.commit").is_empty()
             && !named(&spans, "pusher-svc", "pusher.job").is_empty())
         .then_some(spans)
     })
