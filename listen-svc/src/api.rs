@@ -15,9 +15,11 @@ use crate::validate::{
 use crate::wire::{View, status_name, to_proto, to_proto_in};
 use shared::proto::listen::v1 as api;
 use shared::proto::listen::v1::listen_server::Listen;
+use shared::telemetry::{TraceContext, remote_parent};
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Streaming};
+use tracing::{Instrument, Span, field, info_span};
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 500;
@@ -62,7 +64,16 @@ impl Listen for ListenService {
         &self,
         request: Request<api::SubmitConversationRequest>,
     ) -> Reply<api::SubmitConversationResponse> {
+        let span = info_span!(
+            "submit",
+            otel.name = "listen.v1.Listen/SubmitConversation",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            conversation_id = field::Empty,
+        );
+        remote_parent(request.metadata(), &span);
         self.submit(request)
+            .instrument(span)
             .await
             .map(Response::new)
             .map_err(reject)
@@ -108,13 +119,23 @@ impl ListenService {
         let caller = auth::caller(&request)?;
         let slot = self.sessions.sessions.enter()?;
         let (tx, rx) = tokio::sync::mpsc::channel(session::EVENT_BUFFER);
-        tokio::spawn(session::run(
-            self.sessions.clone(),
-            caller,
-            request.into_inner(),
-            tx,
-            slot,
-        ));
+        let span = info_span!(
+            "session",
+            otel.name = "listen.v1.Listen/Session",
+            otel.kind = "server",
+            rpc.system = "grpc",
+        );
+        remote_parent(request.metadata(), &span);
+        tokio::spawn(
+            session::run(
+                self.sessions.clone(),
+                caller,
+                request.into_inner(),
+                tx,
+                slot,
+            )
+            .instrument(span),
+        );
         Ok(ReceiverStream::new(rx))
     }
 
@@ -124,13 +145,16 @@ impl ListenService {
     ) -> Result<api::SubmitConversationResponse, ApiError> {
         let caller = auth::caller(&request)?;
         let request = request.into_inner();
-        let new = validate_submit(request, self.limits)?;
+        let mut new = validate_submit(request, self.limits)?;
         caller.require("uid", &new.uid)?;
+        new.trace = TraceContext::of(&Span::current());
         let submitted = self
             .store
             .submit(new, Admission::Bounded(self.queue_bounds))
+            .instrument(info_span!("store.commit", db.operation = "submit"))
             .await?
             .map_err(|full| ApiError::queue_full(full, self.queue_retry_after))?;
+        Span::current().record("conversation_id", submitted.id.as_str());
         if submitted.created {
             let status = if submitted.status == Status::Processing {
                 "processing"

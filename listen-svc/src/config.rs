@@ -17,7 +17,7 @@ use std::time::Duration;
 ///
 /// Every flag can also be set through the environment variable shown.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "listen-svc", version)]
+#[command(name = "listen-svc", version, after_help = shared::telemetry::TRACES_HELP)]
 pub struct Config {
     /// Address for the public gRPC server (listen.v1.Listen, health, reflection).
     #[arg(long, env = "LISTEN_LISTEN_ADDR", default_value = "0.0.0.0:50051")]

@@ -10,7 +10,8 @@
 //! - [`config`]: flags, checked into the settings of each part (`ConfigError` names the flag);
 //! - `api`: the unary `listen.v1.Listen` calls; `session`: live `Session` streams and the
 //!   registry that bounds them and routes outcomes; `auth`: bearer tokens; `sweeper`: finishes
-//!   sessions' conversations at their deadline;
+//!   sessions' conversations at their deadline; `census`: counts the store by status for the
+//!   metrics;
 //! - `link`: the owner task of the streams to pusher (state machine, pending windows, lanes);
 //! - `validate` (request limits and checks) and `wire` (stored types <-> protobuf): pure;
 //! - `error`: every refusal as `ApiError`, and the one place it becomes a gRPC status;
@@ -19,6 +20,7 @@
 
 mod api;
 mod auth;
+mod census;
 mod config;
 mod error;
 #[cfg(test)]
@@ -51,6 +53,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    declare_metrics();
     let store: Arc<dyn ConversationStore> = match config.store_location()? {
         StoreLocation::Sqlite(path) => {
             let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path)).await??;
@@ -92,6 +95,7 @@ pub async fn run(
     );
     // Sessions end themselves on shutdown (tonic would otherwise wait on their streams).
     let (stop_sessions, sessions_shutdown) = watch::channel(false);
+    let census = tokio::spawn(census::run(Arc::clone(&store), link_shutdown.clone()));
     let sweeper = tokio::spawn(sweeper::run(
         Arc::clone(&store),
         link.clone(),
@@ -199,6 +203,7 @@ pub async fn run(
 
     let _ = stop_link.send(true);
     let _ = sweeper.await;
+    let _ = census.await;
     if tokio::time::timeout(Duration::from_secs(10), link_task)
         .await
         .is_err()
@@ -241,6 +246,17 @@ fn redact_userinfo(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    }
+}
+
+/// The counters that alerts and the dashboard read exist at 0 from the start, rather than
+/// from their first event (an absent series makes `rate()` and alert rules silent).
+fn declare_metrics() {
+    for status in ["processing", "completed", "failed", "discarded"] {
+        metrics::counter!("listen_conversations_total", "status" => status).increment(0);
+    }
+    for kind in ["unavailable", "corrupt"] {
+        metrics::counter!("listen_store_errors_total", "kind" => kind).increment(0);
     }
 }
 

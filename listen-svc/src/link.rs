@@ -51,12 +51,16 @@ pub use target::Target;
 use crate::store::{Claimed, ConversationStore, StoreError};
 use error::{Closed, LinkError};
 use lanes::Lanes;
+use opentelemetry::KeyValue;
 use pending::{AckAction, Ignored};
 use series::EndpointSeries;
 use shared::backoff::Backoff;
 use shared::grpc::health::{HealthReporter, ServingStatus};
 use shared::proto::listen::v1::{LINK_HEALTH_NAME, LinkState as Wire};
-use shared::proto::pusher::v1::{Heartbeat, LinkResponse, link_request, link_response};
+use shared::proto::pusher::v1::{
+    Heartbeat, LinkResponse, ProcessConversation, link_request, link_response,
+};
+use shared::telemetry::TraceContext;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,7 +68,8 @@ use stream::{Incoming, Opened, Sent, StreamEnd, Streams};
 use target::Resolver;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, sleep_until};
-use tracing::{debug, info, warn};
+use tracing::{Span, debug, info, info_span, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use work::Work;
 
 /// Delay before re-trying a send the stream buffer had no room for.
@@ -295,6 +300,7 @@ impl Status {
         metrics::gauge!("listen_link_state").set(state as i32 as f64);
         metrics::gauge!("listen_link_up").set(if connected { 1.0 } else { 0.0 });
         metrics::gauge!("listen_link_pending").set(pending as f64);
+        metrics::gauge!("listen_link_pending_capacity").set(lanes.capacity() as f64);
         metrics::gauge!("listen_link_endpoints").set(lanes.len() as f64);
         for lane in lanes.iter() {
             let wire = lane.state.to_wire();
@@ -567,9 +573,11 @@ impl Link {
             return Ok(());
         };
         for id in lane.pending.due(now) {
-            let Some(request) = lane.pending.mark_sent(&id, epoch, now) else {
+            let replayed = lane.pending.get(&id).is_some_and(|e| e.replayed);
+            let Some(mut request) = lane.pending.mark_sent(&id, epoch, now) else {
                 continue;
             };
+            let _span = send_span(&mut request, &lane.endpoint, replayed).entered();
             debug!(conversation_id = %id, attempt = request.attempt, endpoint = %lane.endpoint, "sending to pusher");
             lane.metrics.sent.increment(1);
             if request.attempt > 1 {
@@ -817,9 +825,17 @@ impl Link {
         };
         match result {
             Ok(true) => {
-                let attempts = lane.pending.remove(&id).map(|e| e.attempt).unwrap_or(0);
+                let entry = lane.pending.remove(&id);
+                let attempts = entry.as_ref().map_or(0, |e| e.attempt);
                 info!(conversation_id = %id, attempts, outcome, "conversation settled");
                 metrics::counter!("listen_conversations_total", "status" => outcome).increment(1);
+                if let Some(finished) = entry.and_then(|e| e.request.finished_at) {
+                    let finished_ms =
+                        finished.seconds * 1000 + i64::from(finished.nanos) / 1_000_000;
+                    let seconds = (crate::store::now_ms() - finished_ms).max(0) as f64 / 1000.0;
+                    metrics::histogram!("listen_conversation_duration_seconds", "status" => outcome)
+                        .record(seconds);
+                }
                 (self.work.on_settled)(&id);
             }
             Ok(false) => {
@@ -834,4 +850,34 @@ impl Link {
             }
         }
     }
+}
+
+/// The span of one send, continuing the conversation's stored trace (carried in `request`,
+/// which then carries the send's own context to pusher). A re-send records why as an event
+/// with its attempt number: `replay` (a new stream) or `retry` (a deadline or a retryable
+/// failure).
+fn send_span(request: &mut ProcessConversation, endpoint: &str, replayed: bool) -> Span {
+    let span = info_span!(
+        "link.send",
+        otel.kind = "client",
+        conversation_id = %request.conversation_id,
+        attempt = request.attempt,
+        endpoint,
+    );
+    let stored = TraceContext::new(
+        Some(std::mem::take(&mut request.traceparent)),
+        Some(std::mem::take(&mut request.tracestate)),
+    );
+    stored.continue_in(&span);
+    if request.attempt > 1 {
+        let why = if replayed { "replay" } else { "retry" };
+        span.add_event(
+            why,
+            vec![KeyValue::new("attempt", i64::from(request.attempt))],
+        );
+    }
+    let sent = TraceContext::of(&span);
+    request.traceparent = sent.traceparent;
+    request.tracestate = sent.tracestate;
+    span
 }

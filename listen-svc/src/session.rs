@@ -38,13 +38,14 @@ use shared::proto::listen::v1::{
     ProcessingStarted, SegmentsStored, SessionEvent, SessionRequest, SessionStarted, Start,
     session_event::Event, session_request::Msg,
 };
+use shared::telemetry::TraceContext;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tonic::{Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// Events buffered per session.
 pub(crate) const EVENT_BUFFER: usize = 64;
@@ -511,8 +512,13 @@ impl Session {
                     language: self.language.clone(),
                     timeout_ms: self.timeout.as_millis() as i64,
                     now: Now::Store,
+                    trace: TraceContext::of(&tracing::Span::current()),
                 };
-                self.ctx.store.start_conversation(new).await?;
+                self.ctx
+                    .store
+                    .start_conversation(new)
+                    .instrument(info_span!("store.commit", db.operation = "start_conversation", conversation_id = %id))
+                    .await?;
                 self.current = Some(Current {
                     id: id.clone(),
                     segments: 0,

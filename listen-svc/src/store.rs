@@ -21,6 +21,7 @@ pub(crate) use queue::{Admission, ClaimOrder, Priority, QueueBounds, QueueFull, 
 pub(crate) use sqlite::SqliteStore;
 
 use shared::proto::listen::v1 as api;
+use shared::telemetry::TraceContext;
 
 /// Where a conversation is in its lifecycle. Stored as text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,6 +34,14 @@ pub(crate) enum Status {
 }
 
 impl Status {
+    pub(crate) const ALL: [Status; 5] = [
+        Status::InProgress,
+        Status::Processing,
+        Status::Completed,
+        Status::Failed,
+        Status::Discarded,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::InProgress => "in_progress",
@@ -88,6 +97,8 @@ pub(crate) struct NewConversation {
     pub status: Status,
     pub priority: Priority,
     pub now_ms: i64,
+    /// The trace the Submit call is part of; every send continues it.
+    pub trace: TraceContext,
 }
 
 /// A stored conversation as read back.
@@ -128,6 +139,8 @@ pub(crate) struct NewLive {
     pub timeout_ms: i64,
     /// Its creation time, from which the first deadline is counted.
     pub now: Now,
+    /// The trace of the session that opened it; every send continues it.
+    pub trace: TraceContext,
 }
 
 /// An IN_PROGRESS conversation a new session for the same uid can resume.
@@ -167,6 +180,8 @@ pub(crate) struct Claimed {
     /// On its first claim since it entered PROCESSING: how long it waited, by the store's
     /// clock. None when claimed again (a lease that expired).
     pub waited_ms: Option<i64>,
+    /// As stored when it was created (empty when traces were off).
+    pub trace: TraceContext,
 }
 
 /// A page request for listing.
@@ -280,6 +295,9 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
     /// Conversations waiting for their first claim, per priority, and the age of the oldest
     /// (by the store's clock): two counter rows and an index lookup, whatever the backlog.
     async fn queue_stats(&self, now: Now) -> Result<[QueueStats; 2], StoreError>;
+    /// How many conversations have `status`, counting at most `cap` (the cost of the
+    /// query is bounded by `cap` index entries, whatever the table's size).
+    async fn count_status(&self, status: Status, cap: u64) -> Result<u64, StoreError>;
 
     /// Opens an IN_PROGRESS conversation with no segments yet.
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError>;
@@ -435,6 +453,11 @@ pub(crate) fn decode_deliveries(
 }
 
 /// Whether any segment carries text (decides PROCESSING vs DISCARDED).
+/// A trace context value as stored: NULL when empty.
+pub(crate) fn stored(value: &str) -> Option<&str> {
+    (!value.is_empty()).then_some(value)
+}
+
 pub(crate) fn has_text(segments: &[api::Segment]) -> bool {
     segments.iter().any(|s| !s.text.trim().is_empty())
 }

@@ -54,6 +54,7 @@ pub(crate) fn validate_submit(
         },
         priority,
         now_ms: now_ms(),
+        trace: Default::default(),
     })
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 ///
 /// Every flag can also be set through the environment variable shown.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "pusher-svc", version)]
+#[command(name = "pusher-svc", version, after_help = shared::telemetry::TRACES_HELP)]
 pub struct Config {
     /// Address for the gRPC server (pusher.v1.Pusher, health, reflection).
     #[arg(long, env = "PUSHER_LISTEN_ADDR", default_value = "0.0.0.0:50052")]

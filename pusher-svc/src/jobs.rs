@@ -24,6 +24,7 @@ use cache::ResultCache;
 use shared::proto::pusher::v1::{
     Ack, Failed, LinkResponse, ProcessConversation, Processed, Progress, ack, link_response,
 };
+use shared::telemetry::TraceContext;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -248,7 +249,18 @@ impl Jobs {
         state.record(JobEvent::Started);
         drop(state);
 
-        let span = info_span!("job", conversation_id = %id, attempt = request.attempt);
+        let span = info_span!(
+            "job",
+            otel.name = "pusher.job",
+            otel.kind = "consumer",
+            conversation_id = %id,
+            attempt = request.attempt,
+        );
+        TraceContext::new(
+            Some(request.traceparent.clone()),
+            Some(request.tracestate.clone()),
+        )
+        .continue_in(&span);
         tokio::spawn(Arc::clone(self).run(request).instrument(span));
         Admission::Started
     }

@@ -50,6 +50,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    declare_metrics();
     let pusher_id = config
         .pusher_id
         .clone()
@@ -181,4 +182,16 @@ fn gethostname_or(fallback: &str) -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| fallback.to_string())
+}
+
+/// The counters that alerts and the dashboard read exist at 0 from the start, rather than
+/// from their first event (an absent series makes `rate()` and alert rules silent).
+fn declare_metrics() {
+    for result in ["succeeded", "failed"] {
+        metrics::counter!("pusher_jobs_total", "result" => result).increment(0);
+    }
+    metrics::counter!("pusher_jobs_busy_total").increment(0);
+    for result in ["delivered", "gave_up"] {
+        metrics::counter!("pusher_webhook_deliveries_total", "result" => result).increment(0);
+    }
 }

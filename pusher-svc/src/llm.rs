@@ -14,8 +14,9 @@ use crate::processor::{ProcessError, Structure, Structurer};
 use serde::{Deserialize, Serialize};
 use shared::backoff::Backoff;
 use shared::proto::pusher::v1::{ProcessConversation, Structured};
+use shared::telemetry::TraceContext;
 use std::time::Duration;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 const RETRY: Backoff = Backoff {
     initial: Duration::from_millis(500),
@@ -145,6 +146,9 @@ impl Llm {
         if let Some(key) = &self.config.api_key {
             post = post.bearer_auth(key);
         }
+        for (name, value) in TraceContext::of(&tracing::Span::current()).headers() {
+            post = post.header(name, value);
+        }
         let response = post.send().await.map_err(|e| {
             let what = if e.is_timeout() {
                 format!("timed out after {:?}", self.config.timeout)
@@ -225,7 +229,13 @@ impl Structurer for Llm {
         let transcript = transcript(request);
         let mut last = String::new();
         for attempt in 1..=self.config.max_attempts.max(1) {
-            match self.call(&transcript).await {
+            let span = info_span!(
+                "llm.call",
+                otel.kind = "client",
+                gen_ai.request.model = %self.config.model,
+                attempt,
+            );
+            match self.call(&transcript).instrument(span).await {
                 Ok(content) => match parse(&content) {
                     Ok(structure) => return Ok(structure),
                     Err(reason) => last = reason,

@@ -12,7 +12,10 @@ async fn main() -> anyhow::Result<()> {
     if let Err(reason) = config.validate() {
         cli::exit_config_error(reason);
     }
-    shared::telemetry::init(config.log_format, "info");
+    let telemetry = match shared::telemetry::init(config.log_format, "info", "pusher-svc") {
+        Ok(telemetry) => telemetry,
+        Err(reason) => cli::exit_config_error(reason),
+    };
     if let Some(addr) = config.admin_addr.0
         && let Err(reason) = shared::metrics::install(addr)
     {
@@ -25,5 +28,7 @@ async fn main() -> anyhow::Result<()> {
             config.listen_addr
         )),
     };
-    pusher_svc::run(config, listener, shared::shutdown::signal()).await
+    let result = pusher_svc::run(config, listener, shared::shutdown::signal()).await;
+    telemetry.shutdown().await;
+    result
 }

@@ -7,6 +7,7 @@
 use crate::webhook::Webhooks;
 use shared::proto::pusher::v1::{ProcessConversation, Processed, Structured};
 use std::sync::Arc;
+use tracing::{Instrument, info_span};
 
 /// Why a conversation could not be processed, and whether trying again may help.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -58,7 +59,11 @@ impl Processor for Pipeline {
         let Structure {
             structured,
             discard,
-        } = self.structurer.structure(request).await?;
+        } = self
+            .structurer
+            .structure(request)
+            .instrument(info_span!("structure"))
+            .await?;
         if discard {
             return Ok(Processed {
                 structured: Some(structured),

@@ -17,10 +17,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use shared::backoff::Backoff;
 use shared::proto::pusher::v1::{ProcessConversation, Structured, WebhookDelivery};
+use shared::telemetry::TraceContext;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 const RETRY: Backoff = Backoff {
     initial: Duration::from_millis(200),
@@ -48,7 +49,22 @@ pub(crate) struct Webhooks {
 
 struct Endpoint {
     url: String,
+    /// `host:port` of the URL: the `endpoint` label of metrics and spans, so that no path,
+    /// query or credential in a URL reaches them. Bounded by the configured URLs.
+    name: String,
     slots: Arc<Semaphore>,
+}
+
+/// `host:port` of a webhook URL (the scheme's port when none is given).
+pub(crate) fn endpoint_name(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(url) => format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or_default()
+        ),
+        Err(_) => "invalid".to_string(),
+    }
 }
 
 /// The JSON body of a delivery.
@@ -95,6 +111,7 @@ impl Webhooks {
                 .urls
                 .into_iter()
                 .map(|url| Endpoint {
+                    name: endpoint_name(&url),
                     url,
                     slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
                 })
@@ -159,7 +176,25 @@ impl Webhooks {
         for attempt in 1..=self.max_attempts {
             result.attempts = attempt;
             metrics::counter!("pusher_webhook_attempts_total").increment(1);
-            match self.attempt(endpoint, key, body).await {
+            let span = info_span!(
+                "webhook.attempt",
+                otel.kind = "client",
+                endpoint = %endpoint.name,
+                attempt,
+                http.request.method = "POST",
+                http.response.status_code = field::Empty,
+            );
+            let started = Instant::now();
+            let outcome = self
+                .attempt(endpoint, key, body)
+                .instrument(span.clone())
+                .await;
+            metrics::histogram!("pusher_webhook_request_duration_seconds", "endpoint" => endpoint.name.clone())
+                .record(started.elapsed().as_secs_f64());
+            if let Ok(status) = &outcome {
+                span.record("http.response.status_code", status);
+            }
+            match outcome {
                 Ok(status) if (200..300).contains(&status) => {
                     debug!(url = %endpoint.url, attempt, status, "webhook delivered");
                     result.delivered = true;
@@ -211,6 +246,9 @@ impl Webhooks {
                 .header("idempotency-key", key)
                 .header("x-listen-timestamp", &timestamp)
                 .body(body.to_vec());
+            for (name, value) in TraceContext::of(&Span::current()).headers() {
+                post = post.header(name, value);
+            }
             if let Some(secret) = &self.secret {
                 post = post.header("x-listen-signature", signature(secret, &timestamp, body));
             }

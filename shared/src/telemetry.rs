@@ -1,6 +1,32 @@
-//! `tracing` set-up shared by both binaries: `RUST_LOG` filters, `--log-format` picks the shape.
+//! `tracing` set-up shared by both binaries: `RUST_LOG` filters, `--log-format` picks the shape,
+//! and OpenTelemetry traces are exported over OTLP when the standard environment asks for them
+//! (see [`TracesConfig::from_env`]). With traces on, every log line written inside a span
+//! carries that span's `trace_id` and `span_id`.
+//!
+//! Trace context crosses process boundaries as W3C `traceparent`/`tracestate`: from a client's
+//! gRPC metadata ([`remote_parent`]), through the store and the link ([`TraceContext`]), to
+//! webhook headers ([`TraceContext::headers`]).
 
+mod context;
+mod logs;
+
+pub use context::{TraceContext, remote_parent};
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// At most this long is spent exporting the last spans on exit.
+pub const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// For `--help`: how traces are turned on.
+pub const TRACES_HELP: &str = "Traces: OpenTelemetry over OTLP (gRPC or HTTP), off unless \
+OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set or \
+OTEL_TRACES_EXPORTER=otlp; OTEL_TRACES_EXPORTER=none or OTEL_SDK_DISABLED=true turn them \
+off. The standard OTEL_EXPORTER_OTLP_*, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, \
+OTEL_TRACES_SAMPLER(_ARG) and OTEL_BSP_* variables apply (docs/observability.md).";
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -12,21 +38,170 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber, writing to stderr. `RUST_LOG` overrides `default_filter`.
-pub fn init(format: LogFormat, default_filter: &str) {
+/// Whether and how traces are exported, read from the OpenTelemetry environment variables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TracesConfig {
+    /// Nothing is exported and no OpenTelemetry span is built.
+    Off,
+    /// Spans go to an OTLP exporter; the exporter itself reads the endpoint, protocol,
+    /// headers, timeout and compression variables, and the SDK the sampler, resource and
+    /// batch (`OTEL_BSP_*`) ones.
+    Otlp,
+}
+
+impl TracesConfig {
+    /// The rule: `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turn traces off;
+    /// `OTEL_TRACES_EXPORTER=otlp` turns them on; otherwise they are on exactly when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set and not
+    /// empty. Any other exporter name is an error naming the variable.
+    pub fn from_env() -> Result<Self, String> {
+        Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.trim().is_empty()))
+    }
+
+    fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        if var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+            return Ok(Self::Off);
+        }
+        match var("OTEL_TRACES_EXPORTER").map(|v| v.trim().to_ascii_lowercase()) {
+            Some(exporter) if exporter == "none" => Ok(Self::Off),
+            Some(exporter) if exporter == "otlp" => Ok(Self::Otlp),
+            Some(other) => Err(format!(
+                "OTEL_TRACES_EXPORTER={other} is not supported (otlp or none)"
+            )),
+            None if var("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+                || var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some() =>
+            {
+                Ok(Self::Otlp)
+            }
+            None => Ok(Self::Off),
+        }
+    }
+}
+
+/// Holds the trace pipeline; [`Telemetry::shutdown`] exports what is still buffered.
+#[must_use = "call shutdown() before exiting, or buffered spans are lost"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn traces_enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports buffered spans and stops the exporter, within [`SHUTDOWN_TIMEOUT`]: an
+    /// unreachable collector does not hold up the exit.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            let _ = tokio::task::spawn_blocking(move || {
+                provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT)
+            })
+            .await;
+        }
+    }
+}
+
+/// Installs the global subscriber, writing logs to stderr (`RUST_LOG` overrides
+/// `default_filter`), and, when [`TracesConfig::from_env`] says so, an OTLP trace pipeline
+/// for `service_name` (unless `OTEL_SERVICE_NAME` or `service.name` in
+/// `OTEL_RESOURCE_ATTRIBUTES` names it). Call inside the tokio runtime. The error is a
+/// one-line configuration problem.
+pub fn init(
+    format: LogFormat,
+    default_filter: &str,
+    service_name: &'static str,
+) -> Result<Telemetry, String> {
+    let provider = match TracesConfig::from_env()? {
+        TracesConfig::Off => None,
+        TracesConfig::Otlp => Some(provider(service_name)?),
+    };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
+    let otel = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer().with_tracer(provider.tracer("listen-pusher"))
+    });
+    let traced = provider.is_some();
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(logs::layer(format, traced))
+        .init();
+    Ok(Telemetry { provider })
+}
+
+fn provider(service_name: &'static str) -> Result<SdkTracerProvider, String> {
+    // The HTTP exporter's reqwest client takes rustls' process-wide provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .build()
+        .map_err(|e| format!("OTLP trace exporter: {e}"))?;
+    let processor =
+        opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .build();
+    let named_by_env = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if !named_by_env {
+        resource = resource.with_service_name(service_name);
+    }
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(resource.build())
+        .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TracesConfig;
+
+    fn config(vars: &[(&str, &str)]) -> Result<TracesConfig, String> {
+        TracesConfig::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn traces_are_off_unless_an_endpoint_or_the_exporter_asks() {
+        assert_eq!(config(&[]), Ok(TracesConfig::Off));
+        assert_eq!(
+            config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")]),
+            Ok(TracesConfig::Otlp)
+        );
+        assert_eq!(
+            config(&[(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://c:4318/v1/traces"
+            )]),
+            Ok(TracesConfig::Otlp)
+        );
+        assert_eq!(
+            config(&[("OTEL_TRACES_EXPORTER", "otlp")]),
+            Ok(TracesConfig::Otlp)
+        );
+    }
+
+    #[test]
+    fn none_and_sdk_disabled_win_over_an_endpoint() {
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317");
+        assert_eq!(
+            config(&[endpoint, ("OTEL_TRACES_EXPORTER", "none")]),
+            Ok(TracesConfig::Off)
+        );
+        assert_eq!(
+            config(&[endpoint, ("OTEL_SDK_DISABLED", "TRUE")]),
+            Ok(TracesConfig::Off)
+        );
+    }
+
+    #[test]
+    fn an_unsupported_exporter_is_named() {
+        let error = config(&[("OTEL_TRACES_EXPORTER", "zipkin")]).unwrap_err();
+        assert!(error.contains("OTEL_TRACES_EXPORTER=zipkin"), "{error}");
     }
 }

@@ -23,6 +23,8 @@ pub mod dns;
 pub mod fake_pusher;
 pub mod http;
 pub mod nats;
+pub mod otlp;
+pub mod pki;
 pub mod postgres;
 pub mod proxy;
 

@@ -93,7 +93,12 @@ impl Service {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(binary(self.name))
+        let mut command = Command::new(binary(self.name));
+        // Traces are the test's to configure: none of the runner's OpenTelemetry settings.
+        for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("OTEL_")) {
+            command.env_remove(name);
+        }
+        let child = command
             .args(&self.args)
             .env("RUST_LOG", log_filter())
             .env_remove("LISTEN_STORE")

@@ -1,101 +1,11 @@
 //! Mutual TLS between listen and pusher, with certificates generated for the test (rcgen).
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use std::path::{Path, PathBuf};
+use rcgen::{CertificateParams, CertifiedIssuer, DnType, KeyPair};
+use std::path::PathBuf;
 use std::time::Duration;
 use tests::listen::{ConversationStatus, LinkState};
+use tests::pki::*;
 use tests::*;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-
-struct Pki {
-    dir: tempfile::TempDir,
-    /// The CA that signed everything but the rogue certificate, to issue more.
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    /// A CA, pusher's server certificate (localhost, 127.0.0.1), a client certificate it
-    /// signed, and a client certificate from an unrelated CA.
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = new_ca("test CA");
-        let rogue = new_ca("rogue CA");
-        write(dir.path(), "ca.pem", &ca.pem());
-        issue(dir.path(), "server", &["localhost", "127.0.0.1"], &ca);
-        // For a pusher reached through `dns://.../pusher.test:PORT` (a headless Service).
-        issue(dir.path(), "headless", &["pusher.test"], &ca);
-        issue(dir.path(), "client", &["listen"], &ca);
-        issue(dir.path(), "rogue", &["listen"], &rogue);
-        Pki { dir, ca }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    /// What the harness uses to check pusher's health.
-    fn harness_client(&self) -> ClientTlsConfig {
-        self.harness_client_for("localhost")
-    }
-
-    fn harness_client_for(&self, domain: &str) -> ClientTlsConfig {
-        let read = |name: &str| std::fs::read(self.dir.path().join(name)).unwrap();
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("ca.pem")))
-            .identity(Identity::from_pem(read("client.pem"), read("client.key")))
-            .domain_name(domain)
-    }
-
-    fn pusher_flags(&self) -> Vec<String> {
-        self.pusher_flags_with("server")
-    }
-
-    /// pusher's flags with the server certificate `name`.pem.
-    fn pusher_flags_with(&self, name: &str) -> Vec<String> {
-        vec![
-            "--tls-cert".into(),
-            self.path(&format!("{name}.pem")),
-            "--tls-key".into(),
-            self.path(&format!("{name}.key")),
-            "--tls-client-ca".into(),
-            self.path("ca.pem"),
-        ]
-    }
-}
-
-fn new_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn issue(dir: &Path, name: &str, sans: &[&str], ca: &CertifiedIssuer<'static, KeyPair>) {
-    let key = KeyPair::generate().unwrap();
-    let mut params =
-        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, sans[0]);
-    let cert = params.signed_by(&key, ca).unwrap();
-    write(dir, &format!("{name}.pem"), &cert.pem());
-    write(dir, &format!("{name}.key"), &key.serialize_pem());
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-async fn mtls_pusher(pki: &Pki) -> Service {
-    let flags = pki.pusher_flags();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    start_pusher(
-        PusherOptions::port(free_port())
-            .args(&flags)
-            .tls(pki.harness_client()),
-    )
-    .await
-}
 
 #[tokio::test]
 async fn listen_with_a_client_certificate_gets_through_mutual_tls() {
@@ -104,29 +14,6 @@ async fn listen_with_a_client_certificate_gets_through_mutual_tls() {
     let url = format!("https://localhost:{}", pusher.addr.port());
     let listen = mtls_listen(&pki, &url).await;
     submit_and_complete(&listen, "tls").await;
-}
-
-/// listen with the client certificate, towards `url`.
-async fn mtls_listen(pki: &Pki, url: &str) -> Service {
-    let (ca, cert, key) = (
-        pki.path("ca.pem"),
-        pki.path("client.pem"),
-        pki.path("client.key"),
-    );
-    start_listen(ListenOptions {
-        pusher_port: 0,
-        extra: &[
-            "--pusher-url",
-            url,
-            "--pusher-tls-ca",
-            &ca,
-            "--pusher-tls-cert",
-            &cert,
-            "--pusher-tls-key",
-            &key,
-        ],
-    })
-    .await
 }
 
 /// One conversation for `uid`, through to COMPLETED.

@@ -234,6 +234,11 @@ impl Lanes {
             .sum()
     }
 
+    /// How many conversations the pending windows of all lanes hold at most.
+    pub(super) fn capacity(&self) -> usize {
+        self.lanes.len() * self.max_in_flight
+    }
+
     pub(super) fn pending_total(&self) -> usize {
         self.lanes.iter().map(|l| l.pending.len()).sum()
     }

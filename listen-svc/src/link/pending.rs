@@ -31,6 +31,8 @@ pub(crate) struct Entry {
     pub attempt: u32,
     pub budget_used: u32,
     pub state: EntryState,
+    /// Made due again by a new stream's replay (rather than a retry); cleared by a send.
+    pub replayed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,7 +106,6 @@ impl Pending {
         self.capacity.saturating_sub(self.entries.len())
     }
 
-    #[cfg(test)]
     pub(crate) fn get(&self, id: &str) -> Option<&Entry> {
         self.entries.get(id)
     }
@@ -136,6 +137,9 @@ impl Pending {
                 })
                 .collect(),
             finished_at: claimed.finished_at_ms.map(crate::wire::timestamp),
+            // The stored context; each send replaces it with its own span's.
+            traceparent: claimed.trace.traceparent,
+            tracestate: claimed.trace.tracestate,
         };
         self.entries.insert(
             claimed.id,
@@ -145,6 +149,7 @@ impl Pending {
                 attempt: claimed.attempts,
                 budget_used: 0,
                 state: EntryState::Waiting { at: now },
+                replayed: false,
             },
         );
         true
@@ -189,6 +194,7 @@ impl Pending {
         let entry = self.entries.get_mut(id)?;
         entry.attempt += 1;
         entry.budget_used += 1;
+        entry.replayed = false;
         entry.state = EntryState::InFlight {
             epoch,
             sent_at: now,
@@ -348,6 +354,7 @@ impl Pending {
         for entry in self.entries.values_mut() {
             entry.budget_used = 0;
             if entry.state != EntryState::Settling {
+                entry.replayed = entry.attempt > 0;
                 entry.state = EntryState::Waiting { at: now };
                 count += 1;
             }

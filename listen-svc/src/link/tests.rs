@@ -113,6 +113,7 @@ impl Rig {
                     status: Stored::Processing,
                     priority: Priority::Interactive,
                     now_ms: now_ms(),
+                    trace: Default::default(),
                 },
                 Admission::Always,
             )

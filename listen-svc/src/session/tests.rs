@@ -41,6 +41,7 @@ async fn claimed(store: &dyn ConversationStore, uid: &str) -> (String, i64) {
                 status: Lifecycle::Processing,
                 priority: Priority::Interactive,
                 now_ms: now_ms(),
+                trace: Default::default(),
             },
             Admission::Always,
         )

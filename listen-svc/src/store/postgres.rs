@@ -27,7 +27,7 @@ use super::row::{
 use super::{
     Admission, ClaimOrder, Claimed, Completion, Conversation, ConversationStore, ListFilter,
     NewConversation, NewLive, Now, Priority, QueueFull, QueueStats, Resumable, RetryOutcome,
-    Status, StoreError, Submitted, encode_deliveries, encode_segments, has_text,
+    Status, StoreError, Submitted, encode_deliveries, encode_segments, has_text, stored,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prost::Message;
@@ -60,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0003_deliveries.sql"),
     include_str!("../../migrations/postgres/0004_partial_indexes.sql"),
     include_str!("../../migrations/postgres/0005_fair_queue.sql"),
+    include_str!("../../migrations/postgres/0006_trace_context.sql"),
 ];
 
 pub(crate) struct PostgresStore {
@@ -371,10 +372,10 @@ impl ConversationStore for PostgresStore {
                 &format!(
                     "INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
                      segment_count, created_at_ms, finished_at_ms, queue_seq, priority, queue_tag, \
-                     queued_at_ms) \
+                     queued_at_ms, traceparent, tracestate) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, \
                              CASE WHEN $9 THEN nextval('conversations_queue_seq') END, $10, \
-                             COALESCE($11::BIGINT, 0), CASE WHEN $9 THEN {at} END) \
+                             COALESCE($11::BIGINT, 0), CASE WHEN $9 THEN {at} END, $13, $14) \
                      ON CONFLICT (uid, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
                      RETURNING id"
                 ),
@@ -391,6 +392,8 @@ impl ConversationStore for PostgresStore {
                     &new.priority.as_i64(),
                     &tag,
                     &Now::Store.param(),
+                    &stored(&new.trace.traceparent),
+                    &stored(&new.trace.tracestate),
                 ],
             )
             .await
@@ -630,6 +633,19 @@ impl ConversationStore for PostgresStore {
         Ok(stats)
     }
 
+    async fn count_status(&self, status: Status, cap: u64) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT COUNT(*) AS counted FROM \
+                 (SELECT 1 FROM conversations WHERE status = $1 LIMIT $2) AS capped",
+                &[&status.as_str(), &(cap as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.value::<i64>("counted")? as u64)
+    }
+
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError> {
         let at = now_ms_param(4);
         let client = self.client().await?;
@@ -638,9 +654,10 @@ impl ConversationStore for PostgresStore {
                 &format!(
                     "WITH now AS (SELECT {at} AS ms) \
                      INSERT INTO conversations (id, uid, language, status, segments, \
-                       segment_count, created_at_ms, deadline_ms, timeout_ms, has_text) \
+                       segment_count, created_at_ms, deadline_ms, timeout_ms, has_text, \
+                       traceparent, tracestate) \
                      SELECT $1, $2, $3, 'in_progress', ''::bytea, 0, ms, ms + $5::BIGINT, \
-                       $5::BIGINT, FALSE FROM now"
+                       $5::BIGINT, FALSE, $6, $7 FROM now"
                 ),
                 &[
                     &new.id,
@@ -648,6 +665,8 @@ impl ConversationStore for PostgresStore {
                     &new.language,
                     &new.now.param(),
                     &new.timeout_ms,
+                    &stored(&new.trace.traceparent),
+                    &stored(&new.trace.tracestate),
                 ],
             )
             .await

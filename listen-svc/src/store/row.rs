@@ -9,6 +9,7 @@ use super::{
     Claimed, Conversation, Priority, Resumable, Status, StoreError, decode_deliveries,
     decode_segments, decode_structured,
 };
+use shared::telemetry::TraceContext;
 
 /// What a `SELECT` or `RETURNING` of a whole [`Conversation`] lists; read by [`read_conversation`].
 pub(super) const COLUMNS: &str = "id, uid, language, status, segments, segment_count, \
@@ -71,7 +72,8 @@ pub(super) type ClaimKey = (i64, i64, i64);
 
 /// The columns a claim returns, read by [`read_claimed`].
 pub(super) const CLAIMED_COLUMNS: &str = "id, uid, language, segments, finished_at_ms, \
-                                          generation, queue_seq, attempts, priority, queue_tag";
+                                          generation, queue_seq, attempts, priority, queue_tag, \
+                                          traceparent, tracestate";
 
 /// A row of [`CLAIMED_COLUMNS`]: the [`Claimed`] (its `waited_ms` for the backend to set)
 /// and its place in claim order.
@@ -87,6 +89,7 @@ pub(super) fn read_claimed(row: &impl RowAccess) -> Result<(ClaimKey, Claimed), 
         attempts: attempts(row)?,
         priority: Priority::from_stored(&id, priority)?,
         waited_ms: None,
+        trace: TraceContext::new(row.value("traceparent")?, row.value("tracestate")?),
         id,
     };
     let key = (priority, row.value("queue_tag")?, row.value("queue_seq")?);

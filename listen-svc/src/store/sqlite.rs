@@ -22,7 +22,7 @@ use super::row::{
 use super::{
     Admission, ClaimOrder, Claimed, Completion, Conversation, ConversationStore, ListFilter,
     NewConversation, NewLive, Now, Priority, QueueFull, QueueStats, Resumable, RetryOutcome,
-    Status, StoreError, Submitted, encode_deliveries, encode_segments, has_text,
+    Status, StoreError, Submitted, encode_deliveries, encode_segments, has_text, stored,
 };
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -50,6 +50,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0003_deliveries.sql"),
     include_str!("../../migrations/sqlite/0004_partial_indexes.sql"),
     include_str!("../../migrations/sqlite/0005_fair_queue.sql"),
+    include_str!("../../migrations/sqlite/0006_trace_context.sql"),
 ];
 
 /// The next unowned (or lease-expired) PROCESSING rows in fair order, with `$filter` (a
@@ -554,8 +555,8 @@ impl ConversationStore for SqliteStore {
             conn.prepare_cached(
                 "INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
                  segment_count, created_at_ms, finished_at_ms, queue_seq, priority, queue_tag, \
-                 queued_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, COALESCE(?11, 0), ?12)",
+                 queued_at_ms, traceparent, tracestate) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, COALESCE(?11, 0), ?12, ?13, ?14)",
             )
             .map_err(unavailable)?
             .execute(params![
@@ -571,6 +572,8 @@ impl ConversationStore for SqliteStore {
                 new.priority.as_i64(),
                 place.map(|p| p.tag),
                 place.map(|p| p.at_ms),
+                stored(&new.trace.traceparent),
+                stored(&new.trace.tracestate),
             ])
             .map_err(unavailable)?;
             Ok(Ok(Submitted { id: new.id, status: new.status, created: true }))
@@ -795,12 +798,25 @@ impl ConversationStore for SqliteStore {
         .await
     }
 
+    async fn count_status(&self, status: Status, cap: u64) -> Result<u64, StoreError> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM conversations WHERE status = ?1 LIMIT ?2)",
+            )
+            .map_err(unavailable)?
+            .query_row(params![status.as_str(), cap as i64], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn start_conversation(&self, new: NewLive) -> Result<(), StoreError> {
         self.write(move |conn| {
             conn.prepare_cached(
                 "INSERT INTO conversations (id, uid, language, status, segments, segment_count, \
-                 created_at_ms, deadline_ms, timeout_ms, has_text) \
-                 VALUES (?1, ?2, ?3, 'in_progress', x'', 0, ?4, ?4 + ?5, ?5, 0)",
+                 created_at_ms, deadline_ms, timeout_ms, has_text, traceparent, tracestate) \
+                 VALUES (?1, ?2, ?3, 'in_progress', x'', 0, ?4, ?4 + ?5, ?5, 0, ?6, ?7)",
             )
             .map_err(unavailable)?
             .execute(params![
@@ -808,7 +824,9 @@ impl ConversationStore for SqliteStore {
                 new.uid,
                 new.language,
                 new.now.in_process(),
-                new.timeout_ms
+                new.timeout_ms,
+                stored(&new.trace.traceparent),
+                stored(&new.trace.tracestate),
             ])
             .map(|_| ())
             .map_err(unavailable)

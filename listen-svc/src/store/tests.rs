@@ -148,6 +148,8 @@ conformance!(
     only_unexpired_live_conversations_are_resumable,
     the_stores_own_clock_decides_leases_and_deadlines,
     expired_live_conversations_are_finished_at_their_deadline,
+    trace_context_is_stored_and_claimed_with_the_conversation,
+    status_counts_are_capped,
 );
 
 fn segment(text: &str) -> api::Segment {
@@ -170,6 +172,7 @@ fn new(uid: &str, key: Option<&str>, status: Status, now_ms: i64) -> NewConversa
         status,
         priority: Priority::Interactive,
         now_ms,
+        trace: Default::default(),
     }
 }
 
@@ -870,6 +873,7 @@ fn live(uid: &str, timeout_ms: i64, now_ms: i64) -> NewLive {
         language: "en".into(),
         timeout_ms,
         now: Now::At(now_ms),
+        trace: Default::default(),
     }
 }
 
@@ -1275,4 +1279,63 @@ async fn sqlite_wal_stays_bounded_under_sustained_writes() {
     let mib = largest / (1024 * 1024);
     eprintln!("largest WAL seen: {mib} MiB");
     assert!(mib <= 80, "WAL grew to {mib} MiB");
+}
+
+fn trace(span: &str) -> TraceContext {
+    TraceContext::new(
+        Some(format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{span}-01")),
+        Some("k=v".into()),
+    )
+}
+
+async fn trace_context_is_stored_and_claimed_with_the_conversation(f: Fixture) {
+    let mut submitted = new("u", None, Status::Processing, 0);
+    submitted.trace = trace("00f067aa0ba902b7");
+    let submitted_id = f
+        .store
+        .submit(submitted, Admission::Always)
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    let mut live = live("u", 10_000, 0);
+    live.trace = trace("b7ad6b7169203331");
+    let live_id = live.id.clone();
+    f.store.start_conversation(live).await.unwrap();
+    f.store
+        .append_segments(&live_id, vec![segment("hello")], Now::At(1))
+        .await
+        .unwrap();
+    f.store
+        .finish(&live_id, Now::At(2), Admission::Always)
+        .await
+        .unwrap()
+        .unwrap();
+    let untraced = f.queued().await;
+
+    let claimed = f
+        .store
+        .claim("me", Now::At(3), LEASE, 10, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap();
+    let trace_of = |id: &str| claimed.iter().find(|c| c.id == id).unwrap().trace.clone();
+    assert_eq!(trace_of(&submitted_id), trace("00f067aa0ba902b7"));
+    assert_eq!(trace_of(&live_id), trace("b7ad6b7169203331"));
+    assert_eq!(trace_of(&untraced), TraceContext::default());
+}
+
+async fn status_counts_are_capped(f: Fixture) {
+    for _ in 0..3 {
+        f.queued().await;
+    }
+    f.store
+        .submit(new("u", None, Status::Discarded, 0), Admission::Always)
+        .await
+        .unwrap()
+        .unwrap();
+    let count = |status, cap| f.store.count_status(status, cap);
+    assert_eq!(count(Status::Processing, 10).await.unwrap(), 3);
+    assert_eq!(count(Status::Processing, 2).await.unwrap(), 2, "capped");
+    assert_eq!(count(Status::Discarded, 10).await.unwrap(), 1);
+    assert_eq!(count(Status::Completed, 10).await.unwrap(), 0);
 }

@@ -22,6 +22,7 @@ fn request(id: &str, text: &str) -> ProcessConversation {
             seconds: 1_700_000_000,
             nanos: 0,
         }),
+        ..Default::default()
     }
 }
 
@@ -193,4 +194,17 @@ async fn no_webhooks_means_no_deliveries() {
             .await
             .is_empty()
     );
+}
+
+#[test]
+fn the_endpoint_label_is_host_and_port_without_path_query_or_credentials() {
+    assert_eq!(
+        endpoint_name("https://user:secret@hooks.example.com/a/b?token=x"),
+        "hooks.example.com:443"
+    );
+    assert_eq!(
+        endpoint_name("http://127.0.0.1:8080/events"),
+        "127.0.0.1:8080"
+    );
+    assert_eq!(endpoint_name("not a url"), "invalid");
 }

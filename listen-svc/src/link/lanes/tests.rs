@@ -49,6 +49,7 @@ fn claimed(id: &str) -> Claimed {
         attempts: 0,
         priority: crate::store::Priority::Interactive,
         waited_ms: None,
+        trace: Default::default(),
     }
 }
 

@@ -37,6 +37,7 @@ fn claimed(id: &str) -> Claimed {
         attempts: 0,
         priority: crate::store::Priority::Interactive,
         waited_ms: None,
+        trace: Default::default(),
     }
 }
 
@@ -494,4 +495,47 @@ fn a_request_too_large_to_send_is_settled_as_a_permanent_failure_never_sent() {
         "the big one is never sent"
     );
     assert_eq!(p.refuse_if_larger("big", 1024), None, "refused once");
+}
+
+#[test]
+fn a_replay_is_told_apart_from_a_retry_until_the_next_send() {
+    let t0 = Instant::now();
+    let mut p = pending(4, 3);
+    p.insert(claimed("never-sent"), t0);
+    p.replay(t0);
+    assert!(
+        !p.get("never-sent").unwrap().replayed,
+        "a first send is not a replay"
+    );
+    send_due(&mut p, t0);
+    p.replay(t0);
+    assert!(p.get("never-sent").unwrap().replayed);
+    send_due(&mut p, t0);
+    assert!(
+        !p.get("never-sent").unwrap().replayed,
+        "cleared by the send"
+    );
+    // A retry after an ack deadline is not a replay.
+    let later = t0 + ACK_TIMEOUT;
+    p.expire(later);
+    assert!(!p.get("never-sent").unwrap().replayed);
+}
+
+#[test]
+fn the_stored_trace_context_rides_on_the_request() {
+    let mut p = pending(1, 3);
+    let mut traced = claimed("a");
+    traced.trace = shared::telemetry::TraceContext::new(
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        Some("k=v".into()),
+    );
+    p.insert(traced, Instant::now());
+    let request = &p.get("a").unwrap().request;
+    assert_eq!(
+        (request.traceparent.as_str(), request.tracestate.as_str()),
+        (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "k=v"
+        )
+    );
 }
