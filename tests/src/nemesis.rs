@@ -36,72 +36,79 @@ use tokio::sync::watch;
 #[command(name = "nemesis", version)]
 pub struct Options {
     /// How long load and faults run (then everything is healed and checked).
-    #[arg(long, default_value = "2m", value_parser = shared::cli::parse_positive_duration)]
+    #[arg(long, env = "NEMESIS_DURATION", default_value = "2m", value_parser = shared::cli::parse_positive_duration)]
     pub duration: Duration,
 
     /// Seed of the fault schedule (and of the load's choices). Default: a random one, printed
     /// first; the same seed with the same options replays the same schedule.
-    #[arg(long)]
+    #[arg(long, env = "NEMESIS_SEED")]
     pub seed: Option<u64>,
 
     /// The listens' store: `postgres` (two replicas on one PostgreSQL server, started here)
     /// or `sqlite` (one listen on its own SQLite file).
-    #[arg(long, value_enum, default_value_t = Store::Postgres)]
+    #[arg(long, env = "NEMESIS_STORE", value_enum, default_value_t = Store::Postgres)]
     pub store: Store,
 
     /// Fault kinds to draw from (comma-separated). `database` needs --store postgres;
     /// `clock` (libfaketime) is a fault of the PostgreSQL replicas only.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Kind::ALL.to_vec())]
+    #[arg(long, env = "NEMESIS_FAULTS", value_enum, value_delimiter = ',', default_values_t = Kind::ALL.to_vec())]
     pub faults: Vec<Kind>,
 
     /// Mean time between fault starts; each gap is drawn from half to one and a half times
     /// this, and a quarter of faults start together with the previous one.
-    #[arg(long, default_value = "4s", value_parser = shared::cli::parse_positive_duration)]
+    #[arg(long, env = "NEMESIS_FAULT_INTERVAL", default_value = "4s", value_parser = shared::cli::parse_positive_duration)]
     pub fault_interval: Duration,
 
     /// Longest a fault lasts (each lasts from 1 s to this).
-    #[arg(long, default_value = "8s", value_parser = shared::cli::parse_positive_duration)]
+    #[arg(long, env = "NEMESIS_MAX_FAULT_DURATION", default_value = "8s", value_parser = shared::cli::parse_positive_duration)]
     pub max_fault_duration: Duration,
 
     /// Most faults active at once.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    #[arg(long, env = "NEMESIS_MAX_CONCURRENT_FAULTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub max_concurrent_faults: u32,
 
     /// Concurrent Submit drivers (each: one Submit at a time, 50-300 ms apart).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=64))]
+    #[arg(long, env = "NEMESIS_SUBMITTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub submitters: u32,
 
     /// Concurrent live-session drivers (each: one Session at a time).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=64))]
+    #[arg(long, env = "NEMESIS_SESSIONS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub sessions: u32,
 
     /// Pusher's simulated processing time per conversation.
-    #[arg(long, default_value = "200ms", value_parser = shared::cli::parse_duration)]
+    #[arg(long, env = "NEMESIS_PUSHER_LATENCY", default_value = "200ms", value_parser = shared::cli::parse_duration)]
     pub pusher_latency: Duration,
 
     /// Directory holding the listen-svc and pusher-svc binaries to run (e.g. target/debug).
     /// Default: build them with this program's cargo and profile, next to it.
-    #[arg(long)]
+    #[arg(long, env = "NEMESIS_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
 
     /// After the heal, how long every acknowledged conversation has to settle (COMPLETED,
     /// FAILED or DISCARDED) before the rest count as stranded.
-    #[arg(long, default_value = "120s", value_parser = shared::cli::parse_positive_duration)]
+    #[arg(long, env = "NEMESIS_HEAL_TIMEOUT", default_value = "120s", value_parser = shared::cli::parse_positive_duration)]
     pub heal_timeout: Duration,
 
     /// Longest a listen may go without answering health (SERVING, within 1 s, asked every
     /// 250 ms) while it is up: not killed, stopped, paused or restarting.
-    #[arg(long, default_value = "3s", value_parser = shared::cli::parse_positive_duration)]
+    #[arg(long, env = "NEMESIS_HEALTH_GAP", default_value = "3s", value_parser = shared::cli::parse_positive_duration)]
     pub health_gap: Duration,
 
     /// RSS bound: each process's RSS after the run may be at most this many times its RSS
     /// at the start of the load, plus --rss-slack-mib.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, env = "NEMESIS_RSS_FACTOR", default_value_t = 2.0, value_parser = parse_factor)]
     pub rss_factor: f64,
 
     /// RSS bound: the allowance added to --rss-factor × the RSS at the start, in MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "NEMESIS_RSS_SLACK_MIB", default_value_t = 64)]
     pub rss_slack_mib: u64,
+}
+
+fn parse_factor(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(factor) if factor >= 1.0 && factor.is_finite() => Ok(factor),
+        _ => Err(format!("{value:?} is not a number of at least 1")),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -243,7 +250,10 @@ pub async fn run(options: &Options, seed: u64) -> Report {
     let healed = Instant::now();
     while let Some(done) = drivers.join_next().await {
         if let Err(error) = done {
-            violations.push(format!("harness: a load driver failed: {error}"));
+            violations.push(format!(
+                "harness: a load driver failed: {}",
+                first_line(error)
+            ));
         }
     }
     violations.extend(truth.violations.lock().unwrap().drain(..));
@@ -331,6 +341,19 @@ pub async fn run(options: &Options, seed: u64) -> Report {
         violations,
         schedule: faults,
     }
+}
+
+/// The first line of a task's panic (the harness's panics carry a whole log after it).
+fn first_line(error: tokio::task::JoinError) -> String {
+    let text = match error.try_into_panic() {
+        Ok(panic) => panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default(),
+        Err(error) => error.to_string(),
+    };
+    text.lines().next().unwrap_or_default().to_string()
 }
 
 fn join<K: std::fmt::Display, V: std::fmt::Display>(map: &BTreeMap<K, V>) -> String {

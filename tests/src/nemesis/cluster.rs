@@ -194,6 +194,10 @@ impl Cluster {
         };
         let mut database = database.lock().await;
         tokio::task::block_in_place(|| database.launch());
+        // Up means accepting sessions: a listen started before exits.
+        let (session, task) = database.session().await;
+        drop(session);
+        let _ = task.await;
         self.database_up.send_replace(true);
     }
 
