@@ -18,6 +18,7 @@ use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -310,9 +311,9 @@ pub async fn run(options: &Options, seed: u64) -> Report {
         by_kind.values().sum::<usize>(),
         join(&by_kind),
         expected.len(),
-        truth.submits.lock().unwrap(),
-        truth.submit_retries.lock().unwrap(),
-        truth.sessions.lock().unwrap(),
+        truth.submits.load(Ordering::Relaxed),
+        truth.submit_retries.load(Ordering::Relaxed),
+        truth.sessions.load(Ordering::Relaxed),
     );
     let _ = write!(
         summary,
@@ -331,7 +332,7 @@ pub async fn run(options: &Options, seed: u64) -> Report {
             .recovery
             .map_or("never".to_string(), |r| format!("{:.1}s", r.as_secs_f64())),
         longest_restart.as_secs_f64(),
-        misses.checks.lock().unwrap(),
+        misses.checks.load(Ordering::Relaxed),
         health_gap.as_secs_f64(),
         violations.len(),
     );

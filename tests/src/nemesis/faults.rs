@@ -87,34 +87,25 @@ pub async fn carry_out(
 async fn apply(cluster: &Cluster, timeline: &Timeline, fault: &Fault) {
     let target = fault.target;
     match (fault.kind, target) {
-        (Kind::Kill | Kind::Terminate | Kind::Pause | Kind::Clock, _) => {
+        (Kind::Clock, Target::Listen(i)) => {
             timeline.listen_down(target);
-            let process = process(cluster, target);
-            let mut process = process.lock().await;
+            let shift = crate::clock::shifted_clock(&format!("{:+}", fault.shift_s));
+            cluster.restart_listen(i, shift).await;
+            timeline.listen_up(target);
+        }
+        (Kind::Kill | Kind::Terminate | Kind::Pause, _) => {
+            timeline.listen_down(target);
+            let mut process = process(cluster, target).lock().await;
             match fault.kind {
                 Kind::Kill => process.kill(),
                 Kind::Pause => process.pause(),
-                Kind::Terminate => {
+                _ => {
                     let status = tokio::task::block_in_place(|| process.terminate(DRAIN_LIMIT));
                     assert!(
                         status.success(),
                         "{target} exited with {status} after SIGTERM"
                     );
                 }
-                _ => {}
-            }
-            if fault.kind == Kind::Clock {
-                drop(process);
-                let Target::Listen(i) = target else {
-                    unreachable!("clock faults are on listens")
-                };
-                cluster
-                    .restart_listen(
-                        i,
-                        crate::clock::shifted_clock(&format!("{:+}", fault.shift_s)),
-                    )
-                    .await;
-                timeline.listen_up(target);
             }
         }
         (

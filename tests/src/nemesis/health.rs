@@ -3,6 +3,7 @@
 //! checker to hold against the times that listen was down.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -17,7 +18,7 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct Misses {
     pub at: Mutex<Vec<(usize, Instant)>>,
-    pub checks: Mutex<u64>,
+    pub checks: AtomicU64,
 }
 
 /// Asks listen `i` at `addr` until `stop`.
@@ -38,7 +39,7 @@ pub async fn monitor(i: usize, addr: SocketAddr, misses: Arc<Misses>, stop: watc
             answer,
             Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
         );
-        *misses.checks.lock().unwrap() += 1;
+        misses.checks.fetch_add(1, Ordering::Relaxed);
         if !serving {
             misses.at.lock().unwrap().push((i, sent));
         }

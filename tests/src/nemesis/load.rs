@@ -12,6 +12,7 @@ use crate::listen::{
 };
 use crate::{ListenClient, segment};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -41,9 +42,12 @@ pub struct Expected {
 pub struct Truth {
     pub conversations: Mutex<HashMap<String, Expected>>,
     pub violations: Mutex<Vec<String>>,
-    pub submits: Mutex<u64>,
-    pub submit_retries: Mutex<u64>,
-    pub sessions: Mutex<u64>,
+    /// Submits acknowledged.
+    pub submits: AtomicU64,
+    /// Submits answered again for the same key (the same conversation, or a violation).
+    pub submit_retries: AtomicU64,
+    /// Sessions opened.
+    pub sessions: AtomicU64,
 }
 
 impl Truth {
@@ -102,13 +106,15 @@ pub async fn submitter(
                     match &acked {
                         None => {
                             truth.acked(&id, texts.clone(), true);
-                            *truth.submits.lock().unwrap() += 1;
+                            truth.submits.fetch_add(1, Ordering::Relaxed);
                         }
                         Some(first) if *first != id => truth.violation(format!(
                             "idempotency key {}: first answered {first}, then {id}",
                             request.idempotency_key
                         )),
-                        Some(_) => *truth.submit_retries.lock().unwrap() += 1,
+                        Some(_) => {
+                            truth.submit_retries.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     acked.get_or_insert(id);
                     if !std::mem::take(&mut again_after_ack) {
@@ -156,7 +162,7 @@ pub async fn sessions(
         }
         let uid = format!("live{task}-{n}");
         let client = cluster.client(rng.below(cluster.listen_addrs.len() as u64) as usize);
-        *truth.sessions.lock().unwrap() += 1;
+        truth.sessions.fetch_add(1, Ordering::Relaxed);
         resume = match one_session(client, &truth, &uid, &mut rng).await {
             Some(Ending::Disconnect) => rng.chance(0.5),
             _ => false,
