@@ -271,7 +271,8 @@ pub async fn run(options: &Options, seed: u64) -> Report {
     while monitors.join_next().await.is_some() {}
 
     let outcomes = checker::check_outcomes(&expected, &settled, &mut violations);
-    let deliveries = checker::check_webhooks(&cluster.webhook.requests(), &mut violations);
+    let deliveries =
+        checker::check_webhooks(&cluster.webhook.requests(), &settled, &mut violations);
     let mut logs = Vec::new();
     for pusher in &cluster.pushers {
         logs.push(pusher.lock().await.log_text());

@@ -5,7 +5,8 @@
 //! 1. every acknowledged conversation reaches COMPLETED, DISCARDED, or FAILED with a reason,
 //!    within the heal timeout: none lost (NOT_FOUND), none stranded (IN_PROGRESS, PROCESSING);
 //! 2. every acknowledged segment is in its conversation, in order;
-//! 3. every webhook delivery of a conversation carries the same idempotency key;
+//! 3. every webhook delivery of a conversation carries the same idempotency key, and every
+//!    COMPLETED conversation's webhook was delivered;
 //! 4. pusher runs per conversation: more than one only if a fault was active at or after its
 //!    acknowledgement (a re-run needs a lost ack, a lost cache or a moved lease);
 //! 5. each listen's health answered throughout, except while that listen was down;
@@ -162,19 +163,44 @@ pub fn segments_problem(texts: &[String], stored: &[&str], exact: bool) -> Optio
 }
 
 /// Check 3: idempotency keys per conversation in the webhook deliveries (the key is
-/// `<conversation id>:<revision>`); returns how many deliveries there were.
-pub fn check_webhooks(requests: &[Recorded], violations: &mut Vec<String>) -> usize {
+/// `<conversation id>:<revision>`), and each COMPLETED conversation announced: its stored
+/// delivery says delivered (the receiver always answers 200) and the receiver has it.
+/// Returns how many deliveries there were.
+pub fn check_webhooks(
+    requests: &[Recorded],
+    settled: &Settled,
+    violations: &mut Vec<String>,
+) -> usize {
     let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for request in requests {
         let key = request.header("idempotency-key");
         let id = key.split(':').next().unwrap_or_default().to_string();
         keys.entry(id).or_default().insert(key.to_string());
     }
-    for (id, keys) in keys {
+    for (id, keys) in &keys {
         if keys.len() > 1 {
             violations.push(format!(
                 "webhook deliveries of {id} carry {} idempotency keys: {keys:?}",
                 keys.len()
+            ));
+        }
+    }
+    for (id, conversation) in &settled.outcomes {
+        let Some(conversation) = conversation else {
+            continue;
+        };
+        if conversation.status != ConversationStatus::Completed as i32 {
+            continue;
+        }
+        let delivered = conversation.deliveries.iter().all(|d| d.delivered);
+        if conversation.deliveries.is_empty() || !delivered {
+            violations.push(format!(
+                "{id} is COMPLETED but its webhook is not delivered: {:?}",
+                conversation.deliveries
+            ));
+        } else if !keys.contains_key(id) {
+            violations.push(format!(
+                "{id}: the store says its webhook was delivered; the receiver has no delivery"
             ));
         }
     }
