@@ -244,7 +244,8 @@ pub async fn run(options: &Options, seed: u64) -> Report {
     while let Some(done) = nemesis.join_next().await {
         if let Err(error) = done {
             violations.push(format!(
-                "harness: a fault could not be carried out: {error}"
+                "harness: a fault could not be carried out: {}",
+                first_line(error)
             ));
         }
     }
