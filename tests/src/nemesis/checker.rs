@@ -357,6 +357,85 @@ mod tests {
         assert_eq!(runs.get("c3"), Some(&1));
     }
 
+    /// Misses of listen 0 every 250 ms for `length`, from `from`.
+    fn misses(from: Instant, length: Duration) -> Misses {
+        let misses = Misses::default();
+        let mut at = from;
+        while at <= from + length {
+            misses.at.lock().unwrap().push((0, at));
+            at += health::INTERVAL;
+        }
+        misses
+    }
+
+    #[test]
+    fn health_misses_count_only_while_the_listen_was_up() {
+        let start = Instant::now();
+        let long = misses(start, Duration::from_secs(4));
+        let timeline = Timeline::default();
+        let mut violations = Vec::new();
+        let gap = check_health(&long, &timeline, Duration::from_secs(3), &mut violations);
+        assert!(gap >= Duration::from_secs(4), "{gap:?}");
+        assert_eq!(violations.len(), 1, "{violations:?}");
+
+        // The same stretch while listen 0 was down is excused; listen 1's downtime is not.
+        timeline.down.lock().unwrap().push((1, start, None));
+        timeline
+            .down
+            .lock()
+            .unwrap()
+            .push((0, start, Some(start + Duration::from_secs(4))));
+        let mut violations = Vec::new();
+        let gap = check_health(&long, &timeline, Duration::from_secs(3), &mut violations);
+        assert_eq!((gap, violations.len()), (Duration::ZERO, 0));
+
+        // A short stretch while up is within the bound.
+        let short = misses(start, Duration::from_secs(1));
+        let mut violations = Vec::new();
+        check_health(
+            &short,
+            &Timeline::default(),
+            Duration::from_secs(3),
+            &mut violations,
+        );
+        assert!(violations.is_empty(), "{violations:?}");
+    }
+
+    #[test]
+    fn a_rerun_needs_a_fault_at_or_after_the_acknowledgement() {
+        let start = Instant::now();
+        let expected = |acked_at| Expected {
+            texts: Vec::new(),
+            exact: false,
+            acked_at,
+        };
+        let runs = HashMap::from([("c".to_string(), 2)]);
+        let timeline = Timeline::default();
+        timeline
+            .applied
+            .lock()
+            .unwrap()
+            .push(crate::nemesis::faults::Applied {
+                fault: crate::nemesis::schedule::Fault {
+                    at: Duration::ZERO,
+                    lasts: Duration::from_secs(1),
+                    kind: crate::nemesis::schedule::Kind::Kill,
+                    target: crate::nemesis::schedule::Target::Pusher(0),
+                    shift_s: 0,
+                },
+                began: start,
+                ended: start + Duration::from_secs(1),
+            });
+        let during = HashMap::from([("c".to_string(), expected(start))]);
+        let mut violations = Vec::new();
+        let (distribution, duplicates) = check_runs(&during, &runs, &timeline, &mut violations);
+        assert_eq!((distribution[&2], duplicates, violations.len()), (1, 1, 0));
+
+        let after = HashMap::from([("c".to_string(), expected(start + Duration::from_secs(2)))]);
+        check_runs(&after, &runs, &timeline, &mut violations);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+    }
+
     #[test]
     fn rss_beyond_the_bound_is_a_violation() {
         let mut violations = Vec::new();
