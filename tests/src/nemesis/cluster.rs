@@ -182,8 +182,10 @@ impl Cluster {
             return;
         };
         let _no_starts = self.starting.write().await;
-        self.database_up.send_replace(false);
+        // Marked down under the database's lock, as start marks it up: the last to hold it
+        // says what is true.
         let mut database = database.lock().await;
+        self.database_up.send_replace(false);
         tokio::task::block_in_place(|| database.stop());
     }
 

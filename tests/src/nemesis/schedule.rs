@@ -3,9 +3,9 @@
 //!
 //! Faults start at random gaps (half to one and a half times the mean gap; now and then
 //! several at the same instant), last between one second and the maximum, and never
-//! overlap on one resource (a process, a proxy, the database, a DNS entry). At most
-//! `max_concurrent` are active at once; a drawn fault that would break either rule is
-//! skipped, which the printed schedule shows by its absence.
+//! overlap on one resource (a process, a proxy, the database, a DNS entry), which rests
+//! [`REST`] between two. At most `max_concurrent` are active at once; a drawn fault that
+//! would break either rule is skipped, which the printed schedule shows by its absence.
 
 use std::fmt;
 use std::time::Duration;
@@ -191,6 +191,10 @@ pub struct Intensity {
     pub max_concurrent: usize,
 }
 
+/// A target rests this long between two faults, so that one's heal (a restart, a database
+/// start) is done before the next one's start.
+pub const REST: Duration = Duration::from_secs(1);
+
 /// No fault starts before this, so the load is flowing and the RSS baseline is taken first.
 pub const WARM_UP: Duration = Duration::from_secs(3);
 
@@ -236,7 +240,9 @@ pub fn schedule(
             0
         };
         let active: Vec<&Fault> = faults.iter().filter(|f| f.end() > at).collect();
-        let busy = active.iter().any(|f| f.target == target);
+        let busy = faults
+            .iter()
+            .any(|f| f.target == target && f.end() + REST > at);
         if busy || active.len() >= intensity.max_concurrent {
             continue;
         }
@@ -321,6 +327,12 @@ mod tests {
             let active: Vec<&Fault> = faults[..i].iter().filter(|f| f.end() > fault.at).collect();
             assert!(active.len() < 3, "more than 3 at {:?}", fault.at);
             assert!(active.iter().all(|f| f.target != fault.target), "{fault}");
+            assert!(
+                faults[..i]
+                    .iter()
+                    .all(|f| f.target != fault.target || f.end() + REST <= fault.at),
+                "{fault} starts less than {REST:?} after the last fault on its target"
+            );
         }
         for kind in Kind::ALL {
             assert!(faults.iter().any(|f| f.kind == kind), "no {kind:?}");
