@@ -23,6 +23,7 @@ pub mod dns;
 pub mod fake_pusher;
 pub mod http;
 pub mod nats;
+pub mod nemesis;
 pub mod otlp;
 pub mod pki;
 pub mod postgres;
@@ -44,7 +45,8 @@ pub use options::{
     start_pusher, with_defaults,
 };
 pub use processes::{
-    START_TIMEOUT, Service, binary, build_services, free_port, set_log_filter, start_binary,
+    START_TIMEOUT, Service, binary, build_services, free_port, set_bin_dir, set_log_filter,
+    start_binary,
 };
 pub use requests::{
     ListenClient, PusherClient, count_listed, link_status, listen_client, pusher_client, segment,

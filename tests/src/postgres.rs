@@ -291,23 +291,7 @@ impl TestPostgres {
     }
 
     pub async fn create_database(&self, name: &str) {
-        // The port opens before the server accepts sessions ("the database system is starting
-        // up"), so readiness is a real connection, within a deadline.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let (client, connection) = loop {
-            match tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await {
-                Ok(connected) => break connected,
-                Err(error) if Instant::now() < deadline => {
-                    let _ = error;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(error) => panic!(
-                    "cannot connect to the test server on port {}: {error}",
-                    self.port
-                ),
-            }
-        };
-        let task = tokio::spawn(connection);
+        let (client, task) = self.session().await;
         if self.tls.is_some() {
             // Tests of one process may race to create them.
             for role in [
@@ -333,6 +317,30 @@ impl TestPostgres {
             .expect("create database");
         drop(client);
         let _ = task.await;
+    }
+
+    /// A session on the `postgres` database as the superuser, and the task driving its
+    /// connection. The port opens before the server accepts sessions ("the database system
+    /// is starting up"), so this is what readiness is: it retries for at most 30 s.
+    pub async fn session(&self) -> (tokio_postgres::Client, tokio::task::JoinHandle<()>) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (client, connection) = loop {
+            match tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await {
+                Ok(connected) => break connected,
+                Err(error) if Instant::now() < deadline => {
+                    let _ = error;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!(
+                    "cannot connect to the test server on port {}: {error}",
+                    self.port
+                ),
+            }
+        };
+        let task = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        (client, task)
     }
 
     fn wait_ready(&self) {

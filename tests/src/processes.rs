@@ -15,8 +15,22 @@ use tonic_health::pb::{
 /// How long the harness waits for a process to become healthy.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Path of a workspace binary built next to the running test executable.
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes [`binary`] take the service binaries from `dir` from now on (a program told which
+/// build to run, such as the nemesis's `--bin-dir`). Only the first call counts.
+pub fn set_bin_dir(dir: PathBuf) {
+    let _ = BIN_DIR.set(dir);
+}
+
+/// Path of a workspace binary: in the directory [`set_bin_dir`] named, else built next to
+/// the running test executable.
 pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = BIN_DIR.get() {
+        let path = dir.join(name);
+        assert!(path.exists(), "{} is missing", path.display());
+        return path;
+    }
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test>-<hash> (tests) or target/<profile>/<bin> (bench) ->
     // target/<profile>/<name>
@@ -127,6 +141,24 @@ impl Service {
         }
     }
 
+    /// SIGSTOP: the process stays, frozen (a long GC pause, a throttled container).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Service::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// SIGTERM, then waits for the exit (at most `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -146,6 +178,18 @@ impl Service {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts the process again with the same arguments and `envs` in place of the
+    /// environment it had (a shifted clock on, or off).
+    pub async fn restart_with_env(&mut self, envs: Vec<(String, String)>) {
+        self.envs = envs;
+        self.restart().await;
+    }
+
+    /// Whether the process is running (started, and not stopped by the harness).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Starts the process again with the same arguments (same port, same store).

@@ -5,7 +5,8 @@
 //! held, not delivered, and nothing is closed: a half-open connection; if the network heals
 //! before a peer gives up, the held bytes arrive late and in order, as TCP would deliver
 //! them); reset every connection (RST via SO_LINGER 0); refuse new connections (the
-//! listening socket is closed, so connects get ECONNREFUSED); slice writes into small chunks.
+//! listening socket is closed, so connects get ECONNREFUSED); slice writes into small chunks;
+//! throttle to a bandwidth.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +35,10 @@ pub enum Mode {
     Refuse,
     /// Forward in chunks of at most this many bytes, each written separately.
     Slice(usize),
+    /// Forward at most this many bytes per second in each direction of each connection.
+    Throttle {
+        bytes_per_second: u64,
+    },
 }
 
 impl Mode {
@@ -64,7 +69,15 @@ impl Proxy {
     /// Like [`Proxy::start`], but each new connection goes to the first of `targets` that
     /// accepts it: several replicas behind one address.
     pub async fn start_failover(targets: Vec<SocketAddr>) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Proxy::start_at("127.0.0.1:0".parse().unwrap(), targets).await
+    }
+
+    /// Like [`Proxy::start_failover`], listening on `bind` (127.0.0.2:PORT, say, so that
+    /// several proxies share a port behind one DNS name).
+    pub async fn start_at(bind: SocketAddr, targets: Vec<SocketAddr>) -> Proxy {
+        let listener = TcpListener::bind(bind)
+            .await
+            .unwrap_or_else(|e| panic!("proxy cannot bind {bind}: {e}"));
         let addr = listener.local_addr().unwrap();
         let (mode, mode_rx) = watch::channel(Mode::Pass);
         let accepted = Arc::new(AtomicU64::new(0));
@@ -252,6 +265,18 @@ async fn forward(to: &mut TcpStream, bytes: &[u8], mode: Mode) -> bool {
         Mode::Slice(size) => {
             for chunk in bytes.chunks(size.max(1)) {
                 if to.write_all(chunk).await.is_err() || to.flush().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+        Mode::Throttle { bytes_per_second } => {
+            // Chunks of at most a tenth of a second's worth, each after its share of time.
+            let size = (bytes_per_second / 10).max(1) as usize;
+            for chunk in bytes.chunks(size) {
+                let share = chunk.len() as f64 / bytes_per_second.max(1) as f64;
+                tokio::time::sleep(Duration::from_secs_f64(share)).await;
+                if to.write_all(chunk).await.is_err() {
                     return false;
                 }
             }
