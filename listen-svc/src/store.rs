@@ -292,6 +292,10 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
     )]
     async fn count_processing(&self) -> Result<u64, StoreError>;
 
+    /// Recomputes the queue's counters from the rows ([`queue::RECONCILE_SQL`]); returns the
+    /// number of corrections (0 when they were right). Each store runs it when it opens.
+    async fn reconcile_queue(&self) -> Result<u64, StoreError>;
+
     /// Conversations waiting for their first claim, per priority, and the age of the oldest
     /// (by the store's clock): two counter rows and an index lookup, whatever the backlog.
     async fn queue_stats(&self, now: Now) -> Result<[QueueStats; 2], StoreError>;

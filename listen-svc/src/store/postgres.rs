@@ -111,6 +111,7 @@ impl PostgresStore {
         })?;
         drop(first);
         store.migrate().await?;
+        super::queue::report_reconciled(store.reconcile_queue().await?);
         Ok(store)
     }
 
@@ -469,7 +470,7 @@ impl ConversationStore for PostgresStore {
         let row = tx
             .query_one(
                 &format!(
-                    "UPDATE conversations SET status = 'processing', \
+                    "UPDATE conversations SET status = 'processing', generation = generation + 1, \
                      queue_seq = nextval('conversations_queue_seq'), queue_tag = $2, \
                      queued_at_ms = {at}, owner = NULL, lease_expires_at_ms = NULL, last_error = NULL \
                      WHERE id = $1 RETURNING {COLUMNS}"
@@ -589,6 +590,18 @@ impl ConversationStore for PostgresStore {
             .await
             .map(|n| n == 1)
             .map_err(unavailable)
+    }
+
+    async fn reconcile_queue(&self) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        lock_queue(&tx).await?;
+        let mut corrected = 0;
+        for sql in super::queue::RECONCILE_SQL {
+            corrected += tx.execute(sql, &[]).await.map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(corrected)
     }
 
     async fn count_processing(&self) -> Result<u64, StoreError> {

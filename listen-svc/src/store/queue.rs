@@ -14,6 +14,46 @@
 
 use super::StoreError;
 
+/// Logs a reconciliation that corrected something (once per open).
+pub(crate) fn report_reconciled(corrected: u64) {
+    if corrected > 0 {
+        tracing::warn!(
+            corrected,
+            "queue counters corrected from the rows: a listen-svc older than migration 0005 \
+             wrote to this store (see docs/scheduling.md, Upgrading)"
+        );
+    }
+}
+
+/// The statements that recompute the queue's counters from the rows, in order; the sum of
+/// their row counts is the number of corrections. The rows are the truth: the counters are
+/// kept in the same transactions as the rows, so they only differ after a listen-svc older
+/// than the fair queue (migration 0005) wrote rows during a rolling upgrade, or after a bug.
+/// Each store runs them when it opens (on PostgreSQL under the queue lock). Standard SQL,
+/// the same on both stores; their cost is bounded by the queued rows (`--max-queued`).
+///
+/// 1. `queued_at_ms` is set only while a row waits for its first claim: cleared elsewhere.
+/// 2. Each priority's count.
+/// 3. Each (uid, priority)'s count, added where missing; a new row's finish tag is one
+///    past its last queued row's.
+/// 4. Rows of uids with nothing queued are removed (as the claims do).
+pub(crate) const RECONCILE_SQL: [&str; 4] = [
+    "UPDATE conversations SET queued_at_ms = NULL \
+     WHERE queued_at_ms IS NOT NULL AND (status <> 'processing' OR owner IS NOT NULL)",
+    "UPDATE queue_priorities SET queued = (SELECT COUNT(*) FROM conversations c \
+         WHERE c.queued_at_ms IS NOT NULL AND c.priority = queue_priorities.priority) \
+     WHERE queued <> (SELECT COUNT(*) FROM conversations c \
+         WHERE c.queued_at_ms IS NOT NULL AND c.priority = queue_priorities.priority)",
+    "INSERT INTO queue_uids (uid, priority, queued, finish) \
+     SELECT uid, priority, COUNT(*), MAX(queue_tag) + 1 FROM conversations \
+     WHERE queued_at_ms IS NOT NULL GROUP BY uid, priority \
+     ON CONFLICT (uid, priority) DO UPDATE SET queued = excluded.queued \
+     WHERE queue_uids.queued <> excluded.queued",
+    "DELETE FROM queue_uids WHERE NOT EXISTS (SELECT 1 FROM conversations c \
+         WHERE c.queued_at_ms IS NOT NULL AND c.uid = queue_uids.uid \
+         AND c.priority = queue_uids.priority)",
+];
+
 /// How urgently a conversation is wanted. Interactive work is claimed before bulk work;
 /// bulk work still gets every [`BULK_EVERY`]th claim of each link first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

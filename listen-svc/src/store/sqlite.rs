@@ -14,7 +14,7 @@
 //!   automatic checkpoints are off on the writer so its commits never pay for them.
 
 use super::list::{Arg, Placeholders, list_query};
-use super::queue::start_tag;
+use super::queue::{RECONCILE_SQL, start_tag};
 use super::row::{
     CLAIMED_COLUMNS, COLUMNS, ClaimKey, ClaimTally, in_claim_order, read_claimed,
     read_conversation, read_id_and_status, read_resumable, without_keys,
@@ -120,6 +120,10 @@ impl SqliteStore {
         }
         let mut writer = open_connection(path, true)?;
         migrate(&mut writer)?;
+        let tx = writer.transaction().map_err(unavailable)?;
+        let corrected = reconcile_queue(&tx)?;
+        tx.commit().map_err(unavailable)?;
+        super::queue::report_reconciled(corrected);
         // The writer never checkpoints; the checkpoint thread does.
         writer
             .pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
@@ -250,6 +254,15 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         debug!(version = index + 1, "applied migration");
     }
     Ok(())
+}
+
+/// Runs [`RECONCILE_SQL`] in the caller's transaction; returns the corrections.
+fn reconcile_queue(conn: &Connection) -> Result<u64, StoreError> {
+    let mut corrected = 0;
+    for sql in RECONCILE_SQL {
+        corrected += conn.execute(sql, []).map_err(unavailable)? as u64;
+    }
+    Ok(corrected)
 }
 
 fn write_loop(conn: Connection, mut rx: mpsc::Receiver<WriteOp>, restart: Arc<AtomicBool>) {
@@ -628,6 +641,7 @@ impl ConversationStore for SqliteStore {
             };
             conn.prepare_cached(
                 "UPDATE conversations SET status = 'processing', queue_seq = ?2, queue_tag = ?3, \
+                 generation = generation + 1, \
                  queued_at_ms = ?4, owner = NULL, lease_expires_at_ms = NULL, last_error = NULL \
                  WHERE id = ?1 AND status = 'failed'",
             )
@@ -768,6 +782,10 @@ impl ConversationStore for SqliteStore {
             .map_err(unavailable)
         })
         .await
+    }
+
+    async fn reconcile_queue(&self) -> Result<u64, StoreError> {
+        self.write(reconcile_queue).await
     }
 
     async fn count_processing(&self) -> Result<u64, StoreError> {

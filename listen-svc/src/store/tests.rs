@@ -60,6 +60,25 @@ impl Fixture {
         }
     }
 
+    /// Runs `sql` (one or more statements, the same on both stores) on the raw database.
+    async fn execute(&self, sql: &str) {
+        match &self.location {
+            Location::Sqlite(path) => {
+                rusqlite::Connection::open(path)
+                    .unwrap()
+                    .execute_batch(sql)
+                    .unwrap();
+            }
+            Location::Postgres(url) => {
+                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                client.batch_execute(sql).await.unwrap();
+            }
+        }
+    }
+
     /// Overwrites a row's segments with bytes that do not decode.
     async fn corrupt_segments(&self, id: &str) {
         match &self.location {

@@ -11,6 +11,8 @@ conformance!(
     a_refused_finish_leaves_the_conversation_in_progress_and_its_deadline_admits_it,
     queue_counts_and_waits_follow_first_claims,
     fair_order_survives_reopening,
+    a_stale_outcome_does_not_settle_a_retried_conversation,
+    counters_are_recomputed_from_the_rows_when_the_store_opens,
 );
 
 /// Submits a PROCESSING conversation of `uid` at `priority`, unbounded; its id.
@@ -157,6 +159,7 @@ async fn admission_bounds_refuse_and_store_nothing_but_answer_existing_keys(f: F
     );
     submit("c", "k0").await.unwrap();
     assert_eq!(f.store.queue_stats(Now::Store).await.unwrap()[0].queued, 3);
+    assert_counters_match_the_rows(f.store.as_ref()).await;
 }
 
 async fn a_refused_finish_leaves_the_conversation_in_progress_and_its_deadline_admits_it(
@@ -196,6 +199,7 @@ async fn a_refused_finish_leaves_the_conversation_in_progress_and_its_deadline_a
     let swept = f.store.finish_expired(Now::At(5_000), 10).await.unwrap();
     assert_eq!(swept, [(live_id, Status::Processing)]);
     assert_eq!(f.store.queue_stats(Now::Store).await.unwrap()[0].queued, 2);
+    assert_counters_match_the_rows(f.store.as_ref()).await;
 }
 
 async fn queue_counts_and_waits_follow_first_claims(f: Fixture) {
@@ -250,6 +254,7 @@ async fn queue_counts_and_waits_follow_first_claims(f: Fixture) {
         .unwrap();
     assert_eq!(retried.len(), 1);
     assert!(retried[0].waited_ms.is_some());
+    assert_counters_match_the_rows(f.store.as_ref()).await;
 }
 
 async fn fair_order_survives_reopening(f: Fixture) {
@@ -265,4 +270,109 @@ async fn fair_order_survives_reopening(f: Fixture) {
         [b, a[4].clone()]
     );
     assert_eq!(reopened.queue_stats(Now::Store).await.unwrap()[0].queued, 5);
+}
+
+/// The counters equal what the rows say: recomputing them corrects nothing.
+async fn assert_counters_match_the_rows(store: &dyn ConversationStore) {
+    assert_eq!(
+        store.reconcile_queue().await.unwrap(),
+        0,
+        "the queue's counters drifted from the rows"
+    );
+}
+
+async fn a_stale_outcome_does_not_settle_a_retried_conversation(f: Fixture) {
+    let id = put(f.store.as_ref(), "a", Priority::Interactive).await;
+    let first = f
+        .store
+        .claim("a", Now::Store, LEASE, 1, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(f.store.fail(&id, first.generation, "no", 1).await.unwrap());
+    f.store.retry(&id).await.unwrap();
+
+    // The first attempt's outcome, arriving again (a re-sent Ack, a settle retried after
+    // its commit was lost), is fenced off: the retried conversation waits for its own run.
+    let stale = Completion {
+        structured: Default::default(),
+        discarded: false,
+        deliveries: vec![],
+    };
+    assert!(
+        !f.store
+            .complete(&id, first.generation, stale, 1, 0)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !f.store
+            .fail(&id, first.generation, "late", 1)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        f.store.get(&id).await.unwrap().unwrap().status,
+        Status::Processing
+    );
+    assert_eq!(f.store.queue_stats(Now::Store).await.unwrap()[0].queued, 1);
+    assert_counters_match_the_rows(f.store.as_ref()).await;
+
+    let second = f
+        .store
+        .claim("a", Now::Store, LEASE, 1, ClaimOrder::InteractiveFirst)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(second.generation > first.generation);
+    assert_counters_match_the_rows(f.store.as_ref()).await;
+}
+
+async fn counters_are_recomputed_from_the_rows_when_the_store_opens(f: Fixture) {
+    put_many(f.store.as_ref(), "a", 3).await;
+    put(f.store.as_ref(), "b", Priority::Bulk).await;
+    assert_counters_match_the_rows(f.store.as_ref()).await;
+    // What a listen-svc older than the counters leaves behind in a rolling upgrade: counts
+    // that miss rows and count rows gone, a claimed row still marked waiting, a uid without
+    // its row and a row without its uid.
+    f.execute(
+        "UPDATE queue_priorities SET queued = queued + 7 WHERE priority = 0; \
+         UPDATE queue_priorities SET queued = 0 WHERE priority = 1; \
+         DELETE FROM queue_uids WHERE uid = 'b'; \
+         INSERT INTO queue_uids (uid, priority, queued, finish) VALUES ('gone', 0, 5, 9); \
+         UPDATE conversations SET owner = 'old' WHERE id = \
+             (SELECT id FROM conversations WHERE uid = 'a' ORDER BY queue_seq LIMIT 1)",
+    )
+    .await;
+
+    let store = f.reopen().await;
+    let stats = store.queue_stats(Now::Store).await.unwrap();
+    assert_eq!((stats[0].queued, stats[1].queued), (2, 1));
+    assert_counters_match_the_rows(store.as_ref()).await;
+    // Admission reads the corrected counts: uid a has 2 waiting, b 1.
+    let mut third = new("a", None, Status::Processing, 0);
+    third.priority = Priority::Interactive;
+    assert!(store.submit(third, bounds(100, 3)).await.unwrap().is_ok());
+    assert!(
+        store
+            .submit(new("a", None, Status::Processing, 0), bounds(100, 3))
+            .await
+            .unwrap()
+            .is_err()
+    );
+    assert!(
+        store
+            .submit(new("b", None, Status::Processing, 0), bounds(5, 2))
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    assert!(
+        store
+            .submit(new("c", None, Status::Processing, 0), bounds(5, 2))
+            .await
+            .unwrap()
+            .is_err(),
+        "5 waiting in all"
+    );
 }
