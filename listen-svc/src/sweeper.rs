@@ -10,7 +10,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// Most conversations finished per store call; a full batch is followed by another at once.
-const BATCH: usize = 500;
+/// Small, because on PostgreSQL a batch is one transaction holding the queue lock (about
+/// four statements per conversation), which every Submit and claim waits for.
+const BATCH: usize = 32;
 
 pub(crate) async fn run(
     store: Arc<dyn ConversationStore>,
