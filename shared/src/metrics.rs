@@ -17,10 +17,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-/// Histogram buckets in seconds: 0.5 ms to 2 min (ack latency, processing duration).
+/// Histogram buckets in seconds: 0.5 ms to 6 h. The short end is for ack latency and
+/// Submits; the long end for queue waits and conversation durations during an outage or a
+/// backlog, which would otherwise all land in `+Inf` exactly when their quantiles matter.
 const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 120.0,
+    60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 10800.0, 21600.0,
 ];
 
 /// Scrapes served at once; further connections wait in the listen backlog.
@@ -396,7 +398,7 @@ mod tests {
     #[test]
     fn histograms_are_cumulative_with_sum_and_count() {
         let buckets = Buckets::default();
-        for seconds in [0.0004, 0.003, 0.003, 500.0] {
+        for seconds in [0.0004, 0.003, 0.003, 500.0, 30_000.0] {
             buckets.record(seconds);
         }
         let mut out = String::new();
@@ -413,9 +415,14 @@ mod tests {
         assert_eq!(line("0.0005"), "1");
         assert_eq!(line("0.001"), "1");
         assert_eq!(line("0.005"), "3");
-        assert_eq!(line("120"), "3", "500 s is above every finite bucket");
-        assert_eq!(line("+Inf"), "4");
-        assert!(out.contains("lat_seconds_count{e=\"a\"} 4\n"));
-        assert!(out.contains("lat_seconds_sum{e=\"a\"} 500.0064\n"), "{out}");
+        assert_eq!(line("120"), "3");
+        assert_eq!(line("900"), "4");
+        assert_eq!(line("21600"), "4", "30 000 s is above every finite bucket");
+        assert_eq!(line("+Inf"), "5");
+        assert!(out.contains("lat_seconds_count{e=\"a\"} 5\n"));
+        assert!(
+            out.contains("lat_seconds_sum{e=\"a\"} 30500.0064\n"),
+            "{out}"
+        );
     }
 }

@@ -15,6 +15,7 @@ pub use context::{TraceContext, remote_parent};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -118,16 +119,29 @@ pub fn init(
     };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Each layer has its own filter: RUST_LOG chooses what is logged, never what is traced,
+    // so `RUST_LOG=warn` does not silently empty the traces (and drop the trace context
+    // stored with each conversation).
     let otel = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer().with_tracer(provider.tracer("listen-pusher"))
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("listen-pusher"))
+            .with_filter(traced_spans())
     });
     let traced = provider.is_some();
     tracing_subscriber::registry()
-        .with(filter)
         .with(otel)
-        .with(logs::layer(format, traced))
+        .with(logs::layer(format, traced).with_filter(filter))
         .init();
     Ok(Telemetry { provider })
+}
+
+/// What the trace pipeline records: this project's spans and their events, at info.
+fn traced_spans() -> tracing_subscriber::filter::Targets {
+    use tracing::Level;
+    tracing_subscriber::filter::Targets::new()
+        .with_target("listen_svc", Level::INFO)
+        .with_target("pusher_svc", Level::INFO)
+        .with_target("shared", Level::INFO)
 }
 
 fn provider(service_name: &'static str) -> Result<SdkTracerProvider, String> {

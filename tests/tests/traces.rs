@@ -285,7 +285,9 @@ async fn a_traced_session_is_the_trace_of_its_conversations() {
     use tests::listen::{Finish, Segments, SessionRequest, Start, session_request::Msg};
     let otlp = OtlpReceiver::start().await;
     let pusher_port = free_port();
-    let env = otlp.env();
+    let mut env = otlp.env();
+    // Logs quiet: RUST_LOG chooses what is logged, not what is traced.
+    env.push(("RUST_LOG".into(), "warn".into()));
     let _pusher = start_pusher(PusherOptions::port(pusher_port).envs(&pairs(&env))).await;
     let listen = start_listen_with_env(
         ListenOptions {
