@@ -130,9 +130,15 @@ impl Report {
     /// The command line that replays this run's schedule.
     pub fn replay(&self, options: &Options) -> String {
         let kinds: Vec<&str> = options.faults.iter().map(|k| k.name()).collect();
-        format!(
-            "cargo run --release -p tests --bin nemesis -- --seed {} --duration {}s --store {} \
-             --faults {} --fault-interval {}ms --max-fault-duration {}ms --max-concurrent-faults {}",
+        let profile = if cfg!(debug_assertions) {
+            ""
+        } else {
+            " --release"
+        };
+        let mut command = format!(
+            "cargo run{profile} -p tests --bin nemesis -- --seed {} --duration {}s --store {} \
+             --faults {} --fault-interval {}ms --max-fault-duration {}ms --max-concurrent-faults {} \
+             --submitters {} --sessions {} --pusher-latency {}ms",
             self.seed,
             options.duration.as_secs(),
             if options.store == Store::Postgres {
@@ -144,7 +150,14 @@ impl Report {
             options.fault_interval.as_millis(),
             options.max_fault_duration.as_millis(),
             options.max_concurrent_faults,
-        )
+            options.submitters,
+            options.sessions,
+            options.pusher_latency.as_millis(),
+        );
+        if let Some(dir) = &options.bin_dir {
+            command.push_str(&format!(" --bin-dir {}", dir.display()));
+        }
+        command
     }
 }
 
@@ -212,6 +225,7 @@ pub async fn run(options: &Options, seed: u64) -> Report {
         ));
     }
     let start = Instant::now();
+    let clock = (start, std::time::SystemTime::now());
     let mut drivers = tokio::task::JoinSet::new();
     for task in 0..options.submitters as u64 {
         drivers.spawn(load::submitter(
@@ -287,7 +301,7 @@ pub async fn run(options: &Options, seed: u64) -> Report {
     }
     let runs = checker::runs_in_logs(&logs);
     let (distribution, duplicates) =
-        checker::check_runs(&expected, &runs, &timeline, &mut violations);
+        checker::check_runs(&expected, &runs, &timeline, clock, &mut violations);
     let health_gap = checker::check_health(&misses, &timeline, options.health_gap, &mut violations);
     let after = rss(&cluster).await;
     for ((name, before), (_, after)) in before.iter().zip(&after) {
@@ -383,4 +397,53 @@ async fn rss(cluster: &cluster::Cluster) -> Vec<(String, u64)> {
         out.push((format!("pusher{i}"), pusher.lock().await.rss_kib()));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn the_replay_command_gives_the_same_options_and_schedule() {
+        let options = Options::try_parse_from([
+            "nemesis",
+            "--duration",
+            "90s",
+            "--store",
+            "sqlite",
+            "--faults",
+            "kill,reset,dns",
+            "--fault-interval",
+            "1500ms",
+            "--max-concurrent-faults",
+            "2",
+            "--submitters",
+            "5",
+            "--sessions",
+            "0",
+            "--pusher-latency",
+            "50ms",
+            "--bin-dir",
+            "target/debug",
+        ])
+        .unwrap();
+        let report = Report {
+            seed: 42,
+            summary: String::new(),
+            violations: Vec::new(),
+            schedule: Vec::new(),
+        };
+        let replay = report.replay(&options);
+        let args = replay.split_once(" -- ").unwrap().1.split(' ');
+        let again = Options::try_parse_from(std::iter::once("nemesis").chain(args)).unwrap();
+        assert_eq!(again.seed, Some(42));
+        assert_eq!(
+            (again.submitters, again.sessions, again.pusher_latency),
+            (5, 0, Duration::from_millis(50))
+        );
+        assert_eq!(again.bin_dir, options.bin_dir);
+        let plan = |o: &Options| schedule::schedule(42, o.duration, o.topology(), &o.intensity());
+        assert_eq!(plan(&again), plan(&options));
+    }
 }

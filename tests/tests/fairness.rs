@@ -210,11 +210,10 @@ async fn two_replicas_keep_one_fair_order() {
 
 /// A bulk backlog, then a live session: its conversation is interactive and is claimed
 /// before the bulk work.
-#[tokio::test]
-async fn a_sessions_conversation_overtakes_a_bulk_backlog() {
+async fn a_sessions_conversation_overtakes_a_bulk_backlog(backend: Backend) {
     let pusher_port = free_port();
     let _pusher = slow_pusher(pusher_port).await;
-    let listen = listen_on(&[], pusher_port, &[]).await;
+    let listen = listen_on(&backend.store_args().await, pusher_port, &[]).await;
     let client = listen_client(&listen);
     submit_many_as(&client, "importer", BACKLOG, Priority::Bulk).await;
 
@@ -243,16 +242,35 @@ async fn a_sessions_conversation_overtakes_a_bulk_backlog() {
 }
 
 /// Interactive work keeps coming, yet bulk work progresses: every 8th claim takes bulk first.
-#[tokio::test]
-async fn bulk_work_progresses_under_an_interactive_backlog() {
+async fn bulk_work_progresses_under_an_interactive_backlog(backend: Backend) {
     const BULK: usize = 10;
     let pusher_port = free_port();
     let _pusher = slow_pusher(pusher_port).await;
-    let listen = listen_on(&[], pusher_port, &[]).await;
+    let listen = listen_on(&backend.store_args().await, pusher_port, &[]).await;
     let client = listen_client(&listen);
     submit_many(&client, "backlog", BACKLOG).await;
     let bulk = submit_many_as(&client, "importer", BULK, Priority::Bulk).await;
     others_complete_before_the_backlog(&client, &bulk, "backlog", BACKLOG).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_sessions_conversation_overtakes_a_bulk_backlog() {
+    a_sessions_conversation_overtakes_a_bulk_backlog(Backend::Sqlite).await
+}
+
+#[tokio::test]
+async fn postgres_a_sessions_conversation_overtakes_a_bulk_backlog() {
+    a_sessions_conversation_overtakes_a_bulk_backlog(Backend::Postgres).await
+}
+
+#[tokio::test]
+async fn sqlite_bulk_work_progresses_under_an_interactive_backlog() {
+    bulk_work_progresses_under_an_interactive_backlog(Backend::Sqlite).await
+}
+
+#[tokio::test]
+async fn postgres_bulk_work_progresses_under_an_interactive_backlog() {
+    bulk_work_progresses_under_an_interactive_backlog(Backend::Postgres).await
 }
 
 /// The queue bounds: Submit beyond them gets RESOURCE_EXHAUSTED naming the bound, with

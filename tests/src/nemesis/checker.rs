@@ -7,8 +7,10 @@
 //! 2. every acknowledged segment is in its conversation, in order;
 //! 3. every webhook delivery of a conversation carries the same idempotency key, and every
 //!    COMPLETED conversation's webhook was delivered;
-//! 4. pusher runs per conversation: more than one only if a fault was active at or after its
-//!    acknowledgement (a re-run needs a lost ack, a lost cache or a moved lease);
+//! 4. pusher runs per conversation: more than one only if a fault that can cause a re-run
+//!    (one on a listen, the database, or a pusher that ran it, its DNS entry or a path to it)
+//!    was active between its acknowledgement and its last run (a re-run needs a lost ack, a
+//!    lost cache or a moved lease);
 //! 5. each listen's health answered throughout, except while that listen was down;
 //! 6. each process's RSS after the run is within a bound of before.
 
@@ -16,10 +18,11 @@ use super::cluster::Cluster;
 use super::faults::Timeline;
 use super::health::{self, Misses};
 use super::load::Expected;
+use super::schedule::Target;
 use crate::http::Recorded;
 use crate::listen::{Conversation, ConversationStatus, ConversationView, GetConversationRequest};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How often unsettled conversations are read again.
 const POLL: Duration = Duration::from_millis(250);
@@ -207,49 +210,90 @@ pub fn check_webhooks(
     requests.len()
 }
 
-/// Runs per conversation, from pushers' JSON logs (a `processed` event in a `job` span).
-pub fn runs_in_logs(logs: &[String]) -> HashMap<String, usize> {
-    let mut runs = HashMap::new();
-    for line in logs.iter().flat_map(|log| log.lines()) {
-        if !line.contains("\"message\":\"processed\"") {
-            continue;
-        }
-        let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if let Some(id) = event["span"]["conversation_id"].as_str() {
-            *runs.entry(id.to_string()).or_default() += 1;
+/// One pusher job run, from a pusher's log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Run {
+    /// Which pusher ran it (its index in the cluster).
+    pub pusher: usize,
+    /// When it finished, by the pusher's clock (the true one: only listens' clocks shift).
+    pub at: Option<SystemTime>,
+}
+
+/// Runs per conversation, from pushers' JSON logs (a `processed` event in a `job` span),
+/// `logs[i]` being pusher i's.
+pub fn runs_in_logs(logs: &[String]) -> HashMap<String, Vec<Run>> {
+    let mut runs: HashMap<String, Vec<Run>> = HashMap::new();
+    for (pusher, log) in logs.iter().enumerate() {
+        for line in log.lines() {
+            if !line.contains("\"message\":\"processed\"") {
+                continue;
+            }
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if let Some(id) = event["span"]["conversation_id"].as_str() {
+                let at = event["timestamp"]
+                    .as_str()
+                    .and_then(|t| humantime::parse_rfc3339(t).ok());
+                runs.entry(id.to_string())
+                    .or_default()
+                    .push(Run { pusher, at });
+            }
         }
     }
     runs
 }
 
+/// How long after its heal a fault can still cause a re-run: listen's ack timeout (15 s,
+/// a send lost in a blackhole is re-sent after it) plus a lease (3 s) and some slack.
+const RERUN_LINGER: Duration = Duration::from_secs(20);
+
 /// Check 4: returns the distribution (runs -> conversations) and the duplicate runs.
+/// `clock` pairs an Instant with the wall clock read at the same moment, to place the
+/// pushers' log timestamps on the timeline.
 pub fn check_runs(
     expected: &HashMap<String, Expected>,
-    runs: &HashMap<String, usize>,
+    runs: &HashMap<String, Vec<Run>>,
     timeline: &Timeline,
+    clock: (Instant, SystemTime),
     violations: &mut Vec<String>,
 ) -> (BTreeMap<usize, usize>, usize) {
-    let last_fault_end = timeline
-        .applied
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|a| a.ended)
-        .max();
+    let applied = timeline.applied.lock().unwrap();
+    let to_instant = |at: SystemTime| match at.duration_since(clock.1) {
+        Ok(after) => clock.0 + after,
+        Err(before) => clock.0.checked_sub(before.duration()).unwrap_or(clock.0),
+    };
     let mut distribution = BTreeMap::new();
     let mut duplicates = 0;
     for (id, want) in expected {
-        let n = runs.get(id).copied().unwrap_or(0);
+        let mine = runs.get(id).map(Vec::as_slice).unwrap_or_default();
+        let n = mine.len();
         *distribution.entry(n).or_default() += 1;
-        if n > 1 {
-            duplicates += n - 1;
-            if last_fault_end.is_none_or(|end| end < want.acked_at) {
-                violations.push(format!(
-                    "{id} ran {n} times with no fault at or after its acknowledgement"
-                ));
-            }
+        if n <= 1 {
+            continue;
+        }
+        duplicates += n - 1;
+        // The last run; None (unbounded) if a run's time is unknown.
+        let last = mine
+            .iter()
+            .map(|run| run.at.map(to_instant))
+            .try_fold(want.acked_at, |last, at| at.map(|at| last.max(at)));
+        let ran_on = |pusher: usize| mine.iter().any(|run| run.pusher == pusher);
+        let excused = applied.iter().any(|fault| {
+            let can_cause = match fault.fault.target {
+                Target::Listen(_) | Target::Postgres => true,
+                Target::Pusher(p) | Target::Dns(p) | Target::Path { pusher: p, .. } => ran_on(p),
+            };
+            can_cause
+                && last.is_none_or(|last| fault.began <= last)
+                && fault.ended + RERUN_LINGER >= want.acked_at
+        });
+        if !excused {
+            let pushers: BTreeSet<usize> = mine.iter().map(|run| run.pusher).collect();
+            violations.push(format!(
+                "{id} ran {n} times (on pushers {pushers:?}) with no fault on a listen, the \
+                 database or those pushers between its acknowledgement and its last run"
+            ));
         }
     }
     (distribution, duplicates)
@@ -344,17 +388,30 @@ mod tests {
 
     #[test]
     fn runs_are_counted_from_processed_events_in_job_spans() {
-        let log = [
-            r#"{"timestamp":"t","level":"DEBUG","message":"processed","elapsed_ms":3,"span":{"attempt":1,"conversation_id":"c1","name":"job"}}"#,
-            r#"{"timestamp":"t","level":"DEBUG","message":"processed","span":{"conversation_id":"c1","name":"job"}}"#,
-            r#"{"timestamp":"t","level":"INFO","message":"accepted","span":{"conversation_id":"c2","name":"job"}}"#,
-            r#"{"timestamp":"t","level":"DEBUG","message":"processed","span":{"conversation_id":"c3","name":"job"}}"#,
+        let pusher0 = [
+            r#"{"timestamp":"2026-12-01T07:13:42.503783Z","level":"DEBUG","message":"processed","elapsed_ms":3,"span":{"attempt":1,"conversation_id":"c1","name":"job"}}"#,
+            r#"{"timestamp":"2026-12-01T07:13:42.5Z","level":"INFO","message":"accepted","span":{"conversation_id":"c2","name":"job"}}"#,
+            r#"{"timestamp":"2026-12-01T07:13:43Z","level":"DEBUG","message":"processed","span":{"conversation_id":"c3","name":"job"}}"#,
         ]
         .join("\n");
-        let runs = runs_in_logs(&[log]);
-        assert_eq!(runs.get("c1"), Some(&2));
+        let pusher1 = r#"{"timestamp":"t","level":"DEBUG","message":"processed","span":{"conversation_id":"c1","name":"job"}}"#;
+        let runs = runs_in_logs(&[pusher0, pusher1.to_string()]);
+        let c1 = &runs["c1"];
+        assert_eq!(c1.len(), 2);
+        assert_eq!(c1[0].pusher, 0);
+        assert_eq!(
+            c1[0].at,
+            Some(SystemTime::UNIX_EPOCH + Duration::from_micros(1_796_109_222_503_783))
+        );
+        assert_eq!(
+            c1[1],
+            Run {
+                pusher: 1,
+                at: None
+            }
+        );
         assert_eq!(runs.get("c2"), None);
-        assert_eq!(runs.get("c3"), Some(&1));
+        assert_eq!(runs["c3"].len(), 1);
     }
 
     /// Misses of listen 0 every 250 ms for `length`, from `from`.
@@ -402,38 +459,83 @@ mod tests {
     }
 
     #[test]
-    fn a_rerun_needs_a_fault_at_or_after_the_acknowledgement() {
-        let start = Instant::now();
-        let expected = |acked_at| Expected {
+    fn a_rerun_needs_a_fault_that_can_cause_it_between_acknowledgement_and_last_run() {
+        let clock = (Instant::now(), SystemTime::now());
+        let at = |s: u64| clock.0 + Duration::from_secs(s);
+        let expected = |acked: u64| Expected {
             texts: Vec::new(),
             exact: false,
-            acked_at,
+            acked_at: at(acked),
         };
-        let runs = HashMap::from([("c".to_string(), 2)]);
+        let run = |pusher, s: u64| Run {
+            pusher,
+            at: Some(clock.1 + Duration::from_secs(s)),
+        };
+        let fault_on = |target, began: u64| crate::nemesis::faults::Applied {
+            fault: crate::nemesis::schedule::Fault {
+                at: Duration::ZERO,
+                lasts: Duration::from_secs(1),
+                kind: crate::nemesis::schedule::Kind::Kill,
+                target,
+                shift_s: 0,
+            },
+            began: at(began),
+            ended: at(began + 1),
+        };
+        // Pusher 0 killed from 10 s to 11 s.
         let timeline = Timeline::default();
         timeline
             .applied
             .lock()
             .unwrap()
-            .push(crate::nemesis::faults::Applied {
-                fault: crate::nemesis::schedule::Fault {
-                    at: Duration::ZERO,
-                    lasts: Duration::from_secs(1),
-                    kind: crate::nemesis::schedule::Kind::Kill,
-                    target: crate::nemesis::schedule::Target::Pusher(0),
-                    shift_s: 0,
-                },
-                began: start,
-                ended: start + Duration::from_secs(1),
-            });
-        let during = HashMap::from([("c".to_string(), expected(start))]);
-        let mut violations = Vec::new();
-        let (distribution, duplicates) = check_runs(&during, &runs, &timeline, &mut violations);
-        assert_eq!((distribution[&2], duplicates, violations.len()), (1, 1, 0));
-
-        let after = HashMap::from([("c".to_string(), expected(start + Duration::from_secs(2)))]);
-        check_runs(&after, &runs, &timeline, &mut violations);
-        assert_eq!(violations.len(), 1, "{violations:?}");
+            .push(fault_on(Target::Pusher(0), 10));
+        let check = |acked, runs: Vec<Run>| {
+            let mut violations = Vec::new();
+            let (distribution, duplicates) = check_runs(
+                &HashMap::from([("c".to_string(), expected(acked))]),
+                &HashMap::from([("c".to_string(), runs)]),
+                &timeline,
+                clock,
+                &mut violations,
+            );
+            (distribution, duplicates, violations.len())
+        };
+        let (distribution, duplicates, violations) = check(5, vec![run(0, 9), run(1, 12)]);
+        assert_eq!((distribution[&2], duplicates, violations), (1, 1, 0));
+        // A fault on a pusher that never ran it excuses nothing.
+        assert_eq!(check(5, vec![run(1, 9), run(2, 12)]).2, 1);
+        // Nor one that began after the last run, or ended long before the acknowledgement.
+        assert_eq!(check(2, vec![run(0, 4), run(1, 6)]).2, 1);
+        assert_eq!(check(40, vec![run(0, 41), run(1, 45)]).2, 1);
+        // Soon after it, a send lost in it may still be re-sent.
+        assert_eq!(check(25, vec![run(0, 26), run(1, 41)]).2, 0);
+        // A run without a timestamp may have been at any time after the acknowledgement.
+        assert_eq!(
+            check(
+                5,
+                vec![
+                    run(0, 6),
+                    Run {
+                        pusher: 1,
+                        at: None
+                    }
+                ]
+            )
+            .2,
+            0
+        );
+        // A listen's fault can re-run anything.
+        timeline
+            .applied
+            .lock()
+            .unwrap()
+            .push(fault_on(Target::Listen(1), 60));
+        assert_eq!(check(62, vec![run(1, 63), run(2, 70)]).2, 0);
+        assert_eq!(
+            check(0, vec![run(0, 1)]).2,
+            0,
+            "one run is never a violation"
+        );
     }
 
     #[test]
