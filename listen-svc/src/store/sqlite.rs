@@ -998,3 +998,69 @@ mod plan_tests {
         assert_eq!(expired.get_status(StatementStatus::RePrepare), 0);
     }
 }
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+    use crate::store::{ClaimOrder, ConversationStore};
+
+    /// A database from before the fair queue (schema 4) with work in flight: after
+    /// migration 0005, what waited still waits, what was claimed stays claimed, the counters
+    /// match the rows, and uids take turns while each keeps its order.
+    #[tokio::test]
+    async fn the_fair_queue_migration_keeps_what_waits_and_each_uids_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("schema4.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..4] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 4).unwrap();
+            let insert = |id: &str, uid: &str, status: &str, seq: i64, owner: Option<&str>| {
+                conn.execute(
+                    "INSERT INTO conversations (id, uid, language, status, segments, \
+                     segment_count, created_at_ms, queue_seq, owner, lease_expires_at_ms) \
+                     VALUES (?1, ?2, 'en', ?3, x'', 0, ?4, ?4, ?5, ?6)",
+                    params![id, uid, status, seq, owner, owner.map(|_| i64::MAX)],
+                )
+                .unwrap();
+            };
+            insert("c0", "a", "processing", 0, Some("old-listen"));
+            insert("c1", "a", "processing", 1, None);
+            insert("c2", "a", "processing", 2, None);
+            insert("c3", "b", "processing", 3, None);
+            insert("c4", "a", "processing", 4, None);
+            insert("c5", "a", "completed", 5, None);
+            conn.execute("UPDATE queue_counter SET next = 6", [])
+                .unwrap();
+        }
+
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            store.reconcile_queue().await.unwrap(),
+            0,
+            "the migration's counters match its rows"
+        );
+        let stats = store.queue_stats(Now::Store).await.unwrap();
+        assert_eq!((stats[0].queued, stats[1].queued), (4, 0));
+        let order: Vec<String> = store
+            .claim(
+                "new-listen",
+                Now::Store,
+                30_000,
+                10,
+                ClaimOrder::InteractiveFirst,
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(
+            order,
+            ["c3", "c1", "c2", "c4"],
+            "b's one first, then a's in order"
+        );
+    }
+}
