@@ -35,10 +35,22 @@ pub(crate) enum ApiError {
     /// A bound (the message names its flag) is reached; retry later.
     #[error("{0}")]
     Exhausted(String),
-    /// The queue is at a bound: nothing was stored; retry after the delay (sent as a
+    /// The queue is at a bound: a Submit stored nothing; retry after the delay (sent as a
     /// `google.rpc.RetryInfo` detail too).
     #[error("{full}; nothing was stored, retry in {}s", retry_after.as_secs_f64())]
     QueueFull {
+        full: QueueFull,
+        retry_after: Duration,
+    },
+    /// The queue is at a bound when a session finishes: its conversation stays IN_PROGRESS
+    /// with every segment (the message says so, so that no client sends them again).
+    #[error(
+        "{full}; conversation {id} stays IN_PROGRESS with its segments: in {}s, start a \
+         session for the same uid (it resumes the conversation) and send Finish again",
+        retry_after.as_secs_f64()
+    )]
+    FinishRefused {
+        id: String,
         full: QueueFull,
         retry_after: Duration,
     },
@@ -68,6 +80,15 @@ impl ApiError {
         ApiError::QueueFull { full, retry_after }
     }
 
+    /// A full queue refused a session's finish of conversation `id`.
+    pub(crate) fn finish_refused(id: &str, full: QueueFull, retry_after: Duration) -> Self {
+        ApiError::FinishRefused {
+            id: id.to_string(),
+            full,
+            retry_after,
+        }
+    }
+
     /// The status code's name, as the `code` label of `listen_rejected_requests_total`.
     fn code_label(&self) -> &'static str {
         match self {
@@ -76,7 +97,9 @@ impl ApiError {
             ApiError::NotRetryable { .. } | ApiError::OutOfOrder { .. } => "failed_precondition",
             ApiError::Unauthenticated(_) => "unauthenticated",
             ApiError::PermissionDenied(_) => "permission_denied",
-            ApiError::Exhausted(_) | ApiError::QueueFull { .. } => "resource_exhausted",
+            ApiError::Exhausted(_)
+            | ApiError::QueueFull { .. }
+            | ApiError::FinishRefused { .. } => "resource_exhausted",
             ApiError::TooSlow(_) => "deadline_exceeded",
             ApiError::ShuttingDown(_) | ApiError::Store(StoreError::Unavailable(_)) => {
                 "unavailable"
@@ -121,7 +144,8 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(_) => Status::unauthenticated(message),
             ApiError::PermissionDenied(_) => Status::permission_denied(message),
             ApiError::Exhausted(_) => Status::resource_exhausted(message),
-            ApiError::QueueFull { retry_after, .. } => Status::with_error_details(
+            ApiError::QueueFull { retry_after, .. }
+            | ApiError::FinishRefused { retry_after, .. } => Status::with_error_details(
                 tonic::Code::ResourceExhausted,
                 message,
                 ErrorDetails::with_retry_info(Some(retry_after)),

@@ -580,7 +580,7 @@ impl Session {
             .store
             .finish(&id, Now::Store, admission)
             .await?
-            .map_err(|full| ApiError::queue_full(full, self.ctx.queue_retry_after))?;
+            .map_err(|full| ApiError::finish_refused(&id, full, self.ctx.queue_retry_after))?;
         self.current = None;
         match finished {
             Some(Lifecycle::Processing) => {

@@ -26,7 +26,8 @@ pub const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 pub const TRACES_HELP: &str = "Traces: OpenTelemetry over OTLP (gRPC or HTTP), off unless \
 OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set or \
 OTEL_TRACES_EXPORTER=otlp; OTEL_TRACES_EXPORTER=none or OTEL_SDK_DISABLED=true turn them \
-off. The standard OTEL_EXPORTER_OTLP_*, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, \
+off. OTEL_EXPORTER_OTLP_PROTOCOL is grpc (port 4317) or http/protobuf (port 4318, the \
+default); OTEL_EXPORTER_OTLP_COMPRESSION only gzip; other values are errors. The standard OTEL_EXPORTER_OTLP_*, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, \
 OTEL_TRACES_SAMPLER(_ARG) and OTEL_BSP_* variables apply (docs/observability.md).";
 
 /// Log line format.
@@ -76,7 +77,40 @@ impl TracesConfig {
             }
             None => Ok(Self::Off),
         }
+        .and_then(|config| {
+            if config == Self::Otlp {
+                check_exporter_values(&var)?;
+            }
+            Ok(config)
+        })
     }
+}
+
+/// The exporter (opentelemetry-otlp 0.33) only logs a warning for a protocol or compression
+/// it does not know and then exports with its default (`http/protobuf`, uncompressed): an
+/// endpoint on a gRPC port with a mistyped protocol would export nowhere, silently. So a
+/// value it would ignore is a configuration error here, naming the variable.
+fn check_exporter_values(var: &impl Fn(&str) -> Option<String>) -> Result<(), String> {
+    const KNOWN: [(&str, &[&str]); 4] = [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", &["grpc", "http/protobuf"]),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            &["grpc", "http/protobuf"],
+        ),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", &["gzip"]),
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", &["gzip"]),
+    ];
+    for (name, allowed) in KNOWN {
+        if let Some(value) = var(name) {
+            if !allowed.contains(&value.trim()) {
+                return Err(format!(
+                    "{name}={value} is not supported (one of: {})",
+                    allowed.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Holds the trace pipeline; [`Telemetry::shutdown`] exports what is still buffered.
@@ -197,6 +231,34 @@ mod tests {
         assert_eq!(
             config(&[("OTEL_TRACES_EXPORTER", "otlp")]),
             Ok(TracesConfig::Otlp)
+        );
+    }
+
+    #[test]
+    fn a_protocol_or_compression_the_exporter_would_ignore_is_an_error() {
+        let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317");
+        for (name, value) in [
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ] {
+            assert_eq!(config(&[endpoint, (name, value)]), Ok(TracesConfig::Otlp));
+        }
+        let error = config(&[endpoint, ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).unwrap_err();
+        assert!(
+            error.contains("OTEL_EXPORTER_OTLP_PROTOCOL=http/json"),
+            "{error}"
+        );
+        let error =
+            config(&[endpoint, ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd")]).unwrap_err();
+        assert!(
+            error.contains("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION=zstd"),
+            "{error}"
+        );
+        // With traces off, the exporter's variables are not read.
+        assert_eq!(
+            config(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]),
+            Ok(TracesConfig::Off)
         );
     }
 

@@ -96,7 +96,7 @@ pub struct Options {
     pub health_gap: Duration,
 
     /// RSS bound: each process's RSS after the run may be at most this many times its RSS
-    /// at the start of the load, plus --rss-slack-mib.
+    /// 2 s into the load (before the first fault), plus --rss-slack-mib.
     #[arg(long, env = "NEMESIS_RSS_FACTOR", default_value_t = 2.0, value_parser = parse_factor)]
     pub rss_factor: f64,
 
@@ -129,36 +129,43 @@ pub struct Report {
 impl Report {
     /// The command line that replays this run's schedule.
     pub fn replay(&self, options: &Options) -> String {
-        let kinds: Vec<&str> = options.faults.iter().map(|k| k.name()).collect();
-        let profile = if cfg!(debug_assertions) {
-            ""
-        } else {
-            " --release"
-        };
-        let mut command = format!(
-            "cargo run{profile} -p tests --bin nemesis -- --seed {} --duration {}s --store {} \
-             --faults {} --fault-interval {}ms --max-fault-duration {}ms --max-concurrent-faults {} \
-             --submitters {} --sessions {} --pusher-latency {}ms",
-            self.seed,
-            options.duration.as_secs(),
-            if options.store == Store::Postgres {
-                "postgres"
-            } else {
-                "sqlite"
-            },
-            kinds.join(","),
-            options.fault_interval.as_millis(),
-            options.max_fault_duration.as_millis(),
-            options.max_concurrent_faults,
-            options.submitters,
-            options.sessions,
-            options.pusher_latency.as_millis(),
-        );
-        if let Some(dir) = &options.bin_dir {
-            command.push_str(&format!(" --bin-dir {}", dir.display()));
-        }
-        command
+        replay_command(self.seed, options)
     }
+}
+
+/// The command line that replays the schedule of `seed` under `options` (the schedule
+/// depends on the seed, the duration, the store and the fault options, not on the seed
+/// alone).
+pub fn replay_command(seed: u64, options: &Options) -> String {
+    let kinds: Vec<&str> = options.faults.iter().map(|k| k.name()).collect();
+    let profile = if cfg!(debug_assertions) {
+        ""
+    } else {
+        " --release"
+    };
+    let mut command = format!(
+        "cargo run{profile} -p tests --bin nemesis -- --seed {} --duration {}s --store {} \
+         --faults {} --fault-interval {}ms --max-fault-duration {}ms --max-concurrent-faults {} \
+         --submitters {} --sessions {} --pusher-latency {}ms",
+        seed,
+        options.duration.as_secs(),
+        if options.store == Store::Postgres {
+            "postgres"
+        } else {
+            "sqlite"
+        },
+        kinds.join(","),
+        options.fault_interval.as_millis(),
+        options.max_fault_duration.as_millis(),
+        options.max_concurrent_faults,
+        options.submitters,
+        options.sessions,
+        options.pusher_latency.as_millis(),
+    );
+    if let Some(dir) = &options.bin_dir {
+        command.push_str(&format!(" --bin-dir {}", dir.display()));
+    }
+    command
 }
 
 impl Options {

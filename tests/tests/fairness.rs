@@ -356,6 +356,12 @@ async fn queue_bounds_refuse_new_work_with_retry_info(backend: Backend) {
     session.say(&["Notes from the call."]).await;
     session.send(Msg::Finish(Finish {})).await;
     let status = session.error().await;
+    assert!(
+        status
+            .message()
+            .contains("stays IN_PROGRESS with its segments"),
+        "a refused Finish says the segments are kept, not resent: {status:?}"
+    );
     refused(status, "(--max-queued)");
     let kept = client
         .list_conversations(tests::listen::ListConversationsRequest {

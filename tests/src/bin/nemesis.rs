@@ -11,6 +11,10 @@ async fn main() {
     let options = Options::parse();
     let seed = options.seed.unwrap_or_else(nemesis::random_seed);
     println!("nemesis: seed {seed}");
+    println!(
+        "nemesis: replay with {}",
+        nemesis::replay_command(seed, &options)
+    );
     match &options.bin_dir {
         Some(dir) => tests::set_bin_dir(dir.clone()),
         None => tests::set_bin_dir(tests::build_services()),
