@@ -101,13 +101,13 @@ fn check_exporter_values(var: &impl Fn(&str) -> Option<String>) -> Result<(), St
         ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", &["gzip"]),
     ];
     for (name, allowed) in KNOWN {
-        if let Some(value) = var(name) {
-            if !allowed.contains(&value.trim()) {
-                return Err(format!(
-                    "{name}={value} is not supported (one of: {})",
-                    allowed.join(", ")
-                ));
-            }
+        if let Some(value) = var(name)
+            && !allowed.contains(&value.trim())
+        {
+            return Err(format!(
+                "{name}={value} is not supported (one of: {})",
+                allowed.join(", ")
+            ));
         }
     }
     Ok(())
