@@ -350,9 +350,13 @@ async fn counters_are_recomputed_from_the_rows_when_the_store_opens(f: Fixture) 
     assert_eq!((stats[0].queued, stats[1].queued), (2, 1));
     assert_counters_match_the_rows(store.as_ref()).await;
     // Admission reads the corrected counts: uid a has 2 waiting, b 1.
-    let mut third = new("a", None, Status::Processing, 0);
-    third.priority = Priority::Interactive;
-    assert!(store.submit(third, bounds(100, 3)).await.unwrap().is_ok());
+    assert!(
+        store
+            .submit(new("a", None, Status::Processing, 0), bounds(100, 3))
+            .await
+            .unwrap()
+            .is_ok()
+    );
     assert!(
         store
             .submit(new("a", None, Status::Processing, 0), bounds(100, 3))
