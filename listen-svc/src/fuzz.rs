@@ -64,7 +64,7 @@ proptest! {
                 prop_assert_eq!(new.segments, original.segments, "accepted input is stored unchanged");
             }
             Err(crate::error::ApiError::Invalid { field, .. }) => {
-                let known = ["uid", "idempotency_key", "language", "segments"];
+                let known = ["uid", "idempotency_key", "language", "segments", "priority"];
                 prop_assert!(known.iter().any(|k| field.starts_with(k)), "field {field}");
             }
             Err(other) => prop_assert!(false, "unexpected {other:?}"),
