@@ -148,12 +148,26 @@ impl ListenService {
         let mut new = validate_submit(request, self.limits)?;
         caller.require("uid", &new.uid)?;
         new.trace = TraceContext::of(&Span::current());
-        let submitted = self
+        // Claim at submit: with a window slot free, the store may write it already leased to
+        // this instance and the link takes it from memory. An unused slot goes back on drop.
+        let slot = match new.status {
+            Status::Processing => self.link.reserve(),
+            _ => None,
+        };
+        new.lease = slot.as_ref().map(|slot| slot.lease());
+        let mut submitted = self
             .store
             .submit(new, Admission::Bounded(self.queue_bounds))
             .instrument(info_span!("store.commit", db.operation = "submit"))
             .await?
             .map_err(|full| ApiError::queue_full(full, self.queue_retry_after))?;
+        let handed_over = match (slot, submitted.claimed.take()) {
+            (Some(slot), Some(claimed)) => {
+                slot.fill(*claimed);
+                true
+            }
+            _ => false,
+        };
         Span::current().record("conversation_id", submitted.id.as_str());
         if submitted.created {
             let status = if submitted.status == Status::Processing {
@@ -163,7 +177,7 @@ impl ListenService {
             };
             metrics::counter!("listen_conversations_total", "status" => status).increment(1);
         }
-        if submitted.created && submitted.status == Status::Processing {
+        if submitted.created && submitted.status == Status::Processing && !handed_over {
             self.link.wake();
         }
         Ok(api::SubmitConversationResponse {

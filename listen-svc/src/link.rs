@@ -34,6 +34,7 @@
 
 mod error;
 mod handle;
+mod handoff;
 mod lanes;
 mod pending;
 mod series;
@@ -45,11 +46,13 @@ mod tests;
 mod work;
 
 pub(crate) use handle::{EndpointSnapshot, LinkHandle, LinkSnapshot, SettledHook, Transcripts};
+pub(crate) use handoff::Slot;
 pub(crate) use state::Policy;
 pub use target::Target;
 
-use crate::store::{Claimed, ConversationStore, StoreError};
+use crate::store::{Claimed, ConversationStore, Lease, StoreError};
 use error::{Closed, LinkError};
+use handoff::Handoff;
 use lanes::Lanes;
 use opentelemetry::KeyValue;
 use pending::{AckAction, Ignored};
@@ -129,6 +132,10 @@ pub(crate) fn spawn(
     shutdown: watch::Receiver<bool>,
 ) -> (LinkHandle, tokio::task::JoinHandle<()>) {
     let wake = Arc::new(Notify::new());
+    let handoff = Arc::new(Handoff::new(Lease {
+        owner: config.instance_id.clone(),
+        lease_ms: config.lease_ttl.as_millis() as i64,
+    }));
     let (status_tx, status_rx) = watch::channel(LinkSnapshot::initial());
     let transcripts = Arc::new(Transcripts::new(config.transcript_buffer));
     let (events_tx, events_rx) =
@@ -171,6 +178,8 @@ pub(crate) fn spawn(
             acks_ignored: 0,
         },
         wake: Arc::clone(&wake),
+        handoff: Arc::clone(&handoff),
+        set_aside: 0,
         transcripts: Arc::clone(&transcripts),
         events_tx,
         events_rx,
@@ -182,6 +191,7 @@ pub(crate) fn spawn(
     (
         LinkHandle {
             wake,
+            handoff,
             status: status_rx,
             transcripts,
         },
@@ -217,6 +227,10 @@ struct Link {
     dns: Dns,
     status: Status,
     wake: Arc<Notify>,
+    /// Window slots set aside for Submits to fill (claim at submit).
+    handoff: Arc<Handoff>,
+    /// Slots set aside whose rows have not arrived: open in `handoff`, or held by a Submit.
+    set_aside: usize,
     transcripts: Arc<Transcripts>,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
@@ -381,6 +395,7 @@ impl Link {
                 }
                 Some(event) = self.events_rx.recv() => self.on_event(event),
                 _ = self.wake.notified() => self.work.more_work = true,
+                _ = self.handoff.ready.notified() => self.on_handed_over(),
                 // Wakes the loop; flush sends what is buffered.
                 _ = self.transcripts.ready.notified(), if forwarding => {}
                 _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => self.on_timer(),
@@ -560,7 +575,49 @@ impl Link {
             }
             info!(endpoint = %lane.endpoint, "pusher endpoint dropped");
         }
-        self.work.claim(self.lanes.room());
+        self.fill_windows();
+    }
+
+    /// Fills free window slots: from the store when it may hold work (first taking back the
+    /// slots set aside for Submits, so no slot is promised twice), otherwise by setting them
+    /// aside for Submits to fill with their conversations (claim at submit).
+    fn fill_windows(&mut self) {
+        let room = self.lanes.room();
+        if self.work.more_work || self.work.claiming || self.set_aside > room {
+            self.set_aside -= self.handoff.revoke();
+        }
+        self.work.claim(room.saturating_sub(self.set_aside));
+        if !self.work.more_work && !self.work.claiming {
+            let more = room.saturating_sub(self.set_aside);
+            self.handoff.open(more);
+            self.set_aside += more;
+        }
+    }
+
+    /// Places the conversations Submits wrote leased to this instance.
+    fn on_handed_over(&mut self) {
+        let rows = self.handoff.take();
+        self.set_aside = self.set_aside.saturating_sub(rows.len());
+        work::count_claims("submit", rows.len());
+        work::record_waits(&rows);
+        let now = Instant::now();
+        for row in rows {
+            self.place_claimed(row, now);
+        }
+    }
+
+    /// Puts a claimed row in a window and refuses it at once if it can never be sent.
+    fn place_claimed(&mut self, row: Claimed, now: Instant) {
+        debug!(conversation_id = %row.id, generation = row.generation, "claimed");
+        let id = row.id.clone();
+        if !self.lanes.place(row, now) {
+            // Cannot happen: claims and set-aside slots never exceed the free slots, and
+            // lanes are not dropped while a claim is out. The row keeps its lease until it
+            // expires, and is then claimed again.
+            warn!(conversation_id = %id, "no pending window has room for a claimed conversation");
+            return;
+        }
+        self.refuse_if_unsendable(&id);
     }
 
     /// Sends what is due on lane `i`; an error means its stream is closed.
@@ -768,16 +825,7 @@ impl Link {
                         self.work.more_work |= claimed.len() >= limit;
                         let now = Instant::now();
                         for row in claimed {
-                            debug!(conversation_id = %row.id, generation = row.generation, "claimed");
-                            let id = row.id.clone();
-                            if !self.lanes.place(row, now) {
-                                // Cannot happen: claims never exceed the free slots, and lanes
-                                // are not dropped while a claim is out. The row keeps its
-                                // lease until this instance restarts.
-                                warn!("no pending window has room for a claimed conversation");
-                                continue;
-                            }
-                            self.refuse_if_unsendable(&id);
+                            self.place_claimed(row, now);
                         }
                     }
                     Err(error) => {

@@ -99,6 +99,45 @@ pub(crate) struct NewConversation {
     pub now_ms: i64,
     /// The trace the Submit call is part of; every send continues it.
     pub trace: TraceContext,
+    /// Claim it at submit: when nothing waits in the queue, a PROCESSING conversation is
+    /// written already leased to this instance (the link set a window slot aside for it), so
+    /// it needs no claim write and no re-read. None: it is queued as always.
+    pub lease: Option<Lease>,
+}
+
+impl NewConversation {
+    /// What a backend returns for a conversation it wrote leased at submit: the claim of it,
+    /// as a claim would return it (generation 1, nothing sent yet, no wait).
+    fn into_submitted_claim(self) -> Submitted {
+        let claimed = Claimed {
+            id: self.id.clone(),
+            uid: self.uid,
+            language: self.language,
+            segments: self.segments,
+            finished_at_ms: Some(self.now_ms),
+            generation: CLAIMED_AT_SUBMIT,
+            attempts: 0,
+            priority: self.priority,
+            waited_ms: Some(0),
+            trace: self.trace,
+        };
+        Submitted {
+            id: self.id,
+            status: Status::Processing,
+            created: true,
+            claimed: Some(Box::new(claimed)),
+        }
+    }
+}
+
+/// The generation of a row written leased at submit: its first claim (claims count from 0).
+const CLAIMED_AT_SUBMIT: i64 = 1;
+
+/// A lease to take at submit, for [`NewConversation::lease`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub owner: String,
+    pub lease_ms: i64,
 }
 
 /// A stored conversation as read back.
@@ -155,12 +194,15 @@ pub(crate) struct Resumable {
 }
 
 /// What a submit did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Submitted {
     pub id: String,
     pub status: Status,
     /// false when (uid, idempotency_key) already existed and nothing was written.
     pub created: bool,
+    /// Written already leased ([`NewConversation::lease`], nothing queued): the row as a claim
+    /// would have returned it, for the link to take from memory.
+    pub claimed: Option<Box<Claimed>>,
 }
 
 /// A PROCESSING row claimed by this instance for sending.
@@ -221,6 +263,9 @@ pub(crate) trait ConversationStore: Send + Sync + 'static {
     /// Stores a new conversation, or returns the existing one for the same
     /// (uid, idempotency_key), even over the bounds. Committed durably before returning. A
     /// new PROCESSING one beyond `admission`'s bounds is refused and nothing is written.
+    /// With `new.lease` and nothing queued (in any priority), it is written claimed: owned,
+    /// leased, generation 1, never counted as queued; the claim comes back in
+    /// [`Submitted::claimed`]. Otherwise it is queued, lease or not.
     async fn submit(
         &self,
         new: NewConversation,

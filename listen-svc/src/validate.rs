@@ -55,6 +55,7 @@ pub(crate) fn validate_submit(
         priority,
         now_ms: now_ms(),
         trace: Default::default(),
+        lease: None,
     })
 }
 

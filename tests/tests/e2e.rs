@@ -229,6 +229,36 @@ async fn work_submitted_before_pusher_starts_completes_when_it_does() {
         (link.state, link.pending, link.queued),
         (LinkState::Connected as i32, 0, 0)
     );
+    let claimed = |via: &str| format!("listen_link_claimed_total{{via=\"{via}\"}}");
+    assert_eq!(
+        listen.metric(&claimed("queue")).await,
+        20.0,
+        "queued, then claimed"
+    );
+    assert_eq!(listen.metric(&claimed("submit")).await, 0.0);
+
+    // With the stream up and nothing queued, each Submit writes its conversation already
+    // claimed (claim at submit). A maintenance pass that takes the free slots back for a
+    // moment (every lease TTL / 3) may send one through the queue instead.
+    let mut more = Vec::new();
+    for i in 0..10 {
+        more.push(
+            client
+                .submit_conversation(talk("erin", &format!("up{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+                .conversation_id,
+        );
+    }
+    wait_all(&client, &more, ConversationStatus::Completed, SETTLE).await;
+    let at_submit = listen.metric(&claimed("submit")).await;
+    assert!(at_submit >= 8.0, "{at_submit} of 10 claimed at submit");
+    assert_eq!(
+        at_submit + listen.metric(&claimed("queue")).await,
+        30.0,
+        "each claimed once"
+    );
 }
 
 #[tokio::test]

@@ -58,6 +58,7 @@ pub(crate) struct EndpointSnapshot {
 #[derive(Clone)]
 pub(crate) struct LinkHandle {
     pub(super) wake: Arc<Notify>,
+    pub(super) handoff: Arc<super::Handoff>,
     pub(super) status: watch::Receiver<LinkSnapshot>,
     pub(super) transcripts: Arc<Transcripts>,
 }
@@ -66,6 +67,12 @@ impl LinkHandle {
     /// New work was committed: claim it. Never waits.
     pub(crate) fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// A window slot set aside for a conversation about to be submitted (claim at submit),
+    /// if the link has one free. Never waits.
+    pub(crate) fn reserve(&self) -> Option<super::Slot> {
+        self.handoff.reserve()
     }
 
     /// Forwards live segments to pusher, best-effort. Never waits.

@@ -114,6 +114,7 @@ impl Rig {
                     priority: Priority::Interactive,
                     now_ms: now_ms(),
                     trace: Default::default(),
+                    lease: None,
                 },
                 Admission::Always,
             )
@@ -175,6 +176,57 @@ async fn eventually<T>(what: &str, check: impl Fn() -> Option<T>) -> T {
 
 fn connected(snapshot: &LinkSnapshot) -> bool {
     snapshot.state == Wire::Connected
+}
+
+/// Claim at submit: once connected, the link sets its free window slots aside (no more than
+/// the window), and a conversation written leased into one is sent from memory, with no
+/// claim, and settled with the generation it was written with.
+#[tokio::test]
+async fn a_conversation_written_into_a_set_aside_slot_is_sent_without_a_claim() {
+    let fake = FakePusher::start(Behaviour::Normal).await;
+    let rig = Rig::start(config(url_target(&fake.url()), 3, Duration::from_secs(30)));
+    rig.wait_link("connected", connected).await;
+    let slot = eventually("a slot set aside", || rig.link.reserve()).await;
+    let mut others: Vec<Slot> = std::iter::from_fn(|| rig.link.reserve()).collect();
+    assert_eq!(others.len(), 7, "the window's 8 slots, no more");
+    others.clear(); // dropped unfilled: set aside again
+
+    let id = uuid::Uuid::now_v7().to_string();
+    let submitted = rig
+        .store
+        .submit(
+            NewConversation {
+                id: id.clone(),
+                uid: "u".into(),
+                idempotency_key: None,
+                language: "en".into(),
+                segments: vec![api::Segment {
+                    text: "hello".into(),
+                    ..Default::default()
+                }],
+                status: Stored::Processing,
+                priority: Priority::Interactive,
+                now_ms: now_ms(),
+                trace: Default::default(),
+                lease: Some(slot.lease()),
+            },
+            Admission::Always,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    // No wake: the row is leased to this link, so no claim could take it either.
+    slot.fill(*submitted.claimed.expect("nothing queued: written claimed"));
+    let done = rig.wait_status(&id, Stored::Completed).await;
+    assert_eq!(done.attempts, 1);
+    assert_eq!(fake.attempts(&id), [1]);
+    let back: Vec<Slot> = eventually("all 8 slots set aside again", || {
+        let slots: Vec<Slot> = std::iter::from_fn(|| rig.link.reserve()).collect();
+        (slots.len() == 8).then_some(slots)
+    })
+    .await;
+    drop(back);
+    rig.stop().await;
 }
 
 /// A stale permanent failure (for attempt 1, arriving on the stream after a reconnect, when

@@ -60,6 +60,7 @@ impl Work {
                 .claim(&owner, Now::Store, lease_ms, limit, order)
                 .await;
             if let Ok(claimed) = &result {
+                count_claims("queue", claimed.len());
                 record_waits(claimed);
             }
             let _ = events.send(Event::Claimed { limit, result }).await;
@@ -160,8 +161,16 @@ impl Work {
     }
 }
 
+/// How the link got a row into a window: `submit` (written leased by its Submit, taken from
+/// memory) or `queue` (a claim from the store).
+pub(super) fn count_claims(via: &'static str, claimed: usize) {
+    if claimed > 0 {
+        metrics::counter!("listen_link_claimed_total", "via" => via).increment(claimed as u64);
+    }
+}
+
 /// Time from PROCESSING to the first claim, per priority, for rows claimed the first time.
-fn record_waits(claimed: &[Claimed]) {
+pub(super) fn record_waits(claimed: &[Claimed]) {
     for row in claimed {
         if let Some(waited_ms) = row.waited_ms {
             metrics::histogram!("listen_queue_wait_seconds", "priority" => row.priority.label())

@@ -42,6 +42,7 @@ async fn claimed(store: &dyn ConversationStore, uid: &str) -> (String, i64) {
                 priority: Priority::Interactive,
                 now_ms: now_ms(),
                 trace: Default::default(),
+                lease: None,
             },
             Admission::Always,
         )

@@ -25,9 +25,10 @@ use super::row::{
     read_conversation, read_id_and_status, read_resumable, without_keys,
 };
 use super::{
-    Admission, ClaimOrder, Claimed, Completion, Conversation, ConversationStore, ListFilter,
-    NewConversation, NewLive, Now, Priority, QueueFull, QueueStats, Resumable, RetryOutcome,
-    Status, StoreError, Submitted, encode_deliveries, encode_segments, has_text, stored,
+    Admission, CLAIMED_AT_SUBMIT, ClaimOrder, Claimed, Completion, Conversation, ConversationStore,
+    Lease, ListFilter, NewConversation, NewLive, Now, Priority, QueueFull, QueueStats, Resumable,
+    RetryOutcome, Status, StoreError, Submitted, encode_deliveries, encode_segments, has_text,
+    stored,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use prost::Message;
@@ -355,6 +356,11 @@ impl ConversationStore for PostgresStore {
     ) -> Result<Result<Submitted, QueueFull>, StoreError> {
         let mut client = self.client().await?;
         let queued = new.status == Status::Processing;
+        if let Some(lease) = new.lease.as_ref().filter(|_| queued)
+            && insert_leased(&client, &new, lease).await?
+        {
+            return Ok(Ok(new.into_submitted_claim()));
+        }
         let tx = client.transaction().await.map_err(unavailable)?;
         let mut tag = None;
         if queued {
@@ -405,6 +411,7 @@ impl ConversationStore for PostgresStore {
                 id: new.id,
                 status: new.status,
                 created: true,
+                claimed: None,
             }));
         }
         // The key exists (a submit without the queue lock got there first): nothing counted.
@@ -551,12 +558,19 @@ impl ConversationStore for PostgresStore {
     ) -> Result<bool, StoreError> {
         let client = self.client().await?;
         let deliveries = encode_deliveries(completion.deliveries);
-        client
-            .execute(
+        // Prepared once per connection: one round trip per completion instead of two.
+        let statement = client
+            .prepare_cached(
                 "UPDATE conversations SET status = CASE WHEN $6 THEN 'discarded' ELSE 'completed' END, \
                  structured = $3, attempts = $4, completed_at_ms = $5, deliveries = $7, last_error = NULL, \
                  owner = NULL, lease_expires_at_ms = NULL \
                  WHERE id = $1 AND generation = $2 AND status = 'processing'",
+            )
+            .await
+            .map_err(unavailable)?;
+        client
+            .execute(
+                &statement,
                 &[
                     &id,
                     &generation,
@@ -786,6 +800,55 @@ impl ConversationStore for PostgresStore {
     }
 }
 
+/// Claim at submit: one statement, autocommitted, without the queue lock. Writes `new`
+/// leased to `lease.owner` (generation 1, never counted as queued) if nothing is queued and
+/// its idempotency key is new; false when it wrote nothing (the caller then takes the queued
+/// path, which tells the two apart). Without the lock, a conversation another replica queues
+/// at the same moment may be overtaken by this one: one place in the order, never lost.
+async fn insert_leased(
+    client: &deadpool_postgres::Object,
+    new: &NewConversation,
+    lease: &Lease,
+) -> Result<bool, StoreError> {
+    let at = now_ms_param(12);
+    let statement = client
+        .prepare_cached(&format!(
+            "WITH waiting AS (SELECT COALESCE(SUM(queued), 0) AS n FROM queue_priorities) \
+             INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
+               segment_count, created_at_ms, finished_at_ms, queue_seq, priority, queue_tag, \
+               traceparent, tracestate, owner, lease_expires_at_ms, generation) \
+             SELECT $1, $2, $3, $4, 'processing', $5, $6, $7, $7, 0, $8, 0, $9, $10, $11, \
+               {at} + $13::BIGINT, $14 \
+             FROM waiting WHERE n = 0 \
+             ON CONFLICT (uid, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+        ))
+        .await
+        .map_err(unavailable)?;
+    let inserted = client
+        .execute(
+            &statement,
+            &[
+                &new.id,
+                &new.uid,
+                &new.idempotency_key,
+                &new.language,
+                &encode_segments(&new.segments),
+                &(new.segments.len() as i64),
+                &new.now_ms,
+                &new.priority.as_i64(),
+                &stored(&new.trace.traceparent),
+                &stored(&new.trace.tracestate),
+                &lease.owner,
+                &Now::Store.param(),
+                &lease.lease_ms,
+                &CLAIMED_AT_SUBMIT,
+            ],
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(inserted == 1)
+}
+
 /// The conversation already stored under `new`'s (uid, idempotency_key), if any.
 async fn existing_submit(
     client: &impl tokio_postgres::GenericClient,
@@ -807,6 +870,7 @@ async fn existing_submit(
             id,
             status,
             created: false,
+            claimed: None,
         })
     })
     .transpose()

@@ -20,9 +20,10 @@ use super::row::{
     read_conversation, read_id_and_status, read_resumable, without_keys,
 };
 use super::{
-    Admission, ClaimOrder, Claimed, Completion, Conversation, ConversationStore, ListFilter,
-    NewConversation, NewLive, Now, Priority, QueueFull, QueueStats, Resumable, RetryOutcome,
-    Status, StoreError, Submitted, encode_deliveries, encode_segments, has_text, stored,
+    Admission, CLAIMED_AT_SUBMIT, ClaimOrder, Claimed, Completion, Conversation, ConversationStore,
+    ListFilter, NewConversation, NewLive, Now, Priority, QueueFull, QueueStats, Resumable,
+    RetryOutcome, Status, StoreError, Submitted, encode_deliveries, encode_segments, has_text,
+    stored,
 };
 use prost::Message;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -505,6 +506,16 @@ fn claim_picked(
     Ok(in_claim_order(claimed))
 }
 
+/// Whether no conversation waits for its first claim, in any priority (so one claimed at
+/// submit overtakes nobody).
+fn nothing_queued(conn: &Connection) -> Result<bool, StoreError> {
+    conn.prepare_cached("SELECT COALESCE(SUM(queued), 0) FROM queue_priorities")
+        .map_err(unavailable)?
+        .query_row([], |row| row.get::<_, i64>(0))
+        .map(|queued| queued <= 0)
+        .map_err(unavailable)
+}
+
 /// Takes what a claim tallied out of the queue's counters and moves the virtual times.
 fn take_from_queue(conn: &Connection, tally: &ClaimTally) -> Result<(), StoreError> {
     for ((uid, priority), n) in &tally.uids {
@@ -555,21 +566,31 @@ impl ConversationStore for SqliteStore {
                     .map_err(unavailable)?
                     .transpose()?;
                 if let Some((id, status)) = existing {
-                    return Ok(Ok(Submitted { id, status, created: false }));
+                    return Ok(Ok(Submitted { id, status, created: false, claimed: None }));
                 }
             }
+            let lease = match &new.lease {
+                Some(lease) if new.status == Status::Processing && nothing_queued(conn)? => {
+                    let now_ms = Now::Store.in_process();
+                    Some((lease.owner.as_str(), now_ms.saturating_add(lease.lease_ms)))
+                }
+                _ => None,
+            };
             let place = match new.status {
-                Status::Processing => match enqueue(conn, &new.uid, new.priority, admission)? {
-                    Ok(place) => Some(place),
-                    Err(full) => return Ok(Err(full)),
-                },
+                Status::Processing if lease.is_none() => {
+                    match enqueue(conn, &new.uid, new.priority, admission)? {
+                        Ok(place) => Some(place),
+                        Err(full) => return Ok(Err(full)),
+                    }
+                }
                 _ => None,
             };
             conn.prepare_cached(
                 "INSERT INTO conversations (id, uid, idempotency_key, language, status, segments, \
                  segment_count, created_at_ms, finished_at_ms, queue_seq, priority, queue_tag, \
-                 queued_at_ms, traceparent, tracestate) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, COALESCE(?11, 0), ?12, ?13, ?14)",
+                 queued_at_ms, traceparent, tracestate, owner, lease_expires_at_ms, generation) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, COALESCE(?9, 0), ?10, COALESCE(?11, 0), \
+                         ?12, ?13, ?14, ?15, ?16, ?17)",
             )
             .map_err(unavailable)?
             .execute(params![
@@ -587,9 +608,15 @@ impl ConversationStore for SqliteStore {
                 place.map(|p| p.at_ms),
                 stored(&new.trace.traceparent),
                 stored(&new.trace.tracestate),
+                lease.map(|(owner, _)| owner),
+                lease.map(|(_, until)| until),
+                if lease.is_some() { CLAIMED_AT_SUBMIT } else { 0 },
             ])
             .map_err(unavailable)?;
-            Ok(Ok(Submitted { id: new.id, status: new.status, created: true }))
+            if lease.is_some() {
+                return Ok(Ok(new.into_submitted_claim()));
+            }
+            Ok(Ok(Submitted { id: new.id, status: new.status, created: true, claimed: None }))
         })
         .await
     }

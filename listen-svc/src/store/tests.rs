@@ -143,6 +143,7 @@ macro_rules! conformance {
     };
 }
 
+mod claim_at_submit;
 mod fair_queue;
 
 conformance!(
@@ -192,6 +193,7 @@ fn new(uid: &str, key: Option<&str>, status: Status, now_ms: i64) -> NewConversa
         priority: Priority::Interactive,
         now_ms,
         trace: Default::default(),
+        lease: None,
     }
 }
 
@@ -210,7 +212,8 @@ async fn submit_then_get_round_trips_everything(f: Fixture) {
         Submitted {
             id: conversation.id.clone(),
             status: Status::Processing,
-            created: true
+            created: true,
+            claimed: None,
         }
     );
     let got = f.store.get(&conversation.id).await.unwrap().unwrap();
