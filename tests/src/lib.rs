@@ -6,7 +6,7 @@
 //! (`target/<profile>/`); `cargo build --workspace --bins` builds them too.
 //!
 //! - `processes`: [`Service`] (start, stop, restart, logs, RSS), [`binary`],
-//!   [`build_services`] for the demo and bench.
+//!   [`build_services`] for the demo, [`build_bench`] for the bench.
 //! - `options`: how a test starts pusher ([`PusherOptions`], [`start_pusher`]) and listen
 //!   ([`ListenOptions`], [`start_listen`]).
 //! - `waits`: [`wait_for`] a condition with a deadline, and the waits built on it.
@@ -45,8 +45,8 @@ pub use options::{
     start_pusher, with_defaults,
 };
 pub use processes::{
-    START_TIMEOUT, Service, binary, build_services, free_port, set_bin_dir, set_log_filter,
-    start_binary,
+    START_TIMEOUT, Service, binary, build_bench, build_services, free_port, set_bin_dir,
+    set_log_filter, start_binary,
 };
 pub use requests::{
     ListenClient, PusherClient, count_listed, link_status, listen_client, pusher_client, segment,

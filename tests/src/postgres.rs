@@ -23,6 +23,9 @@ pub struct TestPostgres {
     as_postgres: bool,
     server: Option<Child>,
     tls: Option<ServerTls>,
+    /// PostgreSQL's own durability settings (fsync, synchronous_commit, full_page_writes on),
+    /// instead of the tests' fast ones that turn them off.
+    durable: bool,
 }
 
 /// One server per test process, started on first use; each test takes its own database.
@@ -146,16 +149,24 @@ pub async fn fresh_database() -> String {
 impl TestPostgres {
     /// initdb + start on a free port; panics with the reason if it cannot.
     pub fn start() -> TestPostgres {
-        TestPostgres::start_with(false)
+        TestPostgres::start_with(false, false)
     }
 
     /// As [`Self::start`], and the server also speaks TLS, with the certificates of
     /// [`Self::tls`].
     pub fn start_tls() -> TestPostgres {
-        TestPostgres::start_with(true)
+        TestPostgres::start_with(true, false)
     }
 
-    fn start_with(tls: bool) -> TestPostgres {
+    /// As [`Self::start`], with PostgreSQL's default durability: a commit is on disk when it
+    /// returns, as listen's SQLite commit is (`synchronous=FULL`). For benchmarks; the tests'
+    /// servers turn fsync off for speed, which would compare a durable store with one that
+    /// is not.
+    pub fn start_durable() -> TestPostgres {
+        TestPostgres::start_with(false, true)
+    }
+
+    fn start_with(tls: bool, durable: bool) -> TestPostgres {
         let bin = find_bin_dir();
         let as_postgres = is_root();
         let dir = std::env::temp_dir().join(format!(
@@ -204,6 +215,7 @@ impl TestPostgres {
             as_postgres,
             server: None,
             tls,
+            durable,
         };
         server.launch();
         server
@@ -228,9 +240,14 @@ impl TestPostgres {
             .flat_map(ServerTls::settings)
             .map(|setting| format!(" -c {setting}"))
             .collect();
+        let fast = if self.durable {
+            ""
+        } else {
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        };
         let script = format!(
             "{run} {postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300{settings} & \
+             -c max_connections=300{fast}{settings} & \
              pg=$!; while kill -0 {parent} 2>/dev/null && kill -0 $pg 2>/dev/null; do sleep 0.5; done; \
              if kill -0 {parent} 2>/dev/null; then wait $pg; exit; fi; \
              {run} {pg_ctl} -D {data} stop -m immediate >/dev/null 2>&1; wait $pg; rm -rf {dir}",
@@ -267,6 +284,15 @@ impl TestPostgres {
 
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// The postmaster's pid (from `postmaster.pid`): the parent of every server process.
+    pub fn postmaster(&self) -> u32 {
+        let file = self.dir.join("data/postmaster.pid");
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {}", file.display()))
     }
 
     /// The certificates of a server from [`Self::start_tls`]; panics for a plaintext one.

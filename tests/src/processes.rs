@@ -340,18 +340,40 @@ fn log_filter() -> String {
 /// `CARGO_MANIFEST_DIR`, so with it ring, rustls, tonic and everything above them would be
 /// rebuilt on every switch between the demo and a plain `cargo build` or `cargo test`.
 pub fn build_services() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let mut build = Command::new(cargo);
-    build
-        .args([
-            "build",
+    build(
+        "listen-svc and pusher-svc",
+        &["-p", "listen-svc", "-p", "pusher-svc"],
+    )
+}
+
+/// As [`build_services`], and the benchmark's own tools (the echo baseline and loadgen),
+/// which `cargo run --bin bench` does not build.
+pub fn build_bench() -> PathBuf {
+    build(
+        "listen-svc, pusher-svc, echo and loadgen",
+        &[
             "-p",
             "listen-svc",
             "-p",
             "pusher-svc",
-            "--manifest-path",
-        ])
+            "-p",
+            "tests",
+            "--bin",
+            "echo",
+            "--bin",
+            "loadgen",
+        ],
+    )
+}
+
+fn build(what: &str, packages: &[&str]) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut build = Command::new(cargo);
+    build
+        .arg("build")
+        .args(packages)
+        .arg("--manifest-path")
         .arg(&manifest);
     if !cfg!(debug_assertions) {
         build.arg("--release");
@@ -361,10 +383,10 @@ pub fn build_services() -> PathBuf {
             build.env_remove(key);
         }
     }
-    println!("building listen-svc and pusher-svc (cargo's progress follows) ...");
+    println!("building {what} (cargo's progress follows) ...");
     let status = build.status().expect("run cargo build");
     if !status.success() {
-        eprintln!("error: building the services failed");
+        eprintln!("error: building {what} failed");
         std::process::exit(1);
     }
     std::env::current_exe()

@@ -8,22 +8,21 @@
 //! request or conversation ([`cpu`]).
 //!
 //! - [`cpu`]: CPU per request of each process over a measured run.
-//! - [`durable_postgres`]: P7's PostgreSQL server, with fsync on.
+//!
+//! P7's PostgreSQL server is `tests::postgres::TestPostgres::start_durable` (fsync on).
 
 // Modules live in a folder named after the binary: a file directly in src/bin is a binary.
 #[path = "bench/cpu.rs"]
 mod cpu;
-#[path = "bench/durable_postgres.rs"]
-mod durable_postgres;
 
 use cpu::{Counted, Meter};
-use durable_postgres::DurablePostgres;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tests::listen::{self, SessionRequest, Start, session_request::Msg};
 use tests::nats::{SyncInterval, TestNats};
+use tests::postgres::TestPostgres;
 use tests::*;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -212,7 +211,7 @@ fn vs(name: &str, rate: f64, base: f64, target: Option<&str>) -> String {
 async fn postgres_end_to_end(
     replicas: &[(&str, Service)],
     pusher: &Service,
-    server: &DurablePostgres,
+    server: &TestPostgres,
     conversations: u64,
 ) -> (f64, String) {
     let clients: Vec<ListenClient> = replicas.iter().map(|(_, l)| listen_client(l)).collect();
@@ -321,7 +320,7 @@ async fn main() {
     };
     let sizes = if smoke { SMOKE } else { FULL };
     set_log_filter("warn");
-    build_services();
+    build_bench();
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut row = |name: &str, value: String| {
         println!("{name}: {value}");
@@ -483,7 +482,7 @@ async fn main() {
         row(
             "P3 end-to-end (Submit -> COMPLETED, built-in structurer, no simulated latency)",
             format!(
-                "{} conversations in {:.2}s = {e2e_rate:.0}/s (target >= 10 000/s); Submit -> COMPLETED p50 {:.1} ms, p99 {:.1} ms (stored timestamps, ms resolution); Submit side {}; {}",
+                "{} conversations in {:.2}s = {e2e_rate:.0}/s (target >= 12 000/s); Submit -> COMPLETED p50 {:.1} ms, p99 {:.1} ms (stored timestamps, ms resolution); Submit side {}; {}",
                 sizes.e2e,
                 total.as_secs_f64(),
                 quantile_ms(&latencies, 0.5),
@@ -553,8 +552,8 @@ async fn main() {
     // P7: P3 on PostgreSQL (fsync on), against the textbook PostgreSQL work queue on the same
     // server, with one listen replica and with two on one database. Each in a fresh database.
     if want("P7") {
-        let mut server = DurablePostgres::start().await;
-        let url = server.fresh_database().await;
+        let server = TestPostgres::start_durable();
+        let url = server.url(&server.new_database().await);
         let meter = Meter::start([("postgres", Counted::Tree(server.postmaster()))]);
         let queue = run_loadgen(
             &[
@@ -591,7 +590,7 @@ async fn main() {
         let pusher = start_pusher(PusherOptions::port(pusher_port)).await;
         let mut rates = Vec::new();
         for names in [&["listen"][..], &["listen a", "listen b"]] {
-            let url = server.fresh_database().await;
+            let url = server.url(&server.new_database().await);
             let mut replicas = Vec::new();
             for (i, name) in names.iter().enumerate() {
                 let instance = format!("listen-{i}");
