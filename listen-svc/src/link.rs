@@ -165,6 +165,7 @@ pub(crate) fn spawn(
             events: events_tx.clone(),
             more_work: true,
             claiming: false,
+            claim_limit: 0,
             claims: 0,
         },
         config: Arc::new(config),
@@ -578,20 +579,29 @@ impl Link {
         self.fill_windows();
     }
 
-    /// Fills free window slots: from the store when it may hold work (first taking back the
-    /// slots set aside for Submits, so no slot is promised twice), otherwise by setting them
-    /// aside for Submits to fill with their conversations (claim at submit).
+    /// Fills free window slots: from the store when it may hold work (a claim, after taking
+    /// back the slots set aside, so no slot is promised twice), and sets what the claim does
+    /// not hold aside for Submits to fill with their conversations (claim at submit).
+    ///
+    /// The set-aside slots stay open while a claim is out. Were they closed, every Submit
+    /// meanwhile would be queued and wake the link for another claim, and a link that once
+    /// started claiming would never stop (measured on PostgreSQL: every conversation through
+    /// the queue lock, 0.15x the rate). Submits still only skip the queue when it is empty
+    /// (the store checks), so nothing is overtaken.
     fn fill_windows(&mut self) {
         let room = self.lanes.room();
-        if self.work.more_work || self.work.claiming || self.set_aside > room {
+        if (self.work.more_work && !self.work.claiming) || self.set_aside > room {
             self.set_aside -= self.handoff.revoke();
         }
         self.work.claim(room.saturating_sub(self.set_aside));
-        if !self.work.more_work && !self.work.claiming {
-            let more = room.saturating_sub(self.set_aside);
-            self.handoff.open(more);
-            self.set_aside += more;
-        }
+        let held = if self.work.claiming {
+            self.work.claim_limit
+        } else {
+            0
+        };
+        let more = room.saturating_sub(self.set_aside + held);
+        self.handoff.open(more);
+        self.set_aside += more;
     }
 
     /// Places the conversations Submits wrote leased to this instance.

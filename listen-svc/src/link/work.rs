@@ -14,7 +14,8 @@ use tracing::warn;
 
 /// Leases renewed per store write.
 const RENEW_SLICE: usize = 256;
-/// Most rows claimed from the store in one go.
+/// Most rows claimed from the store in one go. With the default window (512), a claim never
+/// holds the whole window: the rest stays open to Submits (claim at submit) while it is out.
 const CLAIM_BATCH: usize = 256;
 
 /// Store I/O: claims, outcome writes and leases, each in its own task reporting back as an
@@ -29,6 +30,8 @@ pub(super) struct Work {
     pub more_work: bool,
     /// A claim is outstanding (at most one at a time).
     pub claiming: bool,
+    /// The outstanding claim's limit: window slots held for its rows.
+    pub claim_limit: usize,
     /// Claims made so far: every `BULK_EVERY`th takes bulk work first.
     pub claims: u64,
 }
@@ -50,6 +53,7 @@ impl Work {
         // the claim's scan is not left for the next maintenance tick.
         self.more_work = false;
         let limit = free.min(CLAIM_BATCH);
+        self.claim_limit = limit;
         let order = ClaimOrder::for_claim(self.claims);
         self.claims += 1;
         let (store, events) = (Arc::clone(&self.store), self.events.clone());

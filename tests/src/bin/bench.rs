@@ -245,15 +245,32 @@ async fn postgres_end_to_end(
     }
     let cpu = meter.stop().with("loadgen", f(&submitted, "cpu_seconds"));
     let rate = conversations as f64 / total.as_secs_f64();
+    // How each replica's link got its work: written claimed by Submit, or claimed from the
+    // queue (the path with the queue lock).
+    let mut paths = Vec::new();
+    for (name, listen) in replicas {
+        let at_submit = listen
+            .metric("listen_link_claimed_total{via=\"submit\"}")
+            .await;
+        let queued = listen
+            .metric("listen_link_claimed_total{via=\"queue\"}")
+            .await;
+        paths.push(format!(
+            "{name} {} at submit, {} from the queue",
+            at_submit as u64, queued as u64
+        ));
+    }
+    let busy = pusher.metric("pusher_jobs_busy_total").await;
     // One database: any replica lists every conversation.
     let mut latencies = completion_latencies(&clients[0]).await;
     latencies.sort();
     let text = format!(
-        "{conversations} conversations in {:.2}s = {rate:.0}/s; Submit -> COMPLETED p50 {:.1} ms, p99 {:.1} ms (stored timestamps, ms resolution); Submit side {}; {}",
+        "{conversations} conversations in {:.2}s = {rate:.0}/s; Submit -> COMPLETED p50 {:.1} ms, p99 {:.1} ms (stored timestamps, ms resolution); Submit side {}; claimed: {}; pusher Busy answers {busy:.0}; {}",
         total.as_secs_f64(),
         quantile_ms(&latencies, 0.5),
         quantile_ms(&latencies, 0.99),
         describe(&submitted),
+        paths.join(", "),
         cpu.per(conversations, "conversation"),
     );
     (rate, text)
