@@ -264,8 +264,8 @@ async fn work_submitted_before_pusher_starts_completes_when_it_does() {
 /// After a backlog, under concurrent load, most Submits are claimed at submit again. While
 /// rows wait, new Submits are queued behind them (fair order), and each wakes the link for a
 /// claim; the slots set aside for Submits stay open while a claim is out, so once the queue
-/// is empty Submits skip it again. (In debug builds on this test's machine, 748-1 400 of the
-/// 1 500 were claimed at submit over several runs; each conversation is claimed once.)
+/// is empty Submits skip it again. (In debug builds on this test's machine, at least 748 of the
+/// 1 500 were claimed at submit in each of several runs, most runs over 1 000.)
 #[tokio::test]
 async fn under_load_submits_go_back_to_claim_at_submit_after_a_backlog() {
     let pusher_port = free_port();
