@@ -8,6 +8,7 @@ use crate::link::LinkHandle;
 use crate::session;
 use crate::store::{
     Admission, ConversationStore, ListFilter, Now, Priority, QueueBounds, RetryOutcome, Status,
+    StoreError,
 };
 use crate::validate::{
     Limits, MAX_ID_BYTES, validate_id, validate_submit, validate_text, validate_view,
@@ -155,19 +156,28 @@ impl ListenService {
             _ => None,
         };
         new.lease = slot.as_ref().map(|slot| slot.lease());
-        let mut submitted = self
-            .store
-            .submit(new, Admission::Bounded(self.queue_bounds))
-            .instrument(info_span!("store.commit", db.operation = "submit"))
-            .await?
-            .map_err(|full| ApiError::queue_full(full, self.queue_retry_after))?;
-        let handed_over = match (slot, submitted.claimed.take()) {
-            (Some(slot), Some(claimed)) => {
-                slot.fill(*claimed);
-                true
-            }
-            _ => false,
+        // In a task of its own, with the slot: a caller that gives up mid-commit (a deadline,
+        // a cancelled call) drops this future, but a row committed as claimed still reaches
+        // the link, instead of waiting out its lease unsent.
+        let store = Arc::clone(&self.store);
+        let admission = Admission::Bounded(self.queue_bounds);
+        let commit = async move {
+            let mut submitted = store.submit(new, admission).await?;
+            let handed_over = match (slot, submitted.as_mut().ok().and_then(|s| s.claimed.take())) {
+                (Some(slot), Some(claimed)) => {
+                    slot.fill(*claimed);
+                    true
+                }
+                _ => false,
+            };
+            Ok::<_, StoreError>((submitted, handed_over))
         };
+        let (submitted, handed_over) =
+            tokio::spawn(commit.instrument(info_span!("store.commit", db.operation = "submit")))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("the submit task failed: {e}")))??;
+        let submitted =
+            submitted.map_err(|full| ApiError::queue_full(full, self.queue_retry_after))?;
         Span::current().record("conversation_id", submitted.id.as_str());
         if submitted.created {
             let status = if submitted.status == Status::Processing {

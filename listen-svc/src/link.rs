@@ -166,6 +166,7 @@ pub(crate) fn spawn(
             more_work: true,
             claiming: false,
             claim_limit: 0,
+            drained: false,
             claims: 0,
         },
         config: Arc::new(config),
@@ -404,13 +405,18 @@ impl Link {
                 _ = queue_report.tick() => self.work.report_queue(),
                 _ = maintenance.tick() => {
                     self.work.renew(self.lanes.ids());
-                    // Rows whose owner died become claimable when their lease expires.
+                    // Rows whose owner died become claimable when their lease expires, and
+                    // go before new Submits.
                     self.work.more_work = true;
+                    self.work.drained = false;
                 }
                 _ = resolve.tick(), if dns => self.dns.start(),
             }
         }
         self.status.serving(false).await;
+        // Conversations submitted from now on are queued; those already written claimed at
+        // submit are released below with every other lease of this instance.
+        self.handoff.close();
         // Dropping the streams ends them; pusher keeps their results for whoever asks next.
         self.streams.clear();
         self.lanes.clear();
@@ -570,7 +576,13 @@ impl Link {
                 self.end_stream(i, StreamEnd::Failed(error));
             }
         }
-        for lane in self.lanes.drop_retired(self.work.claiming) {
+        // Not while slots are promised (a claim out, or Submits holding set-aside slots):
+        // their rows were counted against the free slots of the lanes as they were.
+        if self.lanes.iter().any(|l| l.retiring) {
+            self.set_aside -= self.handoff.revoke();
+        }
+        let promised = self.work.claiming || self.set_aside > 0;
+        for lane in self.lanes.drop_retired(promised) {
             if let Some(conn) = &lane.conn {
                 self.streams.remove(conn.epoch);
             }
@@ -580,28 +592,26 @@ impl Link {
     }
 
     /// Fills free window slots: from the store when it may hold work (a claim, after taking
-    /// back the slots set aside, so no slot is promised twice), and sets what the claim does
-    /// not hold aside for Submits to fill with their conversations (claim at submit).
-    ///
-    /// The set-aside slots stay open while a claim is out. Were they closed, every Submit
-    /// meanwhile would be queued and wake the link for another claim, and a link that once
-    /// started claiming would never stop (measured on PostgreSQL: every conversation through
-    /// the queue lock, 0.15x the rate). Submits still only skip the queue when it is empty
-    /// (the store checks), so nothing is overtaken.
+    /// back the slots set aside, so no slot is promised twice), and, once the store is
+    /// drained ([`Work::drained`]), sets what the claim does not hold aside for Submits to
+    /// fill with their conversations (claim at submit). Set-aside slots stay open while a
+    /// claim is out (see [`Work::claim`]); Submits only skip the queue when it is empty (the
+    /// store checks), so nothing is overtaken.
     fn fill_windows(&mut self) {
         let room = self.lanes.room();
-        if (self.work.more_work && !self.work.claiming) || self.set_aside > room {
+        let held = |work: &Work| if work.claiming { work.claim_limit } else { 0 };
+        if (self.work.more_work && !self.work.claiming)
+            || !self.work.drained
+            || self.set_aside + held(&self.work) > room
+        {
             self.set_aside -= self.handoff.revoke();
         }
         self.work.claim(room.saturating_sub(self.set_aside));
-        let held = if self.work.claiming {
-            self.work.claim_limit
-        } else {
-            0
-        };
-        let more = room.saturating_sub(self.set_aside + held);
-        self.handoff.open(more);
-        self.set_aside += more;
+        if self.work.drained {
+            let more = room.saturating_sub(self.set_aside + held(&self.work));
+            self.handoff.open(more);
+            self.set_aside += more;
+        }
     }
 
     /// Places the conversations Submits wrote leased to this instance.
@@ -622,8 +632,8 @@ impl Link {
         let id = row.id.clone();
         if !self.lanes.place(row, now) {
             // Cannot happen: claims and set-aside slots never exceed the free slots, and
-            // lanes are not dropped while a claim is out. The row keeps its lease until it
-            // expires, and is then claimed again.
+            // lanes are not dropped while slots are promised. The row keeps its lease until
+            // it expires, and is then claimed again.
             warn!(conversation_id = %id, "no pending window has room for a claimed conversation");
             return;
         }
@@ -833,6 +843,7 @@ impl Link {
                         // A wake while the claim was out (work committed after its scan)
                         // has set more_work again; a full claim means there may be more.
                         self.work.more_work |= claimed.len() >= limit;
+                        self.work.drained = claimed.len() < limit;
                         let now = Instant::now();
                         for row in claimed {
                             self.place_claimed(row, now);
@@ -841,6 +852,7 @@ impl Link {
                     Err(error) => {
                         // Retried on the next wake-up or maintenance tick.
                         self.work.more_work = false;
+                        self.work.drained = false;
                         warn!(%error, "claiming work from the store failed");
                         self.status.last_error = error.to_string();
                     }

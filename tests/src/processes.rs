@@ -358,6 +358,11 @@ pub fn build_bench() -> PathBuf {
             "pusher-svc",
             "-p",
             "tests",
+            // --bin selects among all the packages given: name every binary.
+            "--bin",
+            "listen-svc",
+            "--bin",
+            "pusher-svc",
             "--bin",
             "echo",
             "--bin",

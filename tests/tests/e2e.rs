@@ -261,11 +261,10 @@ async fn work_submitted_before_pusher_starts_completes_when_it_does() {
     );
 }
 
-/// After a backlog, under concurrent load, most Submits are claimed at submit again. While
-/// rows wait, new Submits are queued behind them (fair order), and each wakes the link for a
-/// claim; the slots set aside for Submits stay open while a claim is out, so once the queue
-/// is empty Submits skip it again. (In debug builds on this test's machine, at least 748 of the
-/// 1 500 were claimed at submit in each of several runs, most runs over 1 000.)
+/// After a backlog and concurrent load, Submits are claimed at submit again. While rows
+/// wait, new Submits are queued behind them (fair order), and each wakes the link for a
+/// claim; once a claim comes back short of its limit, the link sets slots aside again and
+/// keeps some open while a claim is out, so Submits skip the empty queue.
 #[tokio::test]
 async fn under_load_submits_go_back_to_claim_at_submit_after_a_backlog() {
     let pusher_port = free_port();
@@ -316,9 +315,22 @@ async fn under_load_submits_go_back_to_claim_at_submit_after_a_backlog() {
     let at_submit = listen.metric(&claimed("submit")).await;
     let queued = listen.metric(&claimed("queue")).await;
     assert_eq!(at_submit + queued, 1600.0, "each claimed once");
+    // A maintenance pass (every lease TTL / 3) takes the slots back for a moment, which may
+    // send one or two through the queue.
+    let mut after = Vec::new();
+    for i in 0..20 {
+        let response = client
+            .clone()
+            .submit_conversation(talk("gina", &format!("after{i}")))
+            .await
+            .unwrap();
+        after.push(response.into_inner().conversation_id);
+    }
+    wait_all(&client, &after, ConversationStatus::Completed, SETTLE).await;
+    let more = listen.metric(&claimed("submit")).await - at_submit;
     assert!(
-        at_submit >= 500.0,
-        "{at_submit} of the 1500 submitted under load were claimed at submit ({queued} from the queue)"
+        more >= 18.0,
+        "{more} of 20 claimed at submit after the load"
     );
 }
 

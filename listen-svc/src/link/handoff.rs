@@ -14,7 +14,7 @@
 //! so the two ways of filling the windows never promise the same slot twice.
 
 use crate::store::{Claimed, Lease};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -23,6 +23,8 @@ pub(crate) struct Handoff {
     lease: Lease,
     /// Slots set aside that no Submit holds.
     open: AtomicUsize,
+    /// The link has stopped: no slot is given out any more.
+    closed: AtomicBool,
     /// Claims handed over, for the link to place.
     rows: Mutex<Vec<Claimed>>,
     /// Rows were handed over.
@@ -40,6 +42,7 @@ impl Handoff {
         Handoff {
             lease,
             open: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
             rows: Mutex::new(Vec::new()),
             ready: Notify::new(),
         }
@@ -47,6 +50,9 @@ impl Handoff {
 
     /// Takes a slot, if the link set one aside. Never waits.
     pub(crate) fn reserve(self: &Arc<Self>) -> Option<Slot> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .ok()
@@ -61,6 +67,12 @@ impl Handoff {
         if n > 0 {
             self.open.fetch_add(n, Ordering::AcqRel);
         }
+    }
+
+    /// The link stopped: Submits queue their conversations from now on.
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.open.store(0, Ordering::Release);
     }
 
     /// Takes back every slot no Submit holds; returns how many.
@@ -132,6 +144,16 @@ mod tests {
         assert!(handoff.reserve().is_none());
         drop(held);
         assert_eq!(handoff.revoke(), 1, "a dropped slot comes back");
+    }
+
+    #[test]
+    fn a_closed_handoff_gives_out_no_slot() {
+        let handoff = handoff();
+        handoff.open(4);
+        handoff.close();
+        assert!(handoff.reserve().is_none());
+        handoff.open(1);
+        assert!(handoff.reserve().is_none(), "closed for good");
     }
 
     #[test]

@@ -380,10 +380,11 @@ impl Lanes {
     }
 
     /// Takes out retiring lanes whose window is empty and which have no connect out (not
-    /// while a claim is out: its rows were counted against their free slots). Dropping a lane
+    /// while slots are `promised`: a claim's rows or Submits' were counted against their free
+    /// slots). Dropping a lane
     /// takes its metric series off the scrape.
-    pub(super) fn drop_retired(&mut self, claiming: bool) -> Vec<Lane> {
-        if claiming {
+    pub(super) fn drop_retired(&mut self, promised: bool) -> Vec<Lane> {
+        if promised {
             return Vec::new();
         }
         let (gone, kept) = std::mem::take(&mut self.lanes)

@@ -803,8 +803,8 @@ impl ConversationStore for PostgresStore {
 /// Claim at submit: one statement, autocommitted, without the queue lock. Writes `new`
 /// leased to `lease.owner` (generation 1, never counted as queued) if nothing is queued and
 /// its idempotency key is new; false when it wrote nothing (the caller then takes the queued
-/// path, which tells the two apart). Without the lock, a conversation another replica queues
-/// at the same moment may be overtaken by this one: one place in the order, never lost.
+/// path, which tells the two apart). Without the lock, conversations another replica queues
+/// while such inserts commit may be overtaken by them, never lost.
 async fn insert_leased(
     client: &deadpool_postgres::Object,
     new: &NewConversation,

@@ -304,7 +304,14 @@ fn write_loop(conn: Connection, mut rx: mpsc::Receiver<WriteOp>, restart: Arc<At
         let replies: Vec<Reply>;
         let commit = match run_cached(&conn, "BEGIN IMMEDIATE") {
             Ok(()) => {
-                replies = batch.drain(..).map(|op| op(&conn)).collect();
+                // Some errors (a full disk, I/O, out of memory) make SQLite roll the whole
+                // transaction back. The operations after it are then not run (dropped, their
+                // callers get Unavailable) rather than run outside the transaction and
+                // committed one by one; the COMMIT then fails for the ones before.
+                replies = batch
+                    .drain(..)
+                    .filter_map(|op| (!conn.is_autocommit()).then(|| op(&conn)))
+                    .collect();
                 run_cached(&conn, "COMMIT").map_err(unavailable)
             }
             Err(error) => {
