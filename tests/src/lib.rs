@@ -14,11 +14,13 @@
 //! - `requests`: clients, [`talk`], and the reads tests build their checks from.
 //! - `session`: a live [`Session`] stream as a test drives it.
 //! - [`clock`]: a shifted wall clock for one process (libfaketime).
+//! - [`cpu`]: CPU per request of each process over a measured run (the bench, loadgen).
 //! - [`dns`], [`fake_pusher`], [`http`], [`nats`], [`postgres`], [`proxy`]: the test doubles and
 //!   servers the scenarios put around the binaries.
 #![forbid(unsafe_code)]
 
 pub mod clock;
+pub mod cpu;
 pub mod dns;
 pub mod fake_pusher;
 pub mod http;

@@ -5,21 +5,15 @@
 //! for a seconds-long run that only checks every scenario works (CI runs that; no timing is
 //! asserted), or `-- --only P1,P3` for some scenarios; `-- --help` lists the options.
 //! Prints a markdown table. Every throughput row also gives the CPU each process spent per
-//! request or conversation ([`cpu`]).
-//!
-//! - [`cpu`]: CPU per request of each process over a measured run.
+//! request or conversation ([`tests::cpu`]).
 //!
 //! P7's PostgreSQL server is `tests::postgres::TestPostgres::start_durable` (fsync on).
 
-// Modules live in a folder named after the binary: a file directly in src/bin is a binary.
-#[path = "bench/cpu.rs"]
-mod cpu;
-
-use cpu::{Counted, Meter};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tests::cpu::{Counted, Meter};
 use tests::listen::{self, SessionRequest, Start, session_request::Msg};
 use tests::nats::{SyncInterval, TestNats};
 use tests::postgres::TestPostgres;

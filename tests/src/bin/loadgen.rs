@@ -225,7 +225,7 @@ async fn run(args: &Args) -> Report {
     let tickets = Arc::new(AtomicU64::new(0));
     let run_id = std::process::id();
     let text = transcript(args.payload);
-    let cpu_before = cpu_seconds();
+    let cpu_before = tests::cpu::own_seconds();
     let started = Instant::now();
     let deadline = started + args.duration;
     let mut workers = tokio::task::JoinSet::new();
@@ -305,22 +305,8 @@ async fn run(args: &Args) -> Report {
         }
     }
     report.elapsed = started.elapsed();
-    report.cpu_seconds = cpu_seconds() - cpu_before;
+    report.cpu_seconds = tests::cpu::own_seconds() - cpu_before;
     report
-}
-
-/// User + system CPU seconds of this process (Linux /proc; 100 ticks per second, the usual
-/// USER_HZ). 0 elsewhere.
-pub(crate) fn cpu_seconds() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|stat| {
-            let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-            let ticks: f64 =
-                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-            Some(ticks / 100.0)
-        })
-        .unwrap_or(0.0)
 }
 
 /// `bytes` of plausible speech (sentences with commitments and a topic), so that pusher

@@ -13,7 +13,7 @@
 //!
 //! Durability is the server's: with PostgreSQL's defaults every commit is fsynced.
 
-use super::{Args, Report, cpu_seconds, transcript};
+use super::{Args, Report, transcript};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,7 +90,7 @@ pub(crate) async fn run(args: &Args) -> Report {
         stop: AtomicBool::new(false),
     });
     let text = transcript(args.payload);
-    let cpu_before = cpu_seconds();
+    let cpu_before = tests::cpu::own_seconds();
     let started = Instant::now();
     let deadline = started + args.duration;
 
@@ -134,7 +134,7 @@ pub(crate) async fn run(args: &Args) -> Report {
     }
     let last = *shared.last_completion.lock().unwrap();
     let elapsed = last.map_or_else(|| started.elapsed(), |last| last - started);
-    let cpu_seconds = cpu_seconds() - cpu_before;
+    let cpu_seconds = tests::cpu::own_seconds() - cpu_before;
     shared.stop.store(true, Ordering::Relaxed);
     while let Some(done) = tasks.join_next().await {
         done.expect("claimer or worker");

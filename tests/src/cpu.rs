@@ -1,6 +1,6 @@
 //! CPU per request: each process's user + system time (`/proc/PID/stat`) over a measured
-//! run, divided by what the run did. Far steadier than rps on a shared 2-core machine, and
-//! printed beside every throughput row.
+//! run, divided by what the run did. Far steadier than rps on a shared 2-core machine; the
+//! bench prints it beside every throughput row, and loadgen reports its own ([`own_seconds`]).
 
 use std::fmt::Write;
 
@@ -69,6 +69,11 @@ impl Usage {
         let _ = write!(text, " (total {:.0} µs)", micros(total));
         text
     }
+}
+
+/// User + system CPU seconds of this process so far (0 where there is no /proc).
+pub fn own_seconds() -> f64 {
+    seconds(Counted::Process(std::process::id()))
 }
 
 /// User + system CPU seconds of `process` so far.
