@@ -164,8 +164,7 @@ pub(crate) fn spawn(
             on_settled,
             events: events_tx.clone(),
             more_work: true,
-            claiming: false,
-            claim_limit: 0,
+            claiming: None,
             drained: false,
             claims: 0,
         },
@@ -581,7 +580,7 @@ impl Link {
         if self.lanes.iter().any(|l| l.retiring) {
             self.set_aside -= self.handoff.revoke();
         }
-        let promised = self.work.claiming || self.set_aside > 0;
+        let promised = self.work.claiming.is_some() || self.set_aside > 0;
         for lane in self.lanes.drop_retired(promised) {
             if let Some(conn) = &lane.conn {
                 self.streams.remove(conn.epoch);
@@ -599,16 +598,15 @@ impl Link {
     /// store checks), so nothing is overtaken.
     fn fill_windows(&mut self) {
         let room = self.lanes.room();
-        let held = |work: &Work| if work.claiming { work.claim_limit } else { 0 };
-        if (self.work.more_work && !self.work.claiming)
+        if (self.work.more_work && self.work.claiming.is_none())
             || !self.work.drained
-            || self.set_aside + held(&self.work) > room
+            || self.set_aside + self.work.claiming.unwrap_or(0) > room
         {
             self.set_aside -= self.handoff.revoke();
         }
         self.work.claim(room.saturating_sub(self.set_aside));
         if self.work.drained {
-            let more = room.saturating_sub(self.set_aside + held(&self.work));
+            let more = room.saturating_sub(self.set_aside + self.work.claiming.unwrap_or(0));
             self.handoff.open(more);
             self.set_aside += more;
         }
@@ -837,7 +835,7 @@ impl Link {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Claimed { limit, result } => {
-                self.work.claiming = false;
+                self.work.claiming = None;
                 match result {
                     Ok(claimed) => {
                         // A wake while the claim was out (work committed after its scan)

@@ -27,10 +27,9 @@ pub(super) struct Work {
     pub events: mpsc::Sender<Event>,
     /// The store may hold claimable rows.
     pub more_work: bool,
-    /// A claim is outstanding (at most one at a time).
-    pub claiming: bool,
-    /// The outstanding claim's limit: window slots held for its rows.
-    pub claim_limit: usize,
+    /// The limit of the outstanding claim (at most one at a time): window slots held for its
+    /// rows.
+    pub claiming: Option<usize>,
     /// A claim came back short of its limit since the link started or last looked for
     /// expired leases: the store holds nothing claimable beyond what its queue counters
     /// count, which Submits check. Only then are slots set aside for claim at submit
@@ -49,10 +48,9 @@ impl Work {
     /// Claims up to `free` rows (at most a batch), unless a claim is out or there is nothing
     /// to claim.
     pub(super) fn claim(&mut self, free: usize) {
-        if !self.more_work || self.claiming || free == 0 {
+        if !self.more_work || self.claiming.is_some() || free == 0 {
             return;
         }
-        self.claiming = true;
         // Set again by a wake that arrives while this claim is out, so work committed after
         // the claim's scan is not left for the next maintenance tick.
         self.more_work = false;
@@ -67,7 +65,7 @@ impl Work {
             free
         }
         .min(CLAIM_BATCH);
-        self.claim_limit = limit;
+        self.claiming = Some(limit);
         let order = ClaimOrder::for_claim(self.claims);
         self.claims += 1;
         let (store, events) = (Arc::clone(&self.store), self.events.clone());
