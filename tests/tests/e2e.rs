@@ -284,26 +284,7 @@ async fn under_load_submits_go_back_to_claim_at_submit_after_a_backlog() {
         ids.push(response.into_inner().conversation_id);
     }
     let _pusher = start_pusher(PusherOptions::port(pusher_port)).await;
-    let submitters: Vec<_> = (0..10)
-        .map(|task| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                let mut ids = Vec::new();
-                for i in 0..150 {
-                    let response = client
-                        .clone()
-                        .submit_conversation(talk("gina", &format!("load{task}-{i}")))
-                        .await
-                        .unwrap();
-                    ids.push(response.into_inner().conversation_id);
-                }
-                ids
-            })
-        })
-        .collect();
-    for submitter in submitters {
-        ids.extend(submitter.await.unwrap());
-    }
+    ids.extend(submit_many(&client, "gina", 1500).await);
     wait_all(
         &client,
         &ids,

@@ -98,26 +98,10 @@ impl Rig {
 
     /// Stores a PROCESSING conversation and wakes the link, as Submit does.
     async fn submit(&self, text: &str) -> String {
-        let id = uuid::Uuid::now_v7().to_string();
+        let new = conversation(text);
+        let id = new.id.clone();
         self.store
-            .submit(
-                NewConversation {
-                    id: id.clone(),
-                    uid: "u".into(),
-                    idempotency_key: None,
-                    language: "en".into(),
-                    segments: vec![api::Segment {
-                        text: text.into(),
-                        ..Default::default()
-                    }],
-                    status: Stored::Processing,
-                    priority: Priority::Interactive,
-                    now_ms: now_ms(),
-                    trace: Default::default(),
-                    lease: None,
-                },
-                Admission::Always,
-            )
+            .submit(new, Admission::Always)
             .await
             .unwrap()
             .unwrap();
@@ -162,6 +146,25 @@ impl Rig {
     }
 }
 
+/// A new PROCESSING conversation of uid "u" saying `text`, queued (no lease).
+fn conversation(text: &str) -> NewConversation {
+    NewConversation {
+        id: uuid::Uuid::now_v7().to_string(),
+        uid: "u".into(),
+        idempotency_key: None,
+        language: "en".into(),
+        segments: vec![api::Segment {
+            text: text.into(),
+            ..Default::default()
+        }],
+        status: Stored::Processing,
+        priority: Priority::Interactive,
+        now_ms: now_ms(),
+        trace: Default::default(),
+        lease: None,
+    }
+}
+
 /// Polls `check` until it returns a value; panics after [`PATIENCE`].
 async fn eventually<T>(what: &str, check: impl Fn() -> Option<T>) -> T {
     let deadline = Instant::now() + PATIENCE;
@@ -191,27 +194,14 @@ async fn a_conversation_written_into_a_set_aside_slot_is_sent_without_a_claim() 
     assert_eq!(others.len(), 7, "the window's 8 slots, no more");
     others.clear(); // dropped unfilled: set aside again
 
-    let id = uuid::Uuid::now_v7().to_string();
+    let new = NewConversation {
+        lease: Some(slot.lease()),
+        ..conversation("hello")
+    };
+    let id = new.id.clone();
     let submitted = rig
         .store
-        .submit(
-            NewConversation {
-                id: id.clone(),
-                uid: "u".into(),
-                idempotency_key: None,
-                language: "en".into(),
-                segments: vec![api::Segment {
-                    text: "hello".into(),
-                    ..Default::default()
-                }],
-                status: Stored::Processing,
-                priority: Priority::Interactive,
-                now_ms: now_ms(),
-                trace: Default::default(),
-                lease: Some(slot.lease()),
-            },
-            Admission::Always,
-        )
+        .submit(new, Admission::Always)
         .await
         .unwrap()
         .unwrap();
